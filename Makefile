@@ -1,0 +1,29 @@
+# Set-up and the two commands users run. Everything installs into .venv inside the repo.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU machine gets the CPU build of torch; a GPU user installs their own torch into .venv
+# first (see README) and this step leaves it alone.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_CPU)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/evomerge demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check evomerge tests experiments
+
+clean:
+	rm -rf $(VENV) build *.egg-info

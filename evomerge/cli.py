@@ -1,0 +1,95 @@
+"""The `evomerge` command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from evomerge.errors import EvomergeError
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EvomergeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="evomerge")
+def main() -> None:
+    """Evolutionary search for model-merge recipes."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) checkpoints as sources.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB, 500MB.")
+def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str) -> None:
+    """Build the model a mergekit-format RECIPE describes and write it to --out."""
+    from evomerge.merge.sources import SourcePool
+    from evomerge.merge.writer import write_model
+    from evomerge.progress import Progress
+    from evomerge.recipe import Recipe
+
+    parsed = Recipe.from_yaml(recipe)
+    shard_bytes = parse_size(max_shard_size)
+    pool = SourcePool(allow_pickle=allow_pickle, search_dirs=(recipe.resolve().parent,))
+    start = time.perf_counter()
+    try:
+        with Progress("merging tensors") as bar:
+            out = write_model(parsed, pool, out_dir, max_shard_bytes=shard_bytes, progress=bar.update)
+    except EvomergeError as exc:
+        raise exc.located(file=str(recipe))
+    click.echo(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
+
+
+@main.group()
+def zoo() -> None:
+    """Tiny, deterministic models for the demo and the tests."""
+
+
+@zoo.command("build")
+@click.option("--preset", type=click.Choice(["test", "tiny", "digits"]), default="tiny", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Directory (default: the cache).")
+def zoo_build(preset: str, out_dir: Path | None) -> None:
+    """Build (or reuse from the cache) a zoo preset and print where it is."""
+    from evomerge.zoo import build_zoo
+
+    path = build_zoo(preset, out_dir, progress=click.echo)
+    click.echo(str(path))
+
+
+@zoo.command("list")
+@click.option("--preset", type=click.Choice(["test", "tiny", "digits"]), default="tiny", show_default=True)
+def zoo_list(preset: str) -> None:
+    """List a preset's models as zoo: references."""
+    from evomerge.zoo import list_zoo_models
+
+    for name in list_zoo_models(preset):
+        click.echo(f"zoo:{preset}/{name}")
+
+
+def parse_size(text: str) -> int:
+    units = {"TB": 1024**4, "GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
+    value = text.strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            try:
+                return int(float(number) * factor)
+            except ValueError:
+                break
+    raise EvomergeError(f"'{text}' is not a size (examples: 5GB, 500MB)", field="--max-shard-size")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Source models: lazy, memory-mapped safetensors checkpoints behind one small pool.
+
+A model reference is a local directory, a Hugging Face repo id (resolved through the local HF
+cache, or downloaded when the hub is reachable), `zoo:PRESET/NAME`, or a name the caller
+registers (`stage:NAME`, `archive:ID` during a run). Tensors are read on demand; a pool made with
+`resident=True` keeps every tensor it has read, for search where the same sources are merged
+again and again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import safe_open
+
+from evomerge.errors import SourceError
+from evomerge.fsutil import atomic_write_text, cache_dir
+
+WEIGHT_INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+class Source:
+    """One checkpoint: its config, where each tensor is stored, and the tensors on demand."""
+
+    def __init__(self, ref: str, path: Path, *, allow_pickle: bool = False, resident: bool = False):
+        self.ref = ref
+        self.path = path
+        self.resident = resident
+        config_file = path / "config.json"
+        self.config: dict = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self._files = _weight_files(ref, path, allow_pickle)
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        self._hash: str | None = None
+
+    # ---- tensor access ------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def has(self, name: str) -> bool:
+        return name in self._files or self._tied_alias(name) is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        name = self._stored_name(name)
+        if self._pickled is not None or name in self._cache:
+            return tuple(self.get(name).shape)
+        return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        name = self._stored_name(name)
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        if self._files[name].suffix != ".safetensors":
+            tensor = self._load_pickled()[name]
+        else:
+            tensor = self._handle(self._files[name]).get_tensor(name)
+        if self.resident:
+            self._cache[name] = tensor
+        return tensor
+
+    def load_all(self) -> None:
+        """Read every tensor now and keep it (resident sources for search)."""
+        self.resident = True
+        for name in self._files:
+            self.get(name)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        tied = self.config.get("tie_word_embeddings")
+        if tied is None:
+            tied = "lm_head.weight" not in self._files
+        return bool(tied)
+
+    def _tied_alias(self, name: str) -> str | None:
+        if name.endswith("lm_head.weight") and self.tied_embeddings:
+            for candidate in ("model.embed_tokens.weight", "transformer.wte.weight", "model.embeddings.weight"):
+                if candidate in self._files:
+                    return candidate
+        return None
+
+    def _stored_name(self, name: str) -> str:
+        if name in self._files:
+            return name
+        alias = self._tied_alias(name)
+        if alias is None:
+            raise SourceError(f"model '{self.ref}' has no tensor '{name}'")
+        return alias
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
+        return handle
+
+    def _load_pickled(self) -> dict[str, torch.Tensor]:
+        if self._pickled is None:
+            state: dict[str, torch.Tensor] = {}
+            for file in dict.fromkeys(self._files.values()):
+                # weights_only: even when pickles are allowed, never run arbitrary code.
+                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            self._pickled = state
+        return self._pickled
+
+    # ---- identity -----------------------------------------------------------------------
+    def content_hash(self) -> str:
+        """Fingerprint of the weight files, cached by path, size and mtime."""
+        if self._hash is None:
+            self._hash = _files_hash(sorted(set(self._files.values())))
+        return self._hash
+
+
+class SourcePool:
+    """Opens each referenced model once and hands out `Source` objects."""
+
+    def __init__(
+        self,
+        *,
+        allow_pickle: bool = False,
+        resident: bool = False,
+        aliases: Mapping[str, str | Path] | None = None,
+        search_dirs: tuple[Path, ...] = (),
+    ):
+        self.allow_pickle = allow_pickle
+        self.resident = resident
+        self.aliases: dict[str, Path] = {k: Path(v) for k, v in (aliases or {}).items()}
+        self.search_dirs = search_dirs
+        self._sources: dict[str, Source] = {}
+
+    def register(self, ref: str, path: str | Path) -> None:
+        """Make a name such as `stage:ps` or `archive:3` point at a model directory."""
+        self.aliases[ref] = Path(path)
+        self._sources.pop(ref, None)
+
+    def get(self, ref: str) -> Source:
+        source = self._sources.get(ref)
+        if source is None:
+            source = Source(ref, self.resolve(ref), allow_pickle=self.allow_pickle, resident=self.resident)
+            self._sources[ref] = source
+        return source
+
+    def resolve(self, ref: str) -> Path:
+        return resolve_model_ref(ref, aliases=self.aliases, search_dirs=self.search_dirs)
+
+
+def resolve_model_ref(
+    ref: str, *, aliases: Mapping[str, Path] | None = None, search_dirs: tuple[Path, ...] = ()
+) -> Path:
+    """Turn a model reference into a local directory, or raise a SourceError saying why not."""
+    if aliases and ref in aliases:
+        return aliases[ref]
+    if ref.startswith("zoo:"):
+        from evomerge.zoo import resolve_zoo_ref
+
+        return resolve_zoo_ref(ref[len("zoo:"):])
+    if ref.startswith(("stage:", "archive:")):
+        raise SourceError(f"'{ref}' only exists inside a run (the stage or archive member it names is not known here)")
+    expanded = Path(ref).expanduser()
+    for candidate in (expanded, *(d / ref for d in search_dirs if not expanded.is_absolute())):
+        if candidate.is_dir():
+            return candidate.resolve()
+    looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or not _REPO_ID.match(ref)
+    if looks_like_path:
+        raise SourceError(f"model path '{ref}' does not exist (expected a model directory, a Hugging Face repo id or zoo:PRESET/NAME)")
+    return _from_hub(ref)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        if offline:
+            raise SourceError(
+                f"model '{repo_id}' is not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+            ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:
+        raise SourceError(
+            f"model '{repo_id}' is not a local directory and could not be fetched from the Hugging Face hub ({exc.__class__.__name__})"
+        ) from None
+
+
+def _weight_files(ref: str, path: Path, allow_pickle: bool) -> dict[str, Path]:
+    """Map every tensor name to the file that stores it."""
+    index = path / WEIGHT_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    singles = sorted(path.glob("*.safetensors"))
+    if singles:
+        files: dict[str, Path] = {}
+        for file in singles:
+            with safe_open(str(file), framework="pt") as handle:
+                files.update(dict.fromkeys(handle.keys(), file))
+        return files
+    pickles = [path / name for name in PICKLE_NAMES if (path / name).is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise SourceError(
+                f"model '{ref}' has only pickle weights ({pickles[0].name}); pickles can run code when loaded: "
+                "convert it to safetensors, or set allow_pickle: true if you trust it"
+            )
+        return _pickle_files(pickles[0])
+    raise SourceError(f"model '{ref}' ({path}) has no weights (*.safetensors or {WEIGHT_INDEX})")
+
+
+def _pickle_files(first: Path) -> dict[str, Path]:
+    if first.name.endswith(".index.json"):
+        weight_map = json.loads(first.read_text())["weight_map"]
+        return {name: first.parent / file for name, file in weight_map.items()}
+    state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
+    return dict.fromkeys(state, first)
+
+
+def _files_hash(files: list[Path]) -> str:
+    """xxh3-128 of the files' bytes: a content fingerprint at memory speed (a 7B checkpoint in a
+    couple of seconds), cached so a source is read for it once."""
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    memo = cache_dir() / "hashes" / (hashlib.sha1(stamp.encode()).hexdigest() + ".txt")
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = xxhash.xxh3_128()
+    for file in files:
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    value = "xxh3:" + digest.hexdigest()
+    try:
+        atomic_write_text(memo, value)
+    except OSError:
+        pass  # a read-only cache only costs a rehash next time
+    return value

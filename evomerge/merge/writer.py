@@ -1,0 +1,158 @@
+"""Write a merge as a Hugging Face model directory.
+
+Layout: `config.json` (layer count set for slices), `model.safetensors` or shards with
+`model.safetensors.index.json` past the size limit, the tokenizer files of `tokenizer_source`
+(or the base / first model), `generation_config.json` when the reference has one, the recipe as
+`mergekit_config.yml`, and a README model card. The directory appears whole or not at all: it is
+written beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from evomerge.merge.engine import MergePlan, iter_merged, plan_merge
+from evomerge.merge.sources import SourcePool
+from evomerge.merge.sparsify import Sparsifier
+from evomerge.recipe import Recipe
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def write_model(
+    recipe: Recipe,
+    pool: SourcePool,
+    out_dir: str | Path,
+    *,
+    sparsifier: Sparsifier | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    scores: dict[str, float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge and write; returns the model directory. Raises before writing anything if the
+    recipe does not fit its sources."""
+    out_dir = Path(out_dir).resolve()
+    plan = plan_merge(recipe, pool)
+    hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
+    recipe = recipe.with_evomerge(source_hashes=hashes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_weights(plan, pool, tmp, sparsifier, max_shard_bytes, progress)
+        _write_config(plan, pool, tmp)
+        _copy_tokenizer(recipe, plan, pool, tmp)
+        (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
+        (tmp / "README.md").write_text(model_card(recipe, hashes, scores))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_weights(
+    plan: MergePlan,
+    pool: SourcePool,
+    out: Path,
+    sparsifier: Sparsifier | None,
+    max_shard_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Stream merged tensors into shards of at most `max_shard_bytes` (one file when it fits)."""
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+    shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+    total_bytes = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(shards):05d}.tmp"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        shards.append((name, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for done, (name, tensor) in enumerate(iter_merged(plan, pool, sparsifier), start=1):
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+        total_bytes += size
+        if progress:
+            progress(done, len(plan.tasks))
+    if shard or not shards:
+        flush()
+
+    if len(shards) == 1:
+        (out / shards[0][0]).rename(out / "model.safetensors")
+        return
+    weight_map: dict[str, str] = {}
+    for i, (tmp_name, names) in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (out / tmp_name).rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_config(plan: MergePlan, pool: SourcePool, out: Path) -> None:
+    (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True))
+    generation = pool.get(plan.reference).path / "generation_config.json"
+    if generation.is_file():
+        shutil.copy2(generation, out / "generation_config.json")
+
+
+def _copy_tokenizer(recipe: Recipe, plan: MergePlan, pool: SourcePool, out: Path) -> None:
+    source = recipe.tokenizer_source
+    ref = plan.reference if source in (None, "base", "union") else source
+    folder = pool.get(ref).path
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)
+
+
+def model_card(recipe: Recipe, hashes: dict[str, str], scores: dict[str, float] | None = None) -> str:
+    """A README for the merged model: how it was made, from what, and how it scored."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, evomerge, mergekit]",
+        "---",
+        "# Merged model",
+        "",
+        f"Made by evomerge with the `{recipe.merge_method}` merge method.",
+        "",
+        "## Sources",
+        "",
+        "| model | content hash |",
+        "|---|---|",
+    ]
+    lines += [f"| `{ref}` | `{digest}` |" for ref, digest in hashes.items()]
+    if recipe.evomerge is not None:
+        lines += ["", f"Seed: {recipe.seed}"]
+    if scores:
+        lines += ["", "## Scores", "", "| split / objective | score |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
+    lines += ["", "## Recipe (mergekit configuration)", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
