@@ -48,7 +48,7 @@ def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str) 
         with Progress("merging tensors") as bar:
             out = write_model(parsed, pool, out_dir, max_shard_bytes=shard_bytes, progress=bar.update)
     except EvomergeError as exc:
-        raise exc.located(file=str(recipe))
+        raise exc.located(file=str(recipe)) from None
     click.echo(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -78,11 +78,14 @@ def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
     if ref_layers and layer_prefix is None:
         raise SourceError(f"model '{reference}': could not find its numbered layers among the tensor names")
 
-    all_models = list(dict.fromkeys(s.model for sl in slices for s in sl.sources))
+    # As in mergekit, embeddings merge over the first slice's sources (with its parameters, at
+    # t = 0) and the final norm / head over the last slice's (t = 1).
+    first_models = [s.model for s in slices[0].sources]
+    last_models = [s.model for s in slices[-1].sources]
     tasks: list[TensorTask] = []
     for name, place in places:
         if place.kind == "pre":
-            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in all_models], 0.0, None))
+            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in first_models], 0.0, slices[0]))
     out_index = 0
     for out_slice in slices:
         length = out_slice.sources[0].num_layers
@@ -95,7 +98,7 @@ def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
             out_index += 1
     for name, place in places:
         if place.kind == "post":
-            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in all_models], 1.0, None))
+            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in last_models], 1.0, slices[-1]))
 
     compute_dtype = TORCH_DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
@@ -120,7 +123,7 @@ def _as_slices(recipe: Recipe, pool: SourcePool) -> list[OutputSlice]:
         return list(recipe.slices)
     refs = [m.model for m in recipe.models or []]
     if recipe.base_model and recipe.base_model not in refs:
-        refs = [recipe.base_model, *refs]
+        refs = [*refs, recipe.base_model]
     counts = {ref: layer_count(pool.get(ref).config) for ref in refs}
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{ref}: {n}" for ref, n in counts.items())
@@ -142,8 +145,7 @@ def _task(
     base_model = (out_slice.base_model if out_slice and out_slice.base_model else None) or recipe.base_model
     by_model = dict(sources)
     if method.name == "passthrough":
-        model = base_model if (out_slice is None and base_model in by_model) else sources[0][0]
-        inputs = [TensorRef(model, by_model[model])]
+        inputs = [TensorRef(*sources[0])]
         base = None
     elif method.requires_base:
         base_name = by_model.get(base_model, out_name) if base_model else out_name

@@ -1,0 +1,217 @@
+"""Merge speed: `evomerge merge` vs `mergekit-yaml`, and per-candidate merges in memory.
+
+Three Llama fine-tunes of ~134M parameters each (hidden 768, 12 layers, vocab 32000, fp32: a
+random base plus small perturbations) merged onto that base, one recipe each for task_arithmetic
+and ties (weights 0.5/0.3/0.4, densities 0.5/0.7/0.4). Prints, from one run, side by side:
+  - `evomerge merge` to disk (the CLI, end to end) vs `mergekit-yaml` to disk (CPU, installed on
+    first use into a cached venv, see mergekit_venv.py);
+  - an in-memory candidate with the sources already resident and magnitude ranks precomputed
+    (what every candidate of a search costs), with fresh densities each time;
+  - the largest relative difference between evomerge's and mergekit's tensors.
+Ends with the headline lines `task_arithmetic_speedup_vs_mergekit`, `ties_speedup_vs_mergekit`,
+`ties_in_memory_seconds`.
+
+    .venv/bin/python experiments/benchmarks/merge_speed.py [--skip-mergekit] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evomerge.fsutil import cache_dir  # noqa: E402
+
+HIDDEN, LAYERS, VOCAB, INTERMEDIATE, HEADS = 768, 12, 32000, 2048, 12
+WEIGHTS = (0.5, 0.3, 0.4)
+DENSITIES = (0.5, 0.7, 0.4)
+
+
+def llama_config() -> dict:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    ).to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    config["torch_dtype"] = "float32"
+    return config
+
+
+def tensor_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (HIDDEN,),
+                f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+                f"{p}.self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+                f"{p}.self_attn.v_proj.weight": (HIDDEN, HIDDEN),
+                f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                f"{p}.post_attention_layernorm.weight": (HIDDEN,),
+                f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            }
+        )
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def build_models(root: Path) -> dict[str, Path]:
+    """base + three fine-tunes (base + 1% noise), cached across runs."""
+    names = ["base", "ft1", "ft2", "ft3"]
+    if all((root / n / "model.safetensors").is_file() for n in names):
+        return {n: root / n for n in names}
+    print(f"building 4 x 134M-parameter Llama checkpoints in {root} ...", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    shapes = tensor_shapes()
+    base = {k: (torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=gen)) for k, s in shapes.items()}
+    config = llama_config()
+    for name in names:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = base if name == "base" else {k: v + 0.002 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    n_params = sum(t.numel() for t in base.values())
+    print(f"  {n_params / 1e6:.1f}M parameters each", flush=True)
+    return {n: root / n for n in names}
+
+
+def recipe_yaml(method: str, models: dict[str, Path]) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {models['base']}", "models:"]
+    for i, name in enumerate(["ft1", "ft2", "ft3"]):
+        params = f"weight: {WEIGHTS[i]}" + (f", density: {DENSITIES[i]}" if method == "ties" else "")
+        lines.append(f"  - model: {models[name]}\n    parameters: {{{params}}}")
+    lines.append("dtype: float32")
+    return "\n".join(lines) + "\n"
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed:\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def max_rel_diff(a_dir: Path, b_dir: Path) -> float:
+    def files(d: Path) -> list[Path]:
+        return sorted(d.glob("*.safetensors"))
+
+    worst = 0.0
+    b_tensors = {}
+    for f in files(b_dir):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                b_tensors[k] = (f, k)
+    for f in files(a_dir):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                a = h.get_tensor(k).float()
+                with safe_open(str(b_tensors[k][0]), framework="pt") as hb:
+                    b = hb.get_tensor(k).float()
+                worst = max(worst, ((a - b).abs() / b.abs().clamp_min(1e-6)).max().item())
+    return worst
+
+
+def in_memory_seconds(method: str, models: dict[str, Path], repeats: int) -> tuple[float, float]:
+    """(first candidate incl. precomputation, mean of later candidates with new densities)."""
+    from evomerge.merge.engine import iter_merged, plan_merge
+    from evomerge.merge.sources import SourcePool
+    from evomerge.merge.sparsify import CachedSparsifier
+    from evomerge.recipe import Recipe
+
+    pool = SourcePool(resident=True)
+    for ref in models.values():
+        pool.get(str(ref)).load_all()
+    sparsifier = CachedSparsifier()
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for i in range(repeats + 1):
+        text = recipe_yaml(method, models)
+        if i:
+            for d in DENSITIES:  # a new candidate: new densities and weights
+                text = text.replace(f"density: {d}", f"density: {float(torch.rand(1, generator=gen)) * 0.8 + 0.1:.4f}", 1)
+        recipe = Recipe.from_string(text)
+        start = time.perf_counter()
+        plan = plan_merge(recipe, pool)
+        for _name, _tensor in iter_merged(plan, pool, sparsifier):
+            pass
+        times.append(time.perf_counter() - start)
+    return times[0], sum(times[1:]) / max(1, len(times) - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-mergekit", action="store_true", help="only time evomerge (no speed-up lines)")
+    parser.add_argument("--repeats", type=int, default=3, help="in-memory candidates timed after the first")
+    args = parser.parse_args()
+
+    root = cache_dir() / "bench" / "merge_speed"
+    models = build_models(root / "models")
+    evomerge_bin = [sys.executable, "-m", "evomerge.cli"]
+    mergekit_bin = None
+    if not args.skip_mergekit:
+        from mergekit_venv import ensure_mergekit
+
+        mergekit_bin = ensure_mergekit()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp_path = Path(tmp)
+        for method in ("task_arithmetic", "ties"):
+            recipe = tmp_path / f"{method}.yaml"
+            recipe.write_text(recipe_yaml(method, models))
+            row: dict[str, float] = {}
+            # warm the page cache and the hash cache once, so both tools read from memory
+            timed([*evomerge_bin, "merge", str(recipe), "--out", str(tmp_path / "warm")])
+            row["evomerge"] = timed([*evomerge_bin, "merge", str(recipe), "--out", str(tmp_path / f"evo-{method}")])
+            if mergekit_bin:
+                row["mergekit"] = timed([str(mergekit_bin), str(recipe), str(tmp_path / f"mk-{method}"), "--lazy-unpickle"], env=env)
+                row["max_rel_diff"] = max_rel_diff(tmp_path / f"evo-{method}", tmp_path / f"mk-{method}")
+            first, later = in_memory_seconds(method, models, args.repeats)
+            row["in_memory_first"], row["in_memory"] = first, later
+            results[method] = row
+            print(f"{method}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
+
+    print()
+    print(f"{'method':<16} {'mergekit-yaml':>14} {'evomerge merge':>15} {'speed-up':>9} {'in-memory':>10} {'max rel diff':>13}")
+    for method, row in results.items():
+        mk = row.get("mergekit")
+        print(
+            f"{method:<16} {mk if mk else float('nan'):>13.1f}s {row['evomerge']:>14.1f}s "
+            f"{(mk / row['evomerge']) if mk else float('nan'):>8.1f}x {row['in_memory']:>9.2f}s {row.get('max_rel_diff', float('nan')):>13.2e}"
+        )
+    print("(in-memory: a candidate with new densities, sources resident, ranks precomputed; "
+          f"the first candidate, which precomputes, took {results['ties']['in_memory_first']:.1f} s for ties)")
+    print()
+    if mergekit_bin:
+        for method in ("task_arithmetic", "ties"):
+            print(f"{method}_speedup_vs_mergekit: {results[method]['mergekit'] / results[method]['evomerge']:.2f}")
+    print(f"ties_in_memory_seconds: {results['ties']['in_memory']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
