@@ -1,0 +1,647 @@
+"""Merge methods as pure tensor functions, with mergekit's semantics and defaults.
+
+Each method merges *one* output tensor: ``merge(base, tensors, model_params, params, ctx)``.
+The engine resolves parameters (gradients, filters, defaults from the :class:`ParamSpec`
+tuples) to plain scalars before the call, and never passes the base among ``tensors``.
+
+Semantics follow mergekit 0.1.5 (``mergekit-yaml``), checked tensor for tensor by
+``tests/test_mergekit_parity.py``:
+
+- ``linear``: ``sum_i w_i x_i`` (divided by ``sum_i w_i`` when ``normalize``, the default),
+  computed in float32 (float64 for float64 inputs). No base. mergekit adds a ``base_model``
+  that is not listed under ``models:`` as one more input (it then needs a ``weight`` from the
+  top-level or slice ``parameters``, else mergekit stops with "Missing required parameter").
+- ``slerp``: spherical interpolation from the base (t=0) to the one other model (t=1) over
+  the whole flattened tensor; nearly parallel tensors (|cos| > 0.9995) interpolate linearly.
+- task-arithmetic family (``task_arithmetic``, ``ties``, ``dare_ties``, ``dare_linear``,
+  ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``): per model the task
+  vector ``delta_i = x_i - base`` is sparsified (magnitude top-k, random DARE drop,
+  breadcrumbs band, DELLA MagPrune), optionally rescaled to keep its L1 norm (``rescale``),
+  and weighted; TIES-style methods keep only the entries that agree with the elected sign
+  (``sign(sum_i w_i delta_i)``, ties to +); ``normalize`` divides by the weights that
+  contributed; ``lambda`` scales the merged delta, which is added to the base.
+- ``model_stock``: interpolates between the base and the average of the models with
+  ``t = n cos / (1 + (n - 1) cos)``, cos the mean pairwise cosine of the task vectors
+  (per output row with ``filter_wise``).
+- ``passthrough``: the single input, times ``scale`` when given.
+
+Random methods draw from :class:`~evomerge.merge.sparsify.Sparsifier` noise seeded by
+``(ctx.seed, ctx.tensor_name, model index)``: reproducible, independent of tensor order.
+mergekit's own random draws cannot be reproduced; their distribution is the same.
+
+Compute happens in the promoted dtype of the inputs (float32 for ``linear``/``slerp`` on
+half-precision inputs, as mergekit does); the result has that dtype and the inputs' shape.
+Large tensors are processed in flat chunks of ``CHUNK`` elements that stay in cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from evomerge.merge.sparsify import Mask, OneShotSparsifier, Sparsifier
+
+CHUNK = 1 << 17  # elements per chunk: ~512 KiB per fp32 buffer, a few buffers stay in L2/L3
+
+# ---- contract --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: float | bool | None = None
+    required: bool = False
+    doc: str = ""  # one short phrase, used in error messages / describe()
+
+
+@dataclass
+class MergeContext:
+    tensor_name: str  # output tensor name, e.g. "model.layers.3.mlp.down_proj.weight"
+    keys: Sequence[Hashable]  # identity of each tensors[i] (source id, tensor name, base id)
+    sparsifier: Sparsifier = field(default_factory=OneShotSparsifier)
+    seed: int = 0  # recipe seed for DARE/DELLA
+
+
+@runtime_checkable
+class MergeMethod(Protocol):
+    name: str
+    requires_base: bool
+    model_params: tuple[ParamSpec, ...]
+    global_params: tuple[ParamSpec, ...]
+
+    def merge(
+        self,
+        base: Tensor | None,
+        tensors: Sequence[Tensor],
+        model_params: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        ctx: MergeContext,
+    ) -> Tensor: ...
+
+
+class UnknownMethodError(ValueError):
+    """A merge method name evomerge does not implement."""
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+
+
+class _Method:
+    name: str = ""
+    requires_base: bool = True
+    model_params: tuple[ParamSpec, ...] = ()
+    global_params: tuple[ParamSpec, ...] = ()
+
+    def describe(self) -> str:
+        """Human-readable summary of the method's parameters."""
+        lines = [f"{self.name} ({'needs base_model' if self.requires_base else 'no base model'})"]
+        for title, specs in (("per model", self.model_params), ("global", self.global_params)):
+            for spec in specs:
+                dflt = "required" if spec.required else f"default {spec.default!r}"
+                lines.append(f"  {title:9s} {spec.name}: {spec.doc} ({dflt})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<merge method {self.name}>"
+
+    # parameter access with defaults and clear errors
+    def _model_value(self, values: Mapping[str, Any], spec: ParamSpec, index: int) -> Any:
+        value = values.get(spec.name) if values is not None else None
+        if value is None:
+            if spec.required:
+                raise ValueError(f"merge method '{self.name}' needs '{spec.name}' ({spec.doc}) for model #{index}")
+            return spec.default
+        return value
+
+    def _global_value(self, params: Mapping[str, Any], spec: ParamSpec) -> Any:
+        value = params.get(spec.name) if params is not None else None
+        if value is None:
+            if spec.required:
+                raise ValueError(f"merge method '{self.name}' needs parameter '{spec.name}' ({spec.doc})")
+            return spec.default
+        return value
+
+    def _spec(self, name: str) -> ParamSpec:
+        for spec in (*self.model_params, *self.global_params):
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def _per_model(self, model_params: Sequence[Mapping[str, Any]], name: str, n: int) -> list[Any]:
+        if len(model_params) != n:
+            raise ValueError(f"merge method '{self.name}': {n} input tensors but {len(model_params)} parameter sets")
+        spec = self._spec(name)
+        return [self._model_value(model_params[i], spec, i) for i in range(n)]
+
+
+def _work_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_shapes(name: str, base: Tensor | None, tensors: Sequence[Tensor]) -> None:
+    shapes = {tuple(t.shape) for t in ([base] if base is not None else []) + list(tensors)}
+    if len(shapes) > 1:
+        raise ValueError(f"tensor '{name}': inputs have different shapes {sorted(shapes)}")
+
+
+def _flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype).reshape(-1)
+
+
+def _as_float(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+
+
+# ---- linear ------------------------------------------------------------------------------------
+
+
+class Linear(_Method):
+    """Weighted average ``sum w_i x_i / sum w_i`` (model soups).
+
+    There is no base: if a recipe sets ``base_model`` without listing it under ``models:``,
+    mergekit merges it as one more input (weighted by the top-level ``weight``); listing the
+    base under ``models:`` makes it an ordinary input. Raises when ``normalize`` is on and
+    the weights sum to 0 (mergekit would write inf/NaN).
+    """
+
+    name = "linear"
+    requires_base = False
+    model_params = (ParamSpec("weight", required=True, doc="mixing weight of this model"),)
+    global_params = (ParamSpec("normalize", True, doc="divide by the sum of the weights"),)
+
+    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102 - see class doc
+        if base is not None:
+            raise ValueError("linear takes no base tensor: pass every input (the base too) in `tensors`")
+        inputs = list(tensors)
+        if not inputs:
+            raise ValueError(f"linear merge of '{ctx.tensor_name}' got no input tensors")
+        _check_shapes(ctx.tensor_name, None, inputs)
+        weights = [_as_float(w, "weight") for w in self._per_model(model_params, "weight", len(inputs))]
+        normalize = bool(self._global_value(params, self._spec("normalize")))
+        first = inputs[0]
+        if not first.is_floating_point():
+            raise ValueError(f"linear merge of '{ctx.tensor_name}' needs floating-point tensors, got {first.dtype}")
+        acc_dtype = torch.float64 if _work_dtype(inputs) == torch.float64 else torch.float32
+        w = torch.tensor(weights, dtype=acc_dtype)
+        out = torch.zeros(first.shape, dtype=acc_dtype)
+        for t, wi in zip(inputs, w.tolist(), strict=True):
+            out.add_(t.to(acc_dtype), alpha=wi)
+        if normalize:
+            total = float(w.sum())
+            if total == 0:
+                raise ValueError(
+                    f"linear merge of '{ctx.tensor_name}': weights {weights} sum to 0 with normalize: true; "
+                    "change the weights or set normalize: false"
+                )
+            out.div_(total)
+        return out.to(_work_dtype(inputs))
+
+
+# ---- slerp -------------------------------------------------------------------------------------
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of two whole tensors (flattened), linear when nearly parallel.
+
+    The angle comes from the normalized tensors; the interpolation applies its coefficients
+    to the raw tensors, as mergekit does. Norms below ``eps`` count as 1.
+    """
+    work = torch.float64 if torch.float64 in (v0.dtype, v1.dtype) else torch.float32
+    a = v0.reshape(-1).to(work)
+    b = v1.reshape(-1).to(work)
+    out_dtype = _work_dtype([v0, v1])
+    if a.numel() == 0:
+        return v0.to(out_dtype).clone()
+    na = float(torch.linalg.vector_norm(a))
+    nb = float(torch.linalg.vector_norm(b))
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = float(torch.dot(a, b)) / (na * nb)
+    dot = min(1.0, max(-1.0, dot))
+    if abs(dot) > dot_threshold:
+        ca, cb = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        s = math.sin(theta)
+        ca, cb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+    out = torch.mul(a, ca)
+    out.add_(b, alpha=cb)
+    return out.view(v0.shape).to(out_dtype)
+
+
+class Slerp(_Method):
+    """SLERP between the base (t = 0) and exactly one other model (t = 1)."""
+
+    name = "slerp"
+    requires_base = True
+    global_params = (ParamSpec("t", required=True, doc="interpolation factor, 0 = base_model"),)
+
+    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
+        if base is None or len(tensors) != 1:
+            raise ValueError(
+                f"slerp needs base_model and exactly one other model (tensor '{ctx.tensor_name}', "
+                f"got {len(tensors)} besides the base)"
+            )
+        _check_shapes(ctx.tensor_name, base, tensors)
+        if not base.is_floating_point():
+            raise ValueError(f"slerp of '{ctx.tensor_name}' needs floating-point tensors, got {base.dtype}")
+        t = _as_float(self._global_value(params, self._spec("t")), "t")
+        return slerp(t, base, tensors[0])
+
+
+# ---- task-arithmetic family ----------------------------------------------------------------
+
+
+_WEIGHT = ParamSpec("weight", required=True, doc="scale of this model's task vector")
+_DENSITY = ParamSpec("density", 1.0, doc="fraction of the task vector kept")
+_GAMMA = ParamSpec("gamma", 0.01, doc="fraction of largest-magnitude entries dropped as outliers")
+_EPSILON = ParamSpec("epsilon", 0.15, doc="spread of keep probabilities around density")
+
+
+class TaskArithmeticFamily(_Method):
+    """task_arithmetic, ties, dare_*, breadcrumbs*, della*: one kernel, mergekit's variants.
+
+    ``sparsify`` is None, ``"magnitude"`` (TIES: keep the ``max(1, int(density N))``
+    largest |delta|), ``"random"`` (DARE: keep each with probability ``density``),
+    ``"outliers"`` (breadcrumbs: drop the ``int(gamma N)`` largest and keep the next
+    ``int(density N)``) or ``"della"`` (MagPrune: per row, keep probability from
+    ``density - epsilon`` for the smallest to ``density + epsilon`` for the largest).
+    ``density >= 1`` keeps everything, unscaled. ``rescale`` multiplies a sparsified delta by
+    ``|delta|_1 / |kept|_1`` (mergekit's L1 rescaling). ``int8_mask`` is accepted and has no
+    numerical effect (a memory option in mergekit). Without TIES consensus, ``normalize``
+    divides by the sum of all weights (kept as is when that sum is within 1e-8 of 0).
+    """
+
+    requires_base = True
+
+    def __init__(self, name: str, *, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool):
+        self.name = name
+        self.consensus = consensus
+        self.sparsify = sparsify
+        extra = {"outliers": (_GAMMA,), "della": (_EPSILON,)}.get(sparsify or "", ())
+        self.model_params = (_WEIGHT, _DENSITY, *extra)
+        self.global_params = (
+            ParamSpec("int8_mask", False, doc="store masks as int8 (no numerical effect)"),
+            ParamSpec("normalize", normalize, doc="divide by the sum of contributing weights"),
+            ParamSpec("rescale", rescale, doc="rescale kept entries to preserve the L1 norm"),
+            ParamSpec("lambda", 1.0, doc="scale of the merged task vector"),
+        )
+
+    # -- masks
+    def _mask(self, i: int, base: Tensor, t: Tensor, values: Mapping[str, Any], ctx: MergeContext,
+              dtype: torch.dtype) -> Mask | None:
+        """None: keep everything (no sparsification, or density >= 1)."""
+        if self.sparsify is None:
+            return None
+        density = _as_float(self._model_value(values, _DENSITY, i), "density")
+        if density >= 1:
+            return None
+        n = t.numel()
+        key = ctx.keys[i] if i < len(ctx.keys) else (ctx.tensor_name, i)
+
+        def delta() -> Tensor:
+            return t.to(dtype) - base.to(dtype)
+
+        sp = ctx.sparsifier
+        if self.sparsify == "magnitude":
+            k = max(1, int(density * n)) if density > 0 else 0
+            return sp.magnitude(key, delta, n, 0, k)
+        if self.sparsify == "outliers":
+            gamma = _as_float(self._model_value(values, _GAMMA, i), "gamma")
+            if not 0 <= gamma < 1:
+                raise ValueError(f"gamma must be in [0, 1), got {gamma} (model #{i}, tensor '{ctx.tensor_name}')")
+            target = max(0, int(density * n))
+            n_top = int(gamma * n)
+            n_bot = max(0, n - target - n_top)
+            hi = n - n_bot
+            return sp.magnitude(key, delta, n, hi - target, hi)
+        noise_id = (int(ctx.seed), ctx.tensor_name, i)
+        if self.sparsify == "random":
+            return sp.random(noise_id, n, density)
+        if self.sparsify == "della":
+            eps = _as_float(self._model_value(values, _EPSILON, i), "epsilon")
+            return sp.della(key, delta, tuple(t.shape), noise_id, density, eps)
+        raise AssertionError(self.sparsify)
+
+    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102 - see class doc
+        if base is None:
+            raise ValueError(f"merge method '{self.name}' needs base_model (tensor '{ctx.tensor_name}')")
+        _check_shapes(ctx.tensor_name, base, tensors)
+        if not tensors:
+            return base
+        weights = [_as_float(w, "weight") for w in self._per_model(model_params, "weight", len(tensors))]
+        g = {spec.name: self._global_value(params, spec) for spec in self.global_params}
+        dtype = _work_dtype([base, *tensors])
+        masks = [self._mask(i, base, t, model_params[i], ctx, dtype) for i, t in enumerate(tensors)]
+        return task_arithmetic_kernel(
+            base, tensors, weights, masks,
+            rescale=bool(g["rescale"]), consensus=self.consensus, normalize=bool(g["normalize"]),
+            lam=_as_float(g["lambda"], "lambda"), dtype=dtype,
+        )
+
+
+def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], dtype: torch.dtype,
+                     chunk: int, eps: float = 1e-7) -> list[float | None]:
+    """mergekit's L1 rescale: |delta|_1 / |kept delta|_1 per model (None: leave as is)."""
+    n = bf.numel()
+    factors: list[float | None] = []
+    buf = torch.empty(min(chunk, n), dtype=dtype)
+    for tf, mask in zip(flats, masks, strict=True):
+        if mask is None or mask.all_kept or mask.none_kept:
+            factors.append(None)
+            continue
+        before = after = 0.0
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            d = buf[: e - s]
+            torch.sub(tf[s:e], bf[s:e], out=d)
+            keep = mask.keep(s, e, d)
+            d.abs_()
+            before += float(d.sum(dtype=torch.float64))
+            after += float(d.mul_(keep).sum(dtype=torch.float64))
+        # The sums are rounded to the working dtype, as mergekit computes them there.
+        b_t = torch.tensor(before, dtype=dtype)
+        a_t = torch.tensor(after, dtype=dtype)
+        factors.append(None if float(b_t) < eps or float(a_t) < eps else float(b_t / a_t))
+    return factors
+
+
+def task_arithmetic_kernel(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    masks: Sequence[Mask | None],
+    *,
+    rescale: bool,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+    dtype: torch.dtype | None = None,
+    chunk: int = CHUNK,
+) -> Tensor:
+    """``base + lam * merge_i(w_i * rescale_i * mask_i * (x_i - base))`` chunk by chunk.
+
+    With ``consensus`` (TIES), an entry counts only where its sign equals the elected sign
+    ``sign(sum_i w_i delta_i)`` (ties to +), and ``normalize`` divides by the summed weights
+    of the counted entries (1 where none count). The fast path rewrites the sign test as
+    sums, ``num = (S + M*sum|D_i|) / 2`` and ``den = (sum w_i|s_i| + M*sum w_i s_i) / 2``
+    with ``M = +-1`` the elected sign, so one pass over the models suffices and no boolean
+    tensors (slow in torch) are made; it needs non-negative weights (den is then exactly 0
+    only where num is). Other weights take the exact, plain path.
+    """
+    dtype = dtype or _work_dtype([base, *tensors])
+    shape = base.shape
+    bf = _flat(base, dtype)
+    n = bf.numel()
+    out = torch.empty(n, dtype=dtype)
+    if n == 0:
+        return out.view(shape)
+    # Weights rounded to the working dtype, as mergekit holds them in a tensor of that dtype.
+    w_t = torch.tensor(list(weights), dtype=dtype)
+    wr = w_t.tolist()
+    flats = [_flat(t, dtype) for t in tensors]
+    live = [
+        (tf, w, None if (m is not None and m.all_kept) else m)
+        for tf, w, m in zip(flats, wr, masks, strict=True)
+        if w != 0 and not (m is not None and m.none_kept)
+    ]
+    factors = _rescale_factors(bf, [x[0] for x in live], [x[2] for x in live], dtype, chunk) if rescale else None
+    live = [(tf, w, m, factors[j] if factors else None) for j, (tf, w, m) in enumerate(live)]
+    if not consensus:
+        divisor = float(w_t.sum()) if normalize else 1.0
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+        _linear_sum(bf, live, out, lam / divisor, chunk, dtype)
+        return out.view(shape)
+    tiny = torch.finfo(dtype).tiny
+    if all(w > 0 and (not normalize or w >= 4 * tiny) for _, w, _, _ in live):
+        _ties_fast(bf, live, out, normalize, lam, chunk, dtype)
+    else:
+        _ties_exact(bf, live, out, normalize, lam, chunk, dtype)
+    return out.view(shape)
+
+
+def _masked_delta(d: Tensor, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | None, f: float | None) -> Tensor:
+    torch.sub(tf[s:e], bb, out=d)
+    if m is not None:
+        d.mul_(m.keep(s, e, d))
+    if f is not None:
+        d.mul_(f)
+    return d
+
+
+def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, dtype: torch.dtype) -> None:
+    n = bf.numel()
+    c = min(chunk, n)
+    acc, d = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        bb, a, dd = bf[s:e], acc[: e - s], d[: e - s]
+        if not live:
+            out[s:e].copy_(bb)
+            continue
+        for j, (tf, w, m, f) in enumerate(live):
+            _masked_delta(dd, tf, bb, s, e, m, f)
+            if j == 0:
+                torch.mul(dd, w, out=a)
+            else:
+                a.add_(dd, alpha=w)
+        torch.add(bb, a, alpha=alpha, out=out[s:e])
+
+
+def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
+               dtype: torch.dtype) -> None:
+    n = bf.numel()
+    c = min(chunk, n)
+    S, dabs, wsg, wabs, d, sg = (torch.empty(c, dtype=dtype) for _ in range(6))
+    tiny = torch.finfo(dtype).tiny
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        k = e - s
+        bb = bf[s:e]
+        if not live:
+            out[s:e].copy_(bb)
+            continue
+        S_, da, ws, wa, dd, sg_ = S[:k], dabs[:k], wsg[:k], wabs[:k], d[:k], sg[:k]
+        for j, (tf, w, m, f) in enumerate(live):
+            _masked_delta(dd, tf, bb, s, e, m, f).mul_(w)  # D_j = w_j * kept delta_j, rounded as mergekit
+            if j == 0:
+                S_.copy_(dd)
+            else:
+                S_.add_(dd)
+            if normalize:  # w_j > 0, so sign(D_j) is the sign of the kept delta
+                torch.sign(dd, out=sg_)
+                if j == 0:
+                    torch.abs(dd, out=da)
+                    torch.mul(sg_, w, out=ws)
+                    torch.mul(sg_, sg_, out=wa).mul_(w)
+                else:
+                    da.addcmul_(dd, sg_)
+                    ws.add_(sg_, alpha=w)
+                    wa.addcmul_(sg_, sg_, value=w)
+            elif j == 0:
+                torch.abs(dd, out=da)
+            else:
+                da.add_(dd.abs_())
+        # M = +1 where S >= 0 (also -0.0), else -1; then num' = S + M*sum|D| = 2 * num.
+        torch.sign(S_, out=sg_).add_(0.5).sign_()
+        da.mul_(sg_).add_(S_)
+        if normalize:
+            ws.mul_(sg_).add_(wa).clamp_min_(tiny)  # den' = 2 * den; 0 only where num' is 0
+            torch.addcdiv(bb, da, ws, value=lam, out=out[s:e])
+        else:
+            torch.add(bb, da, alpha=lam / 2, out=out[s:e])
+
+
+def _ties_exact(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
+                dtype: torch.dtype) -> None:
+    """mergekit's TIES consensus step as written (any weights, boolean masks)."""
+    n = bf.numel()
+    c = min(chunk, n)
+    nm = len(live)
+    D = torch.empty((max(nm, 1), c), dtype=dtype)
+    W = torch.tensor([w for _, w, _, _ in live] or [0.0], dtype=dtype).view(-1, 1)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        k = e - s
+        bb = bf[s:e]
+        if not live:
+            out[s:e].copy_(bb)
+            continue
+        Dk = D[:nm, :k]
+        for j, (tf, w, m, f) in enumerate(live):
+            _masked_delta(Dk[j], tf, bb, s, e, m, f).mul_(w)
+        S = Dk.sum(dim=0)
+        majority = torch.where(S >= 0, 1.0, -1.0).to(dtype)
+        agree = Dk.sign() == majority
+        num = (Dk * agree).sum(dim=0)
+        if normalize:
+            den = (W * agree).sum(dim=0)
+            den[den == 0] = 1
+            num /= den
+        if lam != 1:
+            num *= lam
+        torch.add(bb, num, out=out[s:e])
+
+
+# ---- model stock ---------------------------------------------------------------------------
+
+
+class ModelStock(_Method):
+    """Model Stock (Jang et al. 2024): base + t * (mean of models - base).
+
+    ``t = n cos / (1 + (n - 1) cos)`` with cos the mean pairwise cosine between the task
+    vectors (per output row when ``filter_wise``); where that denominator vanishes the base
+    is kept. Needs the base and at least two models.
+    """
+
+    name = "model_stock"
+    requires_base = True
+    global_params = (ParamSpec("filter_wise", False, doc="one interpolation factor per output row"),)
+
+    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
+        if base is None or len(tensors) < 2:
+            raise ValueError(
+                f"model_stock needs base_model and at least 2 other models (tensor '{ctx.tensor_name}', "
+                f"got {len(tensors)})"
+            )
+        _check_shapes(ctx.tensor_name, base, tensors)
+        dtype = _work_dtype([base, *tensors])
+        filter_wise = bool(self._global_value(params, self._spec("filter_wise")))
+        w0 = base.to(dtype)
+        ws = [t.to(dtype) for t in tensors]
+        if filter_wise:
+            if w0.dim() == 1:
+                w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+        else:
+            w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+        offsets = [w - w0 for w in ws]
+        cos = []
+        for i, a in enumerate(offsets):
+            for b in offsets[i + 1:]:
+                norm = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+                cos.append(((a * b).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+        cos_t = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+        count = len(ws)
+        den = 1 + (count - 1) * cos_t
+        singular = den.abs() < 1e-6
+        t = torch.where(singular, torch.zeros_like(cos_t), count * cos_t / torch.where(singular, 1.0, den))
+        avg = ws[0]
+        for w in ws[1:]:
+            avg = avg + w
+        avg = avg / count
+        return (t * avg + (1 - t) * w0).reshape(base.shape)
+
+
+# ---- passthrough ---------------------------------------------------------------------------
+
+
+class Passthrough(_Method):
+    """The one input tensor unchanged, or times ``scale`` (used for DFS layer stacks).
+
+    Without ``scale`` the input itself is returned (no copy).
+    """
+
+    name = "passthrough"
+    requires_base = False
+    model_params = (ParamSpec("scale", None, doc="multiply the tensor by this factor"),)
+
+    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
+        inputs = list(tensors) if base is None else [base, *tensors]
+        if len(inputs) != 1:
+            raise ValueError(
+                f"passthrough takes exactly one model per slice (tensor '{ctx.tensor_name}' got {len(inputs)})"
+            )
+        (t,) = inputs
+        scale = None
+        if model_params:
+            scale = self._model_value(model_params[0], self._spec("scale"), 0)
+        if scale is None:
+            return t
+        return t * _as_float(scale, "scale")
+
+
+# ---- registry ------------------------------------------------------------------------------
+
+
+def _registry() -> dict[str, MergeMethod]:
+    family = [
+        # name, consensus, sparsify, normalize default, rescale default (mergekit's table)
+        ("task_arithmetic", False, None, False, False),
+        ("ties", True, "magnitude", True, False),
+        ("dare_ties", True, "random", False, True),
+        ("dare_linear", False, "random", False, True),
+        ("breadcrumbs", False, "outliers", False, False),
+        ("breadcrumbs_ties", True, "outliers", False, False),
+        ("della", True, "della", True, True),
+        ("della_linear", False, "della", False, True),
+    ]
+    methods: list[MergeMethod] = [Linear(), Slerp(), ModelStock(), Passthrough()]
+    methods += [
+        TaskArithmeticFamily(name, consensus=c, sparsify=sp, normalize=nz, rescale=rs)
+        for name, c, sp, nz, rs in family
+    ]
+    return {m.name: m for m in methods}
+
+
+METHODS: dict[str, MergeMethod] = _registry()
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called ``name``; raises :class:`UnknownMethodError` listing the valid ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        valid = ", ".join(sorted(METHODS))
+        raise UnknownMethodError(f"unknown merge_method '{name}'; valid: {valid}") from None

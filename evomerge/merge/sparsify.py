@@ -1,0 +1,475 @@
+"""Sparsification masks for the task-arithmetic family, without a sort per candidate.
+
+TIES, DARE, breadcrumbs and DELLA drop parts of each task vector ``delta = model - base``
+before merging. This module decides *which* elements are kept; the merge kernels in
+:mod:`evomerge.merge.methods` apply the decision chunk by chunk.
+
+Conventions (shared by both sparsifiers, so their masks are identical):
+
+- **Magnitude rank**: elements of a tensor ordered by ``|delta|`` descending, ties broken by
+  the lower flat index first; rank 0 is the largest. "Keep the k largest" keeps ranks
+  ``< k``; breadcrumbs keeps a band ``lo <= rank < hi``.
+- **Row rank** (DELLA): per row (first dimension; a 1-D tensor is one row), ``|delta|``
+  ascending, ties by lower index; 0 is the smallest, as in mergekit.
+- **Noise** (DARE, DELLA): ``torch.rand`` in float32 over the flattened tensor, from a
+  ``torch.Generator`` seeded by a stable hash of ``(seed, tensor_name, index)``
+  (:func:`noise_seed`), so a result does not depend on the order tensors are merged in,
+  nor on parallelism. An element is kept when ``u < p``.
+
+Two implementations of the :class:`Sparsifier` protocol:
+
+- :class:`OneShotSparsifier` keeps nothing between calls: for "the k largest" it finds the
+  k-th magnitude by an O(N) selection (a sample brackets the threshold, an exact
+  ``kthvalue`` runs on the few elements inside the bracket); DELLA's row ranks are sorted.
+  This is for a single merge to disk.
+- :class:`CachedSparsifier` is for search, where the same sources are merged thousands of
+  times with new densities. Per source key it computes once the magnitude ranks (int32 when
+  the tensor has fewer than 2**31 elements) and the row ranks, and per noise id the noise;
+  a candidate's mask is then one comparison per element. **Memory is the price**: 4 bytes
+  per element per source for the magnitude ranks (TIES, breadcrumbs), 4 more for row ranks
+  (DELLA), and 4 per element per model and seed for noise (DARE, DELLA). For three 134M-param
+  fine-tunes that is about 1.6 GB for TIES ranks. Deltas are *not* cached: recomputing
+  ``model - base`` per chunk costs ~0.25 ns/element, caching it would cost another 4 bytes
+  per element per source. Noise is kept for the ``noise_seeds`` most recent seeds only.
+
+Masks are :class:`Mask` objects evaluated per flat chunk ``[start, stop)`` so that the merge
+kernel can work on cache-sized pieces; they return 0/1 tensors (float32 or int32) and use
+comparisons written as float arithmetic (``sign``/``clamp``), which torch vectorizes, instead
+of boolean tensors, which it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+DeltaFn = Callable[[], Tensor]
+NoiseId = tuple[int, str, int]
+
+# Below this many elements a direct kthvalue is cheaper than sampling a bracket.
+_DIRECT_SELECT = 1 << 16
+_SAMPLE = 1 << 14
+
+
+def noise_seed(seed: int, tensor_name: str, index: int) -> int:
+    """A stable 63-bit generator seed for one (recipe seed, tensor, model index)."""
+    digest = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def make_noise(noise_id: NoiseId, numel: int) -> Tensor:
+    """Uniform [0, 1) float32 noise of ``numel`` elements for ``noise_id`` (flat)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(noise_seed(*noise_id))
+    return torch.rand(numel, generator=gen, dtype=torch.float32)
+
+
+def _abs_f32(delta: Tensor) -> Tensor:
+    """|delta| flattened, as float32 (exact for fp16/bf16/fp32), contiguous."""
+    flat = delta.reshape(-1)
+    if flat.dtype == torch.float32:
+        return flat.abs()
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        return flat.abs().float()
+    return flat.abs().to(torch.float32)
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def magnitude_ranks(delta: Tensor) -> Tensor:
+    """Negated magnitude ranks (``-rank``; rank 0 = largest |delta|, ties by lower index), flat.
+
+    Stored negated so that ``keep = clamp(k - rank, 0, 1)`` is one add and one clamp.
+    Sorting the int32 bit patterns of |delta| (same order as the floats, non-negative)
+    uses torch's radix sort, several times faster than sorting floats.
+    """
+    absd = _abs_f32(delta)
+    n = absd.numel()
+    idx_dtype = _index_dtype(n)
+    keys = absd.view(torch.int32).neg()  # ascending -bits = descending |delta|
+    order = torch.sort(keys, stable=True).indices
+    del keys
+    ranks = torch.empty(n, dtype=idx_dtype)
+    ranks[order] = -torch.arange(n, dtype=idx_dtype)
+    return ranks
+
+
+def row_ranks(delta: Tensor) -> Tensor:
+    """Ascending per-row ranks of |delta| (0 = smallest in its row, ties by lower index), flat."""
+    rows = delta.shape[0] if delta.dim() >= 2 else 1
+    absd = _abs_f32(delta).view(rows, -1)
+    cols = absd.shape[1]
+    idx_dtype = _index_dtype(cols)
+    order = torch.sort(absd.view(torch.int32), dim=1, stable=True).indices
+    ranks = torch.empty((rows, cols), dtype=idx_dtype)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=idx_dtype).expand(rows, cols).contiguous())
+    return ranks.view(-1)
+
+
+# ---- masks ---------------------------------------------------------------------------------
+
+
+class Mask:
+    """Which elements of one tensor's delta to keep, evaluated per flat chunk.
+
+    ``keep(start, stop, delta_chunk)`` returns a 0/1 tensor of ``stop - start`` elements
+    (``delta_chunk`` is the flat delta of that chunk, used by masks that test magnitudes).
+    ``all_kept`` / ``none_kept`` let a kernel skip the work entirely. A mask reuses its own
+    scratch buffers between calls: use one from one thread.
+    """
+
+    all_kept: bool = False
+    none_kept: bool = False
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def _buf(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)
+            self._bufs[(name, dtype)] = buf
+        return buf[:n]
+
+    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def full(self, delta: Tensor) -> Tensor:
+        """The whole mask at once (tests, small tensors): float32 0/1 of delta's shape."""
+        flat = delta.reshape(-1)
+        if self.all_kept:
+            return torch.ones(flat.numel(), dtype=torch.float32).view(delta.shape)
+        if self.none_kept:
+            return torch.zeros(flat.numel(), dtype=torch.float32).view(delta.shape)
+        return self.keep(0, flat.numel(), flat).to(torch.float32).clone().view(delta.shape)
+
+
+class KeepAll(Mask):
+    all_kept = True
+
+
+class KeepNone(Mask):
+    none_kept = True
+
+
+def _band(numel: int, lo: int, hi: int) -> tuple[int, int] | Mask:
+    lo, hi = max(0, lo), min(numel, hi)
+    if hi <= lo or numel == 0:
+        return KeepNone()
+    if lo == 0 and hi == numel:
+        return KeepAll()
+    return lo, hi
+
+
+class RankBandMask(Mask):
+    """Keep ``lo <= rank < hi`` from cached negated ranks: two adds and clamps per element."""
+
+    def __init__(self, neg_ranks: Tensor, lo: int, hi: int):
+        super().__init__()
+        self.neg_ranks, self.lo, self.hi = neg_ranks, lo, hi
+
+    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        nr = self.neg_ranks[start:stop]
+        out = self._buf("hi", stop - start, nr.dtype)
+        torch.add(nr, self.hi, out=out).clamp_(0, 1)
+        if self.lo > 0:
+            below = self._buf("lo", stop - start, nr.dtype)
+            torch.add(nr, self.lo, out=below).clamp_(0, 1)
+            out.sub_(below)
+        return out
+
+
+class _Top:
+    """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and index < cut."""
+
+    def __init__(self, thr: float, cut: int):
+        self.thr, self.cut = thr, cut
+
+
+def select_top(absd: Tensor, k: int) -> _Top:
+    """Threshold and tie cut-off for the k largest of ``absd`` (flat float32, 0 < k < N). O(N)."""
+    n = absd.numel()
+    bits = absd.view(torch.int32)  # non-negative floats order like their bit patterns
+    if n <= _DIRECT_SELECT:
+        thr_t = torch.kthvalue(absd, n - k + 1).values
+        n_gt = int(torch.count_nonzero(absd > thr_t))
+        n_ge = int(torch.count_nonzero(absd >= thr_t))
+    else:
+        thr_t, n_gt, n_ge = _bracket_select(absd, bits, k)
+    thr = float(thr_t)
+    if n_ge == k:
+        return _Top(thr, n)
+    need = k - n_gt  # keep the first `need` elements equal to thr, by index
+    inside = torch.nonzero(absd == thr_t).view(-1)
+    return _Top(thr, int(inside[need - 1]) + 1)
+
+
+def _bracket_select(absd: Tensor, bits: Tensor, k: int) -> tuple[Tensor, int, int]:
+    """k-th largest of absd via a sample bracket; returns (value, count >, count >=)."""
+    n = absd.numel()
+    step = max(1, n // _SAMPLE)
+    sample = absd[::step].contiguous()
+    ns = sample.numel()
+    frac = k / n
+    margin = 4.0 * math.sqrt(max(frac * (1 - frac), 1.0 / ns) * ns) + 8
+    j_hi = int(math.floor(frac * ns - margin))  # rank from the top in the sample: larger value
+    j_lo = int(math.ceil(frac * ns + margin))
+    if j_hi >= 1:
+        hi_bits = int(torch.kthvalue(sample, ns - j_hi + 1).values.view(torch.int32))
+        gt_hi = bits > hi_bits
+        n_above = int(torch.count_nonzero(gt_hi))
+    else:
+        hi_bits, gt_hi, n_above = None, None, 0
+    if j_lo <= ns:
+        lo_bits = int(torch.kthvalue(sample, ns - j_lo + 1).values.view(torch.int32))
+        ge_lo = bits >= lo_bits
+    else:
+        ge_lo = None
+    need = k - n_above
+    if need >= 1:
+        if ge_lo is None and gt_hi is None:
+            inb = absd
+        elif ge_lo is None:
+            inb = absd[~gt_hi]
+        elif gt_hi is None:
+            inb = absd[ge_lo]
+        else:
+            inb = absd[torch.logical_xor(ge_lo, gt_hi)]
+        if need <= inb.numel():
+            thr = torch.kthvalue(inb, inb.numel() - need + 1).values
+            n_gt = n_above + int(torch.count_nonzero(inb > thr))
+            n_ge = n_above + int(torch.count_nonzero(inb >= thr))
+            return thr, n_gt, n_ge
+    # The sample missed (adversarial layout): exact selection over everything.
+    thr = torch.kthvalue(absd, n - k + 1).values
+    return thr, int(torch.count_nonzero(absd > thr)), int(torch.count_nonzero(absd >= thr))
+
+
+class ThresholdBandMask(Mask):
+    """Keep ranks in [lo, hi) from thresholds found by selection (no memory kept)."""
+
+    def __init__(self, hi: _Top, lo: _Top | None):
+        super().__init__()
+        self.hi, self.lo = hi, lo
+
+    def _top(self, top: _Top, start: int, stop: int, absd: Tensor, name: str) -> Tensor:
+        out = self._buf(name, stop - start, torch.float32)
+        torch.sub(absd, top.thr, out=out).sign_()
+        if stop <= top.cut:  # every tie in this chunk is kept: |d| >= thr
+            out.add_(1).clamp_(0, 1)
+        elif start >= top.cut:  # no tie kept: |d| > thr
+            out.clamp_(0, 1)
+        else:
+            split = top.cut - start
+            out[:split].add_(1).clamp_(0, 1)
+            out[split:].clamp_(0, 1)
+        return out
+
+    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        absd = self._buf("abs", stop - start, torch.float32)
+        if delta.dtype == torch.float32:
+            torch.abs(delta, out=absd)
+        else:
+            absd.copy_(delta.abs())
+        out = self._top(self.hi, start, stop, absd, "hi")
+        if self.lo is not None:
+            out.sub_(self._top(self.lo, start, stop, absd, "lo"))
+        return out
+
+
+class NoiseMask(Mask):
+    """DARE: keep when ``u < p`` (written as clamp(sign(p - u), 0, 1))."""
+
+    def __init__(self, noise: Tensor, p: float):
+        super().__init__()
+        self.noise, self.p = noise, p
+
+    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        out = self._buf("m", stop - start, torch.float32)
+        torch.sub(self.noise[start:stop], self.p, out=out).neg_().sign_().clamp_(0, 1)
+        return out
+
+
+class DellaMask(Mask):
+    """DELLA (MagPrune): keep when ``u < (density - eps) + 2 eps * row_rank / (cols - 1)``."""
+
+    def __init__(self, ranks: Tensor, noise: Tensor, cols: int, density: float, epsilon: float):
+        super().__init__()
+        self.ranks, self.noise = ranks, noise
+        self.low = density - epsilon
+        # A row of one element has no order: it gets the mean probability, `density`.
+        self.step = 2 * epsilon / (cols - 1) if cols > 1 else 0.0
+        if cols <= 1:
+            self.low = density
+
+    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        out = self._buf("m", stop - start, torch.float32)
+        torch.mul(self.ranks[start:stop], self.step, out=out)
+        out.add_(self.low).sub_(self.noise[start:stop]).sign_().clamp_(0, 1)
+        return out
+
+
+def della_check(density: float, epsilon: float) -> None:
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise ValueError(
+            f"DELLA needs density - epsilon > 0 and density + epsilon < 1 "
+            f"(got density={density}, epsilon={epsilon}); lower epsilon or move density"
+        )
+
+
+def _rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (numel // rows if rows else 0)
+
+
+# ---- sparsifiers ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Sparsifier(Protocol):
+    """Builds keep-masks. ``key`` identifies a delta (source tensor and base) for caching;
+    ``delta`` computes it when needed (full tensor, any shape)."""
+
+    def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
+        """Keep magnitude ranks in ``[lo, hi)`` (``lo=0, hi=k``: the k largest |delta|)."""
+        ...
+
+    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
+        """Keep each element independently with probability ``p`` (DARE)."""
+        ...
+
+    def della(
+        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
+        density: float, epsilon: float,
+    ) -> Mask:
+        """DELLA's magnitude-graded keep probabilities per row, sampled with the noise."""
+        ...
+
+
+class OneShotSparsifier:
+    """Computes every mask from scratch and keeps nothing (a single merge to disk)."""
+
+    def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
+        band = _band(numel, lo, hi)
+        if isinstance(band, Mask):
+            return band
+        lo, hi = band
+        absd = _abs_f32(delta())
+        top_hi = select_top(absd, hi) if hi < numel else _Top(-1.0, numel)
+        top_lo = select_top(absd, lo) if lo > 0 else None
+        return ThresholdBandMask(top_hi, top_lo)
+
+    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
+        if p >= 1:
+            return KeepAll()
+        if p <= 0:
+            return KeepNone()
+        return NoiseMask(make_noise(noise_id, numel), p)
+
+    def della(
+        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
+        density: float, epsilon: float,
+    ) -> Mask:
+        if density >= 1:
+            return KeepAll()
+        if density <= 0:
+            return KeepNone()
+        della_check(density, epsilon)
+        _, cols = _rows_cols(tuple(shape))
+        d = delta()
+        return DellaMask(row_ranks(d), make_noise(noise_id, d.numel()), cols, density, epsilon)
+
+
+class CachedSparsifier:
+    """Precomputes ranks and noise once per key; a candidate's mask is then O(N) and sort-free.
+
+    ``rank_computations`` / ``row_rank_computations`` / ``noise_generations`` count the
+    expensive steps (tests check that a second candidate triggers none). ``nbytes()`` says
+    how much memory the cache holds; ``clear()`` drops it. Thread-safe.
+    """
+
+    def __init__(self, noise_seeds: int = 2):
+        self.noise_seeds = max(1, noise_seeds)
+        self._ranks: dict[Hashable, Tensor] = {}
+        self._row_ranks: dict[Hashable, Tensor] = {}
+        self._noise: OrderedDict[int, dict[NoiseId, Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.rank_computations = 0
+        self.row_rank_computations = 0
+        self.noise_generations = 0
+
+    def _cached(self, store: dict, key: Hashable, make: Callable[[], Tensor], counter: str) -> Tensor:
+        with self._lock:
+            hit = store.get(key)
+            if hit is not None:
+                return hit
+            value = make()
+            store[key] = value
+            setattr(self, counter, getattr(self, counter) + 1)
+            return value
+
+    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:
+        seed = noise_id[0]
+        with self._lock:
+            by_id = self._noise.get(seed)
+            if by_id is None:
+                by_id = self._noise[seed] = {}
+                while len(self._noise) > self.noise_seeds:
+                    self._noise.popitem(last=False)
+            else:
+                self._noise.move_to_end(seed)
+            hit = by_id.get(noise_id)
+            if hit is None or hit.numel() != numel:
+                hit = by_id[noise_id] = make_noise(noise_id, numel)
+                self.noise_generations += 1
+            return hit
+
+    def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
+        band = _band(numel, lo, hi)
+        if isinstance(band, Mask):
+            return band
+        ranks = self._cached(self._ranks, key, lambda: magnitude_ranks(delta()), "rank_computations")
+        return RankBandMask(ranks, *band)
+
+    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
+        if p >= 1:
+            return KeepAll()
+        if p <= 0:
+            return KeepNone()
+        return NoiseMask(self.noise(noise_id, numel), p)
+
+    def della(
+        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
+        density: float, epsilon: float,
+    ) -> Mask:
+        if density >= 1:
+            return KeepAll()
+        if density <= 0:
+            return KeepNone()
+        della_check(density, epsilon)
+        _, cols = _rows_cols(tuple(shape))
+        ranks = self._cached(self._row_ranks, key, lambda: row_ranks(delta()), "row_rank_computations")
+        return DellaMask(ranks, self.noise(noise_id, ranks.numel()), cols, density, epsilon)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            total = sum(t.numel() * t.element_size() for t in self._ranks.values())
+            total += sum(t.numel() * t.element_size() for t in self._row_ranks.values())
+            total += sum(t.numel() * t.element_size() for d in self._noise.values() for t in d.values())
+        return total
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ranks.clear()
+            self._row_ranks.clear()
+            self._noise.clear()
