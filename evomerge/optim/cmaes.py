@@ -11,7 +11,10 @@
 - ask/generations: `ask(n)` hands out the pending generation's candidates not handed out yet;
   once all are out it returns [] until the whole generation is told (partial tells are
   buffered), then asks pycma for the next one. Failed candidates get their generation's worst
-  value.
+  value; a generation whose failures leave fewer than two distinct values is dropped (pycma is
+  not told: it would read the flat values as convergence) and the next one is drawn from the
+  same distribution. Flat-fitness stops (tolfun, tolflatfitness, ...) count only after
+  `min_generations` generations.
 - State: a versioned pickle of the CMAEvolutionStrategy object (its Generator included) plus the
   pending generation, in the JSON-able state dict.
 """
@@ -30,6 +33,9 @@ from evomerge.optim.state import decode_array, encode_array, pickle_blob, unpick
 
 # pycma's stop reasons that come from budgets we manage ourselves, not from convergence.
 _OWN_BUDGETS = {"maxfevals", "maxiter", "timeout"}
+# Flat-fitness stops, honoured only after `min_generations`: accuracy on a few hundred documents
+# is quantized, and a first generation of equal scores is no sign of convergence.
+_FLAT = {"tolfun", "tolfunhist", "tolflatfitness", "tolfunrel"}
 
 
 class GeneratorRandn:
@@ -49,6 +55,7 @@ class CMAES(Optimizer):
         "sigma0": None,  # default: a quarter of the median bound width (1.0 when unbounded)
         "diagonal": False,
         "restarts": 0,
+        "min_generations": 10,
         "incpopsize": 2,
         "cma_options": None,  # extra pycma options, passed through
     }
@@ -96,6 +103,7 @@ class CMAES(Optimizer):
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,
+            "tolflatfitness": 10,  # pycma's default 1 ends quantized-accuracy runs at once
         }
         lower = [None if not math.isfinite(v) else float(v) for v in self.lower]
         upper = [None if not math.isfinite(v) else float(v) for v in self.upper]
@@ -153,11 +161,15 @@ class CMAES(Optimizer):
             return
         # The whole generation is in: one pycma tell, in generation order.
         raw = [self._gen_scores[cid] for cid in self._gen_ids]
-        filled = self._fill(raw)
-        self._es.tell(self._gen_x, [-v for v in filled])
+        gen_x = self._gen_x
         self._generation += 1
         self._gen_ids, self._gen_x, self._gen_scores, self._handed = [], [], {}, 0
-        stop = {k: v for k, v in self._es.stop().items() if k not in _OWN_BUDGETS}
+        finite = {v for v in raw if v is not None}
+        if len(finite) < 2 and None in raw:
+            return  # failures leave no ranking: draw the next generation from the same distribution
+        self._es.tell(gen_x, [-v for v in self._fill(raw)])
+        ignored = _OWN_BUDGETS | (_FLAT if self._es.countiter < int(self.options["min_generations"]) else set())
+        stop = {k: v for k, v in self._es.stop().items() if k not in ignored}
         if stop:
             if self._restart < self.restarts:
                 self._restart += 1

@@ -45,6 +45,7 @@ from evomerge.optim.state import decode_array, encode_array
 from evomerge.recipe import Recipe
 
 MODES = ("genome", "model")
+INIT_ROUNDS = 3
 
 
 class ArchivePort(Protocol):
@@ -138,8 +139,13 @@ class M2N2(Optimizer):
         self._norms: list[float] = []
         self._layout: list[tuple[str, int]] | None = None  # (task, documents) of the per-sample vector
         self._doc_ids: dict[str, list] | None = None
-        self._init_asked = 0
-        self._init_told = 0
+        # Initial members: indices still to ask, in flight, failed this round; failed ones are
+        # asked again (drawn genomes redrawn) up to INIT_ROUNDS rounds.
+        self._init_todo = list(range(self.n_init))
+        self._init_out = 0
+        self._init_failed: list[int] = []
+        self._init_round = 1
+        self._init_error = ""
         self._lineage: dict[int, dict] = {}  # model mode: recipe of every live member's ancestors
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -162,10 +168,14 @@ class M2N2(Optimizer):
         if o["init_sigma"] is not None:
             if self.x0 is None:
                 raise ConfigError("init_sigma draws around x0; the space gives no x0", field="init_sigma")
-            return [self._clip(self.x0 + float(o["init_sigma"]) * self.rng.standard_normal(self.dim)) for _ in range(n)]
-        if not (np.isfinite(self.lower).all() and np.isfinite(self.upper).all()):
+        elif not (np.isfinite(self.lower).all() and np.isfinite(self.upper).all()):
             raise ConfigError("m2n2 draws its initial genomes uniformly in the bounds; give finite bounds, init_sigma or initial", field="initial")
-        return [self.rng.uniform(self.lower, self.upper) for _ in range(n)]
+        return [self._draw_initial() for _ in range(n)]
+
+    def _draw_initial(self) -> np.ndarray:
+        if self.options["init_sigma"] is not None:
+            return self._clip(self.x0 + float(self.options["init_sigma"]) * self.rng.standard_normal(self.dim))
+        return self.rng.uniform(self.lower, self.upper)
 
     def _model_mode_setup(self) -> tuple[list[Recipe], list[list[str]]]:
         o = self.options
@@ -185,21 +195,32 @@ class M2N2(Optimizer):
         return [initial_recipe(str(r)) for r in refs], split_units(list(o["tensor_names"]))
 
     def natural_batch(self) -> int:
-        return max(1, self.n_init - self._init_asked)
+        return max(1, len(self._init_todo))
 
     # ---- ask ----------------------------------------------------------------------------
     def _propose(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
-        while len(out) < n and self._init_asked < self.n_init:
-            k = self._init_asked
+        while len(out) < n and self._init_todo:
+            k = self._init_todo.pop(0)
             cid = self._new_id()
+            meta = {"m2n2": "init", "init_index": k}
             if self.mode == "genome":
-                out.append(Candidate(id=cid, generation=0, genome=self._init_genomes[k].copy(), meta={"m2n2": "init"}))
+                out.append(Candidate(id=cid, generation=0, genome=self._init_genomes[k].copy(), meta=meta))
             else:
-                out.append(Candidate(id=cid, generation=0, genome=None, recipe=self._init_recipes[k], meta={"m2n2": "init"}))
-            self._init_asked += 1
-        if out or self._init_told < self.n_init or not self._members:
-            return out
+                out.append(Candidate(id=cid, generation=0, genome=None, recipe=self._init_recipes[k], meta=meta))
+            self._init_out += 1
+        if out or self._init_out:
+            return out  # children wait until every initial candidate is told
+        if len(self._members) < (2 if self.mode == "model" else 1):
+            if not self._init_failed or self._init_round >= INIT_ROUNDS:
+                self._stop_reason = f"m2n2: the initial members failed {self._init_round} times ({self._init_error})"
+                return []
+            self._init_round += 1
+            self._init_todo, self._init_failed = sorted(self._init_failed), []
+            if self.mode == "genome" and self.options["initial"] is None:
+                for k in self._init_todo:  # drawn genomes are drawn again
+                    self._init_genomes[k] = self._draw_initial()
+            return self._propose(n)
         return [self._child() for _ in range(n)]
 
     def _fitness(self) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +309,10 @@ class M2N2(Optimizer):
     def _observe(self, candidates: list[Candidate], results: list[EvalResult]) -> None:
         for cand, result in zip(candidates, results, strict=True):
             if cand.meta.get("m2n2") == "init":
-                self._init_told += 1
+                self._init_out -= 1
+                if result.failed:
+                    self._init_failed.append(int(cand.meta["init_index"]))
+                    self._init_error = result.error or "non-finite objective"
             if result.failed:
                 continue  # never enters the archive
             self._offer(cand, result, self._per_sample(result))
@@ -372,8 +396,11 @@ class M2N2(Optimizer):
     def _state(self) -> dict:
         return {
             "init_genomes": [encode_array(g) for g in self._init_genomes],
-            "init_asked": self._init_asked,
-            "init_told": self._init_told,
+            "init_todo": self._init_todo,
+            "init_out": self._init_out,
+            "init_failed": self._init_failed,
+            "init_round": self._init_round,
+            "init_error": self._init_error,
             "members": [c.to_dict() for c in self._members],
             "member_results": [r.to_dict() for r in self._member_results],
             "scores": encode_array(self._scores),
@@ -384,8 +411,11 @@ class M2N2(Optimizer):
 
     def _load_state(self, state: dict) -> None:
         self._init_genomes = [decode_array(g) for g in state["init_genomes"]]
-        self._init_asked = int(state["init_asked"])
-        self._init_told = int(state["init_told"])
+        self._init_todo = [int(k) for k in state["init_todo"]]
+        self._init_out = int(state["init_out"])
+        self._init_failed = [int(k) for k in state["init_failed"]]
+        self._init_round = int(state["init_round"])
+        self._init_error = state["init_error"]
         self._members = [Candidate.from_dict(c) for c in state["members"]]
         self._member_results = [EvalResult.from_dict(r) for r in state["member_results"]]
         self._scores = decode_array(state["scores"])
