@@ -27,7 +27,9 @@ Two representations (`mode`):
   written) and `lineage(id)` the recipes back to the initial models.
 
 ask(): the initial candidates first; children only once every initial candidate is told (until
-then ask returns []). Children asked together are drawn from the same archive; tell updates the
+then ask returns []). Initial candidates that failed are asked again (drawn genomes are drawn
+anew), up to 3 rounds; without enough members then (1 in genome mode, 2 in model mode) the
+optimizer stops with the last error. Children asked together are drawn from the same archive; tell updates the
 archive one child at a time, in the order told.
 """
 
@@ -211,16 +213,16 @@ class M2N2(Optimizer):
             self._init_out += 1
         if out or self._init_out:
             return out  # children wait until every initial candidate is told
-        if len(self._members) < (2 if self.mode == "model" else 1):
-            if not self._init_failed or self._init_round >= INIT_ROUNDS:
-                self._stop_reason = f"m2n2: the initial members failed {self._init_round} times ({self._init_error})"
-                return []
+        if self._init_failed and self._init_round < INIT_ROUNDS:
             self._init_round += 1
             self._init_todo, self._init_failed = sorted(self._init_failed), []
             if self.mode == "genome" and self.options["initial"] is None:
                 for k in self._init_todo:  # drawn genomes are drawn again
                     self._init_genomes[k] = self._draw_initial()
             return self._propose(n)
+        if len(self._members) < (2 if self.mode == "model" else 1):
+            self._stop_reason = f"m2n2: the initial members failed {self._init_round} times ({self._init_error})"
+            return []
         return [self._child() for _ in range(n)]
 
     def _fitness(self) -> tuple[np.ndarray, np.ndarray]:
