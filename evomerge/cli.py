@@ -53,6 +53,23 @@ def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str) 
 
 
 @main.group()
+def space() -> None:
+    """Search spaces: what a genome means."""
+
+
+@space.command("describe")
+@click.argument("space_ref")
+@click.option("--models", required=True, help="Comma-separated model references (DFS: model A first).")
+@click.option("--base", default=None, help="Base model, for methods that need one.")
+def space_describe(space_ref: str, models: str, base: str | None) -> None:
+    """Print the genome size of SPACE_REF (a built-in name or a YAML path) and what each gene controls."""
+    from evomerge.spaces import build_space
+
+    built = build_space(space_ref, models=[m.strip() for m in models.split(",") if m.strip()], base=base)
+    click.echo(built.describe())
+
+
+@main.group()
 def zoo() -> None:
     """Tiny, deterministic models for the demo and the tests."""
 

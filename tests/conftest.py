@@ -34,6 +34,7 @@ def write_llama(
     noise: float = 0.05,
     arch: str = "llama",
     tie: bool = False,
+    **config_extra,
 ) -> Path:
     """A random Llama-family checkpoint; with `base`, the base's weights plus seeded noise."""
     import torch
@@ -50,6 +51,7 @@ def write_llama(
         vocab_size=vocab,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
+        **config_extra,
     )
     model = AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)

@@ -160,12 +160,15 @@ def test_gpt2_names(tmp_path: Path) -> None:
         paths.append(tmp_path / f"g{seed}")
         model.save_pretrained(paths[-1])
     recipe = Recipe.parse(
-        {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": [0.0, 1.0]}} for p in paths]}
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(paths[0]), "parameters": {"weight": 1.0}}, {"model": str(paths[1]), "parameters": {"weight": [0.0, 1.0]}}],
+        }
     )
     merged = materialize(recipe, SourcePool())
     g0, g1 = state(paths[0]), state(paths[1])
     name = "transformer.h.1.attn.c_attn.weight"
-    # layer 1 of 2 is t=1: weights (1, 1), normalized -> the mean
+    # layer 1 of 2 is t=1: weights (1, 1), normalized -> the mean; embeddings are t=0: (1, 0)
     torch.testing.assert_close(merged[name], (g0[name] + g1[name]) / 2)
     torch.testing.assert_close(merged["transformer.wte.weight"], g0["transformer.wte.weight"])
 
@@ -222,7 +225,7 @@ def test_cli_refuses_mismatched_shapes(llama_family: dict[str, Path], recipe_fil
         f"merge_method: task_arithmetic\nbase_model: {llama_family['base']}\nmodels: [{{model: {wide}, parameters: {{weight: 1}}}}]"
     )
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(path), "--out", str(out)), out, "mlp", "different shapes", "[48, 16]", "[32, 16]")
+    assert_refused(run_cli("merge", str(path), "--out", str(out)), out, "mlp", "different shapes", "[16, 48]", "[16, 32]")
 
 
 def test_pickle_needs_allow_pickle(llama_family: dict[str, Path], recipe_file, tmp_path: Path) -> None:

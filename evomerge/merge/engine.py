@@ -201,7 +201,10 @@ def run_task(task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sp
     tensors = [load(ref) for ref in task.inputs]
     keys = [(ref.model, ref.name, task.base.model if task.base else None) for ref in task.inputs]
     ctx = MergeContext(tensor_name=task.name, keys=keys, sparsifier=sparsifier, seed=plan.recipe.seed)
-    merged = plan.method.merge(base, tensors, task.model_params, task.params, ctx)
+    try:
+        merged = plan.method.merge(base, tensors, task.model_params, task.params, ctx)
+    except ValueError as exc:  # parameter values the method cannot use (e.g. weights summing to 0)
+        raise ConfigError(str(exc), field="parameters") from None
     if plan.out_dtype is not None and merged.dtype != plan.out_dtype:
         merged = merged.to(plan.out_dtype)
     return merged

@@ -54,7 +54,7 @@ class Source:
 
     def shape(self, name: str) -> tuple[int, ...]:
         name = self._stored_name(name)
-        if self._pickled is not None or name in self._cache:
+        if name in self._cache or self._files[name].suffix != ".safetensors":
             return tuple(self.get(name).shape)
         return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
 

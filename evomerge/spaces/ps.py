@@ -1,0 +1,171 @@
+"""Parameter space (PS): genes for a merge method's parameters, per model, optionally per layer
+group and per module filter.
+
+Layout of the genome, in order: for every merged model, for every per-model parameter searched,
+for every filter group, for every layer group, one gene; then the method-wide parameters
+searched (e.g. slerp's `t`), per filter group and layer group. Filter groups are the `filters`
+given (substrings of tensor names such as `self_attn`, `mlp`) plus one group for every tensor no
+filter matches. Layer groups decode as one mergekit slice per group (embeddings take the first
+group's values and the final norm / head the last's, as mergekit does), or with `smooth: true`
+as gradient lists whose anchors are the groups.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+from evomerge.merge.methods import get_method
+from evomerge.recipe import EvomergeBlock, InputModel, InputSlice, OutputSlice, Recipe
+from evomerge.spaces.base import Gene, SearchSpace
+from evomerge.spaces.config import PSSpec
+
+REST = "*"
+
+
+class ParameterSpace(SearchSpace):
+    kind = "ps"
+
+    def __init__(self, spec: PSSpec, *, base: str | None, models: list[str], layer_count: int | None, file: str | None = None):
+        self.spec = spec
+        self.method = get_method(spec.method)
+        self.base = base if self.method.requires_base else None
+        self.models = [m for m in models if m != self.base]
+        self.layer_count = layer_count
+        self.filter_groups = [*spec.filters, REST] if spec.filters else [REST]
+        self._check(file)
+        model_names = {p.name for p in self.method.model_params}
+        self.model_genes = [name for name in spec.genes if name in model_names]
+        self.global_genes = [name for name in spec.genes if name not in model_names]
+        super().__init__(self._genes())
+
+    # ---- validation ---------------------------------------------------------------------
+    def _check(self, file: str | None) -> None:
+        spec, method = self.spec, self.method
+        valid = {p.name for p in method.model_params} | {p.name for p in method.global_params}
+        for name in spec.genes:
+            if name not in valid:
+                raise ConfigError(
+                    f"method '{method.name}' has no parameter '{name}'; valid: {', '.join(sorted(valid))}",
+                    file=file,
+                    field=f"genes.{name}",
+                )
+        for name in spec.fixed:
+            if name not in valid:
+                raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {', '.join(sorted(valid))}", file=file, field=f"fixed.{name}")
+        if method.requires_base and not self.base:
+            raise ConfigError(f"method '{method.name}' needs a base model", file=file, field="models.base")
+        if not self.models:
+            raise ConfigError("the space needs at least one model to merge besides the base", file=file, field="models")
+        if method.name == "slerp" and len(self.models) != 1:
+            raise ConfigError(f"slerp merges the base with exactly one other model, got {len(self.models)}", file=file, field="models")
+        groups = spec.layer_groups
+        if groups == 1:
+            return
+        if self.layer_count is None:
+            raise ConfigError(
+                "the sources have different layer counts; a per-layer space (layer_groups > 1) needs models of equal depth",
+                file=file,
+                field="layer_groups",
+            )
+        n = self.layer_count
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        if groups > n or (not spec.smooth and n % groups):
+            hint = f"a divisor of {n} ({', '.join(map(str, divisors))})" + ("" if spec.smooth else f", or up to {n} with smooth: true")
+            raise ConfigError(f"{groups} groups do not divide the {n} layers of the sources; use {hint}", file=file, field="layer_groups")
+
+    # ---- genes --------------------------------------------------------------------------
+    def _genes(self) -> list[Gene]:
+        genes: list[Gene] = []
+        for model in self.models:
+            for name in self.model_genes:
+                genes += self._group_genes(f"{_short(model)}.{name}", name, f"{name} of {model}")
+        for name in self.global_genes:
+            genes += self._group_genes(name, name, name)
+        return genes
+
+    def _group_genes(self, label: str, param: str, meaning: str) -> list[Gene]:
+        rng = self.spec.genes[param]
+        low = rng.low
+        if param == "weight" and self.spec.allow_negative_weights and low >= 0:
+            low = -rng.high
+        out = []
+        for flt in self.filter_groups:
+            for g in range(self.spec.layer_groups):
+                where = []
+                if flt != REST or len(self.filter_groups) > 1:
+                    where.append("other tensors" if flt == REST else f"tensors matching '{flt}'")
+                if self.spec.layer_groups > 1:
+                    where.append(self._group_text(g))
+                suffix = "".join(f"[{w}]" for w in ([flt] if len(self.filter_groups) > 1 else []) + ([f"g{g}"] if self.spec.layer_groups > 1 else []))
+                out.append(Gene(label + suffix, low, rng.high, rng.start, meaning + (" — " + ", ".join(where) if where else "")))
+        return out
+
+    def _group_text(self, g: int) -> str:
+        groups, n = self.spec.layer_groups, self.layer_count or 0
+        if self.spec.smooth:
+            return f"gradient anchor {g + 1}/{groups} (depth {g / (groups - 1):.2f})"
+        size = n // groups
+        return f"layers {g * size}-{(g + 1) * size - 1}"
+
+    # ---- decoding -----------------------------------------------------------------------
+    def decode(self, genome: np.ndarray) -> Recipe:
+        values = iter(self.check_genome(genome).tolist())
+        n_groups, n_filters = self.spec.layer_groups, len(self.filter_groups)
+
+        def take() -> list[list[float]]:  # [filter group][layer group]
+            return [[next(values) for _ in range(n_groups)] for _ in range(n_filters)]
+
+        model_settings = {m: {name: take() for name in self.model_genes} for m in self.models}
+        global_settings = {name: take() for name in self.global_genes}
+        fixed = dict(self.spec.fixed)
+        if self.spec.normalize is not None and any(p.name == "normalize" for p in self.method.global_params):
+            fixed["normalize"] = self.spec.normalize
+        block = EvomergeBlock(seed=self.spec.seed)
+        common: dict[str, Any] = {"merge_method": self.method.name, "dtype": self.spec.dtype, "evomerge": block}
+        if self.base:
+            common["base_model"] = self.base
+
+        if n_groups == 1 or self.spec.smooth:
+            def setting(per_filter: list[list[float]]) -> Any:
+                return self._filtered([v[0] if n_groups == 1 else list(v) for v in per_filter])
+
+            models = [InputModel(model=m, parameters={k: setting(v) for k, v in model_settings[m].items()} or None) for m in self.models]
+            if self.method.name == "slerp":
+                models = [InputModel(model=self.base), *models]
+            params = {**fixed, **{k: setting(v) for k, v in global_settings.items()}}
+            return Recipe(models=models, parameters=params or None, **common)
+
+        size = (self.layer_count or 0) // n_groups
+        slices = []
+        for g in range(n_groups):
+            layer_range = (g * size, (g + 1) * size)
+            sources = [
+                InputSlice(
+                    model=m,
+                    layer_range=layer_range,
+                    parameters={k: self._filtered([v[g] for v in per_filter]) for k, per_filter in model_settings[m].items()} or None,
+                )
+                for m in self.models
+            ]
+            if self.base:
+                sources.append(InputSlice(model=self.base, layer_range=layer_range))
+            slice_params = {k: self._filtered([v[g] for v in per_filter]) for k, per_filter in global_settings.items()}
+            slices.append(OutputSlice(sources=sources, parameters=slice_params or None))
+        return Recipe(slices=slices, parameters=fixed or None, **common)
+
+    def _filtered(self, per_filter: list[Any]) -> Any:
+        if len(per_filter) == 1:
+            return per_filter[0]
+        return [
+            {"filter": flt, "value": value} if flt != REST else {"value": value}
+            for flt, value in zip(self.filter_groups, per_filter, strict=True)
+        ]
+
+
+def _short(ref: str) -> str:
+    """A readable model label: the last path component of a reference."""
+    tail = ref.rstrip("/").rsplit("/", 1)[-1]
+    return tail.split(":")[-1]
