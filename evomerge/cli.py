@@ -95,6 +95,21 @@ def zoo_list(preset: str) -> None:
         click.echo(f"zoo:{preset}/{name}")
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where the demo writes (default: runs/demo).")
+def demo(out_dir: Path | None) -> None:
+    """The main job of `make run`: build the tiny zoo, merge two experts, print where and how well."""
+    from evomerge.demo import run_demo
+
+    run_demo(out_dir, echo=click.echo)
+
+
+# --- run, resume, status, export (orchestration) ---------------------------------------------
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
 def parse_size(text: str) -> int:
     units = {"TB": 1024**4, "GB": 1024**3, "MB": 1024**2, "KB": 1024, "B": 1}
     value = text.strip().upper()
