@@ -253,3 +253,53 @@ def test_state_is_plain_json() -> None:
     state = json.loads(json.dumps(opt.state_dict(), allow_nan=False))
     assert state["format"] == "evomerge.optim/1" and state["impl"]["es"]["library"] == "cma"
     assert len(state["in_flight"]) == 2
+
+
+def test_popsize_below_two_is_refused_everywhere() -> None:
+    space = {"dim": 2, "bounds": ([0, 0], [1, 1]), "x0": [0.5, 0.5], "seed": 0, "objectives": LOSS}
+    for name, opts in [("cmaes", {}), ("optuna", {"sampler": "cmaes"}), ("random", {}), ("grid", {})]:
+        for bad in (1, 0):
+            with pytest.raises(ConfigError, match=f"popsize must be at least 2, got {bad}"):
+                make_optimizer(name, **space, popsize=bad, **opts)
+    with pytest.raises(ConfigError, match="archive_size must be at least 2"):
+        make_optimizer("m2n2", **space, archive_size=1)
+
+
+def test_optuna_study_lives_in_the_run_directory(tmp_path) -> None:
+    """`run_dir` puts the study in RUN/optuna.db, which another process (optuna-dashboard reads
+    the storage the same way) opens with the told values, the candidate ids and the Pareto front."""
+    import optuna
+
+    directions = {"f1": False, "f2": False}
+
+    def two(x: np.ndarray) -> EvalResult:
+        return EvalResult({"f1": float(np.sum(x**2)), "f2": float(np.sum((x - 1) ** 2))}, directions)
+
+    run = tmp_path / "runs" / "demo"
+    opt = make_optimizer("optuna", dim=2, bounds=([-1, -1], [2, 2]), x0=None, seed=0, objectives=directions,
+                         multi_objective=True, sampler="nsgaii", popsize=4, run_dir=str(run))  # fmt: skip
+    assert opt.storage_url == f"sqlite:///{(run / 'optuna.db').resolve()}"
+    drive(opt, evaluate=two, rounds=6)
+    assert (run / "optuna.db").is_file()
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run / 'optuna.db'}")
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(trials) == 24 and [t.user_attrs["evomerge_id"] for t in trials] == list(range(24))
+    front_ids = sorted(c.id for c, _ in opt.pareto_front())
+    assert front_ids == sorted(t.user_attrs["evomerge_id"] for t in study.best_trials)
+    with pytest.raises(ConfigError, match="storage or run_dir, not both"):
+        make_optimizer("optuna", dim=1, bounds=([0], [1]), x0=None, seed=0, objectives=LOSS, run_dir=str(run), storage="sqlite://")
+
+
+def test_time_budget_counts_across_a_resume() -> None:
+    import time
+
+    opt = make_optimizer("cmaes", dim=2, bounds=([-2, -2], [2, 2]), x0=[1, 1], seed=0, objectives=LOSS, popsize=4, max_seconds=0.2)
+    cands = opt.ask()
+    time.sleep(0.12)
+    opt.tell(cands, [loss_result(c.genome) for c in cands])
+    state = opt.state_dict()
+    fresh = make_optimizer("cmaes", dim=2, bounds=([-2, -2], [2, 2]), x0=[1, 1], seed=0, objectives=LOSS, popsize=4, max_seconds=0.2)
+    fresh.load_state_dict(state)
+    assert len(fresh.ask()) == 4 and not fresh.stopped
+    time.sleep(0.1)
+    assert fresh.ask() == [] and "time budget spent" in fresh.stopped

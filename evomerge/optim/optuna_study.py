@@ -1,7 +1,8 @@
 """Optuna samplers (tpe, cmaes, nsgaii, random) behind ask/tell, on Optuna's ask-and-tell API.
 
-The study lives in `storage` (a run uses `sqlite:///RUN/optuna.db`, so `optuna-dashboard` opens
-it); each trial's user attribute `evomerge_id` is the candidate id, and genes are the params
+The study lives in `storage`; a run passes `run_dir` instead, and the study is then kept in the
+run directory's SQLite file `RUN/optuna.db` (`STORAGE_FILE`), so `optuna-dashboard
+sqlite:///RUN/optuna.db` opens a run, live or finished; each trial's user attribute `evomerge_id` is the candidate id, and genes are the params
 `param_names` (default x0, x1, ...). Multi-objective studies (`multi_objective: true`, samplers
 tpe, nsgaii, random) return the Pareto front.
 
@@ -20,6 +21,7 @@ study `NAME.rK` as they were then, so the next asks are exactly those of the uni
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from evomerge.optim.base import Candidate, Optimizer
 from evomerge.optim.state import pickle_blob, unpickle_blob
 
 SAMPLERS = ("tpe", "cmaes", "nsgaii", "random")
+STORAGE_FILE = "optuna.db"
 _SINGLE_ONLY = {"cmaes"}
 
 
@@ -53,11 +56,25 @@ def open_storage(url: str) -> Any:
     return storage
 
 
+def storage_url(storage: str | None, run_dir: str | Path | None) -> str | None:
+    """The study's storage URL: `storage` as given, else the SQLite file of the run directory."""
+    if storage is not None and run_dir is not None:
+        raise ConfigError("give storage or run_dir, not both (run_dir means sqlite:///RUN_DIR/optuna.db)", field="storage")
+    if run_dir is None:
+        return None if storage is None else str(storage)
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError("run_dir is a file, not a directory", file=str(path), field="run_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(path / STORAGE_FILE).resolve()}"
+
+
 class OptunaSearch(Optimizer):
     name = "optuna"
     OPTIONS = {
         "sampler": "tpe",
-        "storage": None,  # e.g. sqlite:///runs/NAME/optuna.db; None keeps the study in memory
+        "storage": None,  # an Optuna storage URL; None (and no run_dir) keeps the study in memory
+        "run_dir": None,  # the run directory: the study goes to sqlite:///RUN_DIR/optuna.db
         "study_name": "evomerge",
         "popsize": None,  # nsgaii population / cmaes popsize; also the natural ask batch
         "param_names": None,
@@ -92,7 +109,7 @@ class OptunaSearch(Optimizer):
             for name, lo, hi in zip(self.param_names, self.lower, self.upper, strict=True)
         }
         self.directions = ["maximize" if self.objectives.directions[n] else "minimize" for n in self.objectives.optimized]
-        self.storage_url = opts["storage"]
+        self.storage_url = storage_url(opts["storage"], opts["run_dir"])
         self.storage = open_storage(self.storage_url) if self.storage_url else None
         self.study_name = str(opts["study_name"])
         self._sampler = self._make_sampler(int(self.rng.integers(2**31 - 1)))

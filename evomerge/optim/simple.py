@@ -13,6 +13,14 @@ from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
 
 
+def check_popsize(value: Any) -> int:
+    """The popsize option as an int >= 2 (every optimizer with a popsize refuses fewer)."""
+    popsize = int(value)
+    if popsize < 2:
+        raise ConfigError(f"popsize must be at least 2, got {popsize}", field="popsize")
+    return popsize
+
+
 class RandomSearch(Optimizer):
     """Uniform in the bounds. Genes with an infinite bound are drawn from N(x0, sigma^2) instead."""
 
@@ -22,9 +30,7 @@ class RandomSearch(Optimizer):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.popsize = int(self.options["popsize"])
-        if self.popsize < 1:
-            raise ConfigError(f"popsize must be at least 1, got {self.popsize}", field="popsize")
+        self.popsize = check_popsize(self.options["popsize"])
         self._open = ~(np.isfinite(self.lower) & np.isfinite(self.upper))
         if self._open.any() and (self.options["sigma"] is None or self.x0 is None):
             raise ConfigError(
@@ -78,7 +84,7 @@ class GridSearch(Optimizer):
                 f"{self.options['max_candidates']}; use fewer points or another optimizer",
                 field="points",
             )
-        self.popsize = int(self.options["popsize"])
+        self.popsize = check_popsize(self.options["popsize"])
         self._axes = [
             np.linspace(lo, hi, p) if p > 1 else np.array([(lo + hi) / 2])
             for lo, hi, p in zip(self.lower, self.upper, self.points, strict=True)
