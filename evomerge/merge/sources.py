@@ -77,6 +77,15 @@ class Source:
         for name in self._files:
             self.get(name)
 
+    def adopt(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Serve these in-memory tensors instead of reading the files (e.g. zero-copy, read-only
+        views of the Ray object store shared by a node's workers); names must be stored names."""
+        unknown = [name for name in tensors if name not in self._files]
+        if unknown:
+            raise SourceError(f"model '{self.ref}' has no tensor '{unknown[0]}' to adopt")
+        self.resident = True
+        self._cache.update(tensors)
+
     @property
     def tied_embeddings(self) -> bool:
         tied = self.config.get("tie_word_embeddings")

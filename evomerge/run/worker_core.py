@@ -1,0 +1,200 @@
+"""What one worker does for one job: materialize the recipe, evaluate it, never raise.
+
+`WorkerCore` is shared by the in-process pool (`evomerge.run.local`) and the Ray actors
+(`evomerge.run.workers`). It keeps, for the life of the worker:
+
+- the sources (a `SourcePool` whose tensors stay resident, or are adopted zero-copy from the
+  Ray object store), and a `CachedSparsifier`, so a new density is a lookup, not a sort;
+- one resident model skeleton: a candidate whose merged architecture (the merged config) is
+  the same as the previous one's is copied into it in place; another architecture (a DFS path
+  of a new length) builds a new skeleton from the merged config;
+- the evaluator, built once, and the tokenizers, loaded once per source directory.
+
+Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.evaluate.result import EvalResult
+from evomerge.merge.engine import TORCH_DTYPES, MergePlan, iter_merged, plan_merge
+from evomerge.merge.sources import SourcePool
+from evomerge.merge.sparsify import CachedSparsifier
+from evomerge.merge.writer import TOKENIZER_FILES
+from evomerge.run.jobs import Job
+
+EvaluatorSpec = dict | Callable[[], Any]
+
+
+def build_evaluator(spec: EvaluatorSpec) -> Any:
+    """The evaluator for a resolved spec dict (`evomerge.evaluate.build_evaluator`); a callable
+    spec is a zero-argument factory (tests, benchmarks and embedding applications)."""
+    if callable(spec):
+        return spec()
+    from evomerge.evaluate import build_evaluator as build
+
+    return build(spec)
+
+
+def default_device() -> str:
+    """`cuda` when this process sees a GPU (a Ray actor sees one only if it asked for it)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class WorkerCore:
+    """Materialize + evaluate, one job at a time, with sources and model kept resident.
+
+    sources: ref -> local model directory. evaluator_spec: the resolved evaluator spec (or a
+    factory, see `build_evaluator`). dtype: the dtype the model is evaluated in (default: the
+    recipe's `out_dtype`/`dtype`, else float32). device: default `cuda` when available.
+    tensors: optional ref -> {tensor name -> tensor} to use instead of reading the files.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, str],
+        evaluator_spec: EvaluatorSpec,
+        allow_pickle: bool = False,
+        dtype: str | None = None,
+        device: str | None = None,
+        *,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ):
+        if dtype is not None and dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {sorted(TORCH_DTYPES)}")
+        self.dtype = dtype
+        self.device = device or default_device()
+        self.pool = SourcePool(allow_pickle=allow_pickle, resident=True)
+        self.sparsifier = CachedSparsifier()
+        self.evaluator = build_evaluator(evaluator_spec)
+        self._directions: dict[str, bool] = dict(getattr(self.evaluator, "higher_is_better", None) or {})
+        self._model: torch.nn.Module | None = None
+        self._model_key: str | None = None
+        self._tokenizers: dict[Path, Any] = {}
+        self.models_built = 0  # skeletons built (a new architecture each time)
+        for ref, path in sources.items():
+            self.add_source(ref, path, (tensors or {}).get(ref))
+
+    # ---- sources ----------------------------------------------------------------------------
+    def add_source(self, ref: str, path: str, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Make `ref` (e.g. "stage:ps", "archive:7") name the model in `path`; with `tensors`,
+        serve those in-memory tensors instead of reading the files."""
+        self.pool.register(ref, path)
+        if tensors is not None:
+            self.pool.get(ref).adopt(tensors)
+
+    # ---- one job ------------------------------------------------------------------------------
+    def run(self, job: Job) -> EvalResult:
+        """Score `job.recipe` on `job.split` (its subset, its shard); failures come back as
+        failed results, never as exceptions."""
+        start = time.perf_counter()
+        try:
+            model, tokenizer = self.prepare(job.recipe)
+            with torch.no_grad():
+                result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
+        except Exception as exc:  # a bad candidate must never take the worker down
+            message = f"{type(exc).__name__}: {exc}".strip()
+            where = traceback.extract_tb(exc.__traceback__)[-1:]
+            if where:
+                message += f" (at {Path(where[0].filename).name}:{where[0].lineno})"
+            return EvalResult.failure(message, self._directions, seconds=time.perf_counter() - start)
+        self._directions = dict(result.higher_is_better) or self._directions
+        bad = [name for name, value in result.objectives.items() if not math.isfinite(value)]
+        if result.error is None and bad:
+            return EvalResult.failure(
+                f"objective '{bad[0]}' is {result.objectives[bad[0]]}", result.higher_is_better, result.seconds
+            )
+        return result
+
+    def prepare(self, recipe) -> tuple[torch.nn.Module, Any]:
+        """The resident model holding the merge of `recipe`, and its tokenizer."""
+        plan = plan_merge(recipe, self.pool)
+        built = self.models_built
+        model = self._skeleton(plan)
+        params = dict(model.state_dict(keep_vars=True))
+        written: set[int] = set()
+        with torch.no_grad():
+            for name, tensor in iter_merged(plan, self.pool, self.sparsifier):
+                target = params.get(name)
+                if target is None:
+                    raise RuntimeError(f"the merged model has no tensor '{name}' (its config does not build it)")
+                target.copy_(tensor)
+                written.add(target.data_ptr())
+        if self.models_built != built:  # a fresh skeleton: nothing may stay uninitialized
+            params = dict(model.named_parameters())
+            missing = [name for name, p in params.items() if p.data_ptr() not in written]
+            if missing:
+                self._model = self._model_key = None
+                raise RuntimeError(f"the merge does not produce '{missing[0]}' of the model")
+        return model, self._tokenizer(recipe, plan)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The resident model (None before the first job)."""
+        return self._model
+
+    def model_bytes(self) -> int:
+        """Bytes held by the resident model's parameters and buffers."""
+        if self._model is None:
+            return 0
+        tensors = {t.data_ptr(): t for t in [*self._model.parameters(), *self._model.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _model_dtype(self, plan: MergePlan) -> torch.dtype:
+        if self.dtype is not None:
+            return TORCH_DTYPES[self.dtype]
+        return plan.out_dtype or torch.float32
+
+    def _skeleton(self, plan: MergePlan) -> torch.nn.Module:
+        dtype = self._model_dtype(plan)
+        key = json.dumps(plan.config, sort_keys=True, default=str) + f"|{dtype}"
+        if self._model is None or key != self._model_key:
+            self._model = None  # free the old skeleton before building the new one
+            self._model = self._build_model(plan.config, dtype)
+            self._model_key = key
+            self.models_built += 1
+        return self._model
+
+    def _build_model(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        """A model of the merged architecture, weights uninitialized (all are overwritten)."""
+        factory = getattr(self.evaluator, "model_from_config", None)
+        if factory is not None:
+            model = factory(dict(config))
+        else:
+            import transformers
+            from transformers.initialization import no_init_weights
+
+            hf_config = transformers.AutoConfig.for_model(**config)
+            names = config.get("architectures") or []
+            model_cls = getattr(transformers, names[0], None) if names else None
+            with no_init_weights():
+                if model_cls is not None:
+                    model = model_cls._from_config(hf_config)
+                else:
+                    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        return model.to(device=self.device, dtype=dtype).eval()
+
+    def _tokenizer(self, recipe, plan: MergePlan) -> Any:
+        """From the recipe's tokenizer_source (a model ref), else the base / first model; None
+        when that directory has no tokenizer files (the evaluator brings its own)."""
+        source = recipe.tokenizer_source
+        ref = plan.reference if source in (None, "base", "union") else source
+        folder = self.pool.get(ref).path
+        if folder not in self._tokenizers:
+            tokenizer = None
+            if any((folder / name).is_file() for name in TOKENIZER_FILES):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            self._tokenizers[folder] = tokenizer
+        return self._tokenizers[folder]
