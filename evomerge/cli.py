@@ -108,6 +108,14 @@ def demo(out_dir: Path | None) -> None:
 
 
 # --- report -----------------------------------------------------------------------------------
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where to write (default: RUN_DIR/report).")
+def report(run_dir: Path, out_dir: Path | None) -> None:
+    """Write plots and an HTML summary of the run in RUN_DIR (finished or not); print the page's path."""
+    from evomerge.report import write_report
+
+    click.echo(str(write_report(run_dir, out_dir)))
 
 
 def parse_size(text: str) -> int:
