@@ -87,3 +87,18 @@ def recipe_file(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance for the tests that ask for it: started once per test session,
+    2 CPUs, bound to 127.0.0.1, dashboard off; shut down at the end. Pools started while it
+    runs use it as it is (and must be shut down by their test so the CPUs are free again)."""
+    import ray
+
+    from evomerge.run.workers import init_ray
+
+    started = init_ray(num_cpus=2, object_store_memory=512 * 1024**2)
+    yield ray
+    if started:
+        ray.shutdown()

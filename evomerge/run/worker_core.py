@@ -45,6 +45,14 @@ def build_evaluator(spec: EvaluatorSpec) -> Any:
     return build(spec)
 
 
+def evaluator_directions(evaluator: Any) -> dict[str, bool]:
+    """objective -> higher is better, as far as the evaluator says before its first result."""
+    directions = getattr(evaluator, "objective_directions", None)
+    if callable(directions):
+        return dict(directions())
+    return dict(getattr(evaluator, "higher_is_better", None) or {})
+
+
 def default_device() -> str:
     """`cuda` when this process sees a GPU (a Ray actor sees one only if it asked for it)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,13 +84,14 @@ class WorkerCore:
         self.pool = SourcePool(allow_pickle=allow_pickle, resident=True)
         self.sparsifier = CachedSparsifier()
         self.evaluator = build_evaluator(evaluator_spec)
-        self._directions: dict[str, bool] = dict(getattr(self.evaluator, "higher_is_better", None) or {})
+        self._directions = evaluator_directions(self.evaluator)
         self._model: torch.nn.Module | None = None
         self._model_key: str | None = None
         self._tokenizers: dict[Path, Any] = {}
         self.models_built = 0  # skeletons built (a new architecture each time)
         for ref, path in sources.items():
             self.add_source(ref, path, (tensors or {}).get(ref))
+        self._warm_up()
 
     # ---- sources ----------------------------------------------------------------------------
     def add_source(self, ref: str, path: str, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -150,6 +159,15 @@ class WorkerCore:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ---- internals ----------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Import the model classes of the sources now, so the first job does not pay for it
+        (transformers imports model code lazily; that is seconds on a busy machine)."""
+        import transformers
+
+        for ref in list(self.pool.aliases):
+            for name in self.pool.get(ref).config.get("architectures") or []:
+                getattr(transformers, name, None)
+
     def _model_dtype(self, plan: MergePlan) -> torch.dtype:
         if self.dtype is not None:
             return TORCH_DTYPES[self.dtype]

@@ -1,0 +1,521 @@
+"""Ray worker pool: one actor per worker, sources shared per node through the object store.
+
+Layout on a cluster:
+
+- one *store* actor per node (0 CPUs, pinned to the node) reads each source checkpoint once and
+  `ray.put`s it (`evomerge.run.worker_store`); the store owns those objects, so they live as
+  long as the pool does;
+- one *worker* actor per worker (`num_cpus`/`num_gpus` from the experiment's `ray:` section)
+  asks its node's store for the sources, maps them zero-copy and runs a `WorkerCore` (resident
+  model skeleton + evaluator, built once).
+
+The driver hands each worker one job at a time and dispatches the next pending job the moment
+an outcome arrives, so workers only wait for the scheduler when it has nothing queued. A worker
+that dies (killed, out of memory, segfault) is replaced by a fresh actor and its job retried,
+up to `MAX_ATTEMPTS` attempts in all; then the job comes back as a failed outcome and the pool
+goes on. Ray is started locally (bound to 127.0.0.1, dashboard off) unless `address` says to
+join a running cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`); an already initialized Ray
+(a test fixture, an application) is used as it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.evaluate.result import EvalResult
+from evomerge.run.jobs import MAX_ATTEMPTS, Job, JobOutcome
+
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_START_TIMEOUT_S = 300.0
+_MAX_REPLACEMENTS_IN_A_ROW = 10
+
+
+# ---- Ray start ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _loopback_only():
+    """Make Ray take 127.0.0.1 as this node's address (and its servers bind there).
+
+    Ray turns 127.0.0.1 into the host's routable address unless its multi-machine mode is off
+    (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read once at import). We switch it off only while a
+    local instance starts (its processes inherit the variable), then restore it, so a later
+    join of a real cluster from this process is unaffected.
+    """
+    old_env = os.environ.get(_CLUSTER_ENV)
+    os.environ[_CLUSTER_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    old_const = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = old_env
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = (
+                old_const
+                if old_const is not None
+                else constants.env_bool(_CLUSTER_ENV, not constants.IS_WINDOWS_OR_OSX)
+            )
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int | None = None,
+) -> bool:
+    """Start or join Ray unless it is already initialized; True when this call initialized it.
+
+    address None/"local": a new local instance on 127.0.0.1, dashboard off, with `num_cpus`
+    (default: all cores) and `num_gpus`. "auto", "HOST:PORT" or "ray://HOST:PORT": join that
+    cluster (its resources are its own).
+    """
+    with _loopback_only() if address in (None, "local") else _nothing():
+        import ray
+
+        if ray.is_initialized():
+            return False
+        log_to_driver = os.environ.get("EVOMERGE_RAY_LOGS", "0") == "1"
+        if address in (None, "local"):
+            # local workers inherit this process's environment (offline flags, cache dir)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                object_store_memory=object_store_memory,
+                include_dashboard=False,
+                log_to_driver=log_to_driver,
+                _node_ip_address="127.0.0.1",
+            )
+        else:
+            env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "EVOMERGE_"))}
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": env} if env else None)
+        return True
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+# ---- actors ---------------------------------------------------------------------------------------
+
+
+class _StoreActor:
+    """Reads each source once on its node and keeps the packed object alive (it owns it)."""
+
+    def __init__(self, allow_pickle: bool):
+        self.allow_pickle = allow_pickle
+        self._objects: dict[tuple[str, str], Any] = {}
+
+    def load(self, ref: str, path: str) -> list:
+        """The object ref of the packed source, in a list so that Ray passes it unresolved."""
+        import ray
+
+        from evomerge.run.worker_store import pack_source
+
+        key = (ref, path)
+        if key not in self._objects:
+            self._objects[key] = ray.put(pack_source(ref, path, allow_pickle=self.allow_pickle))
+        return [self._objects[key]]
+
+    def nbytes(self) -> int:
+        import ray
+
+        return sum(int(ray.get(obj)["buffer"].nbytes) for obj in self._objects.values())
+
+
+class _WorkerActor:
+    """One worker: a WorkerCore over sources mapped from its node's store."""
+
+    def __init__(self, slot: int):
+        import ray
+
+        self.slot = slot
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.core = None
+        self.setup_error: str | None = None
+        self._shared: dict[str, Any] = {}  # ref -> packed object (keeps the zero-copy views alive)
+
+    def where(self) -> tuple[str, int]:
+        return self.node_id, os.getpid()
+
+    def setup(self, store, sources: dict[str, str], evaluator, allow_pickle: bool, dtype, device) -> dict:
+        """Build the WorkerCore; returns the evaluator's objective directions (maybe empty)."""
+        from evomerge.run.worker_core import WorkerCore
+
+        try:
+            tensors = {ref: self._fetch(store, ref, path) for ref, path in sources.items()}
+            self.core = WorkerCore(sources, evaluator, allow_pickle, dtype, device, tensors=tensors)
+        except Exception as exc:
+            self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"
+            raise
+        return dict(self.core._directions)
+
+    def add_source(self, store, ref: str, path: str) -> None:
+        if self.core is not None:
+            self.core.add_source(ref, path, self._fetch(store, ref, path))
+
+    def _fetch(self, store, ref: str, path: str):
+        import ray
+
+        from evomerge.run.worker_store import unpack
+
+        packed = ray.get(ray.get(store.load.remote(ref, path))[0])
+        self._shared[ref] = packed
+        return unpack(packed)
+
+    def run(self, job: Job) -> tuple[EvalResult, float, float, str]:
+        started = time.time()
+        if self.core is None:
+            result = EvalResult.failure(self.setup_error or "worker is not set up", {})
+        else:
+            result = self.core.run(job)
+        return result, started, time.time(), f"ray-w{self.slot}:{os.getpid()}"
+
+    def stats(self) -> dict:
+        """Memory of this worker process (for tests and benchmarks)."""
+        import psutil
+
+        info = psutil.Process().memory_full_info()
+        return {
+            "pid": os.getpid(),
+            "node_id": self.node_id,
+            "rss": info.rss,
+            "uss": info.uss,
+            "model_bytes": self.core.model_bytes() if self.core else 0,
+            "models_built": self.core.models_built if self.core else 0,
+        }
+
+    def source_views(self, ref: str) -> dict:
+        """How a source is held here: whether its tensors view read-only shared memory."""
+        packed = self._shared[ref]
+        buffer = packed["buffer"]
+        return {"nbytes": int(buffer.nbytes), "writeable": bool(buffer.flags.writeable), "owndata": bool(buffer.flags.owndata)}
+
+
+# ---- the pool -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    job: Job
+    attempts: int
+    dispatched: float
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any
+    ready: Any | None = None  # ObjectRef of `where()` while the actor is starting
+    node_id: str | None = None
+    pid: int | None = None
+    running: _Running | None = None
+    pending_run: Any | None = None  # ObjectRef of the current `run`
+
+
+@dataclass
+class RayWorkerPool:
+    """`WorkerPool` on Ray actors (see the module docstring).
+
+    workers: number of actors; num_cpus_per_worker / num_gpus_per_worker: what each asks Ray
+    for (a worker with a GPU evaluates on `cuda`); resources_per_worker: extra custom Ray
+    resources each asks for; address: None (local Ray), "auto", "HOST:PORT" or "ray://...";
+    num_cpus: CPUs of a local Ray instance (default workers x num_cpus_per_worker).
+    """
+
+    workers: int = 1
+    num_cpus_per_worker: float = 1
+    num_gpus_per_worker: float = 0
+    address: str | None = None
+    num_cpus: int | None = None
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    device: str | None = None
+    start_timeout: float = _START_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        self._slots: list[_Slot] = []
+        self._stores: dict[str, Any] = {}
+        self._pending: collections.deque[tuple[Job, int]] = collections.deque()
+        self._done: list[JobOutcome] = []
+        self._sources: dict[str, str] = {}
+        self._directions: dict[str, bool] = {}
+        self._started = False
+        self._owns_ray = False
+        self._replacements_in_a_row = 0
+        self.replacements = 0  # actors replaced after a death, over the pool's life
+
+    @classmethod
+    def from_config(cls, ray_config: Mapping[str, Any] | None, **overrides: Any) -> RayWorkerPool:
+        """From an experiment's `ray:` section: {address, workers, num_cpus_per_worker,
+        num_gpus_per_worker, num_cpus, resources_per_worker}."""
+        cfg = dict(ray_config or {})
+        keys = {"address", "workers", "num_cpus_per_worker", "num_gpus_per_worker", "num_cpus", "resources_per_worker"}
+        kwargs = {k: v for k, v in cfg.items() if k in keys and v is not None}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ---- WorkerPool ---------------------------------------------------------------------------
+    def start(
+        self, sources: dict[str, str], evaluator: dict, *, allow_pickle: bool, dtype: str | None
+    ) -> None:
+        """Start the actors and wait until every one holds the sources and its evaluator."""
+        if self._started:
+            raise RuntimeError("the pool is already started")
+        import ray
+
+        local_cpus = self.num_cpus
+        if local_cpus is None:
+            local_cpus = max(1, int(round(self.workers * self.num_cpus_per_worker)))
+        self._owns_ray = init_ray(self.address, num_cpus=local_cpus)
+        self._sources = {ref: str(path) for ref, path in sources.items()}
+        self._evaluator = evaluator
+        self._allow_pickle = allow_pickle
+        self._dtype = dtype
+        self._started = True
+        self._actor_cls = ray.remote(_WorkerActor)
+        self._store_cls = ray.remote(_StoreActor)
+        self._slots = [self._new_slot(i) for i in range(self.workers)]
+        deadline = time.monotonic() + self.start_timeout
+        setups = []
+        for slot in self._slots:
+            self._await_ready(slot, deadline)
+            setups.append(slot.pending_run)
+        try:
+            directions = ray.get(setups, timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise RuntimeError(f"Ray workers did not load their sources within {self.start_timeout:.0f} s") from None
+        except ray.exceptions.RayTaskError as exc:
+            self.shutdown()
+            raise RuntimeError(f"a Ray worker could not start: {_short(getattr(exc, 'cause', None) or exc)}") from None
+        for slot, found in zip(self._slots, directions, strict=True):
+            slot.pending_run = None
+            self._directions.update(found)
+
+    def add_source(self, ref: str, path: str) -> None:
+        """Every worker (and any later replacement) gets `ref`; jobs submitted after this call see it."""
+        self._sources[ref] = str(path)
+        for slot in self._slots:
+            if slot.ready is None:
+                slot.actor.add_source.remote(self._store(slot.node_id), ref, str(path))
+
+    def submit(self, job: Job) -> None:
+        self._check_started()
+        self._pending.append((job, 0))
+        self._dispatch()
+
+    def wait(self, timeout: float | None = None) -> list[JobOutcome]:
+        """Finished jobs (at least one unless `timeout` passes or nothing is pending)."""
+        import ray
+
+        self._check_started()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            self._dispatch()
+            waiting = {s.ready: s for s in self._slots if s.ready is not None}
+            waiting.update({s.pending_run: s for s in self._slots if s.pending_run is not None})
+            if not waiting:
+                break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=left)
+            if not ready:
+                break
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            for ref in ready:
+                self._settle(waiting[ref], ref)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self._dispatch()
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def size(self) -> int:
+        return self.workers
+
+    def idle(self) -> int:
+        return sum(1 for s in self._slots if s.running is None)
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet finished (queued or running)."""
+        return len(self._pending) + sum(1 for s in self._slots if s.running is not None)
+
+    def shutdown(self) -> None:
+        """Kill the actors and the stores; shut Ray down if this pool started it."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for slot in self._slots:
+            ray.kill(slot.actor, no_restart=True)
+        for store in self._stores.values():
+            ray.kill(store, no_restart=True)
+        self._slots, self._stores = [], {}
+        self._started = False
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ---- introspection (tests, benchmarks) ------------------------------------------------------
+    def worker_stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([s.actor.stats.remote() for s in self._slots])
+
+    def worker_pids(self) -> list[int | None]:
+        return [s.pid for s in self._slots]
+
+    def actors(self) -> list[Any]:
+        return [s.actor for s in self._slots]
+
+    def store_bytes(self) -> dict[str, int]:
+        """Per node, bytes of packed sources its store holds."""
+        import ray
+
+        return dict(zip(self._stores, ray.get([s.nbytes.remote() for s in self._stores.values()]), strict=True))
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _check_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("start() the pool first")
+
+    def _new_slot(self, index: int) -> _Slot:
+        options: dict[str, Any] = {
+            "num_cpus": self.num_cpus_per_worker,
+            "num_gpus": self.num_gpus_per_worker,
+            "max_restarts": 0,
+        }
+        if self.resources_per_worker:
+            options["resources"] = dict(self.resources_per_worker)
+        actor = self._actor_cls.options(**options).remote(index)
+        return _Slot(index, actor, ready=actor.where.remote())
+
+    def _await_ready(self, slot: _Slot, deadline: float) -> None:
+        """Block until the slot's actor is placed (start() only), then send it its setup."""
+        import ray
+
+        try:
+            where = ray.get(slot.ready, timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            resources = ray.available_resources()
+            self.shutdown()
+            raise RuntimeError(
+                f"Ray could not place {self.workers} workers with num_cpus_per_worker={self.num_cpus_per_worker}, "
+                f"num_gpus_per_worker={self.num_gpus_per_worker}, resources={self.resources_per_worker} "
+                f"within {self.start_timeout:.0f} s (available: {resources})"
+            ) from None
+        self._configure(slot, where)
+
+    def _configure(self, slot: _Slot, where: tuple[str, int]) -> None:
+        slot.node_id, slot.pid = where
+        slot.ready = None
+        slot.pending_run = slot.actor.setup.remote(
+            self._store(slot.node_id), dict(self._sources), self._evaluator, self._allow_pickle, self._dtype, self.device
+        )
+
+    def _store(self, node_id: str):
+        store = self._stores.get(node_id)
+        if store is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            store = self._store_cls.options(
+                num_cpus=0,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self._allow_pickle)
+            self._stores[node_id] = store
+        return store
+
+    def _dispatch(self) -> None:
+        now = time.time()
+        for slot in self._slots:
+            if not self._pending:
+                return
+            if slot.ready is None and slot.running is None and slot.pending_run is None:
+                job, attempts = self._pending.popleft()
+                slot.running = _Running(job, attempts, now)
+                slot.pending_run = slot.actor.run.remote(job)
+
+    def _settle(self, slot: _Slot, ref: Any) -> None:
+        """One of the slot's refs finished: placement, setup, a result, or the actor's death."""
+        import ray
+
+        _DEATHS = _deaths()
+        starting = slot.ready is not None and ref == slot.ready
+        try:
+            value = ray.get(ref)
+        except _DEATHS as exc:
+            self._replace(slot, exc)
+            return
+        except ray.exceptions.RayTaskError as exc:  # setup raised (the evaluator cannot be built)
+            if slot.running is None:
+                slot.pending_run = None  # `run` will answer with the setup error
+                return
+            value = (EvalResult.failure(f"worker error: {exc}", self._directions), slot.running.dispatched, time.time(), f"ray-w{slot.index}")
+        if starting:
+            self._configure(slot, value)
+            return
+        slot.pending_run = None
+        if slot.running is None:  # setup finished
+            self._directions.update(value or {})
+            return
+        result, started, finished, worker = value
+        if not result.failed:
+            self._directions.update(result.higher_is_better)
+        self._replacements_in_a_row = 0
+        self._done.append(JobOutcome(slot.running.job.job_id, result, worker, slot.running.attempts + 1, started, finished))
+        slot.running = None
+
+    def _replace(self, slot: _Slot, exc: Exception) -> None:
+        """The slot's actor died: retry its job on a fresh actor, or fail it after MAX_ATTEMPTS."""
+        import ray
+
+        running, slot.running = slot.running, None
+        self.replacements += 1
+        self._replacements_in_a_row += 1
+        if self._replacements_in_a_row > _MAX_REPLACEMENTS_IN_A_ROW * self.workers:
+            raise RuntimeError(f"Ray workers keep dying ({self._replacements_in_a_row} in a row); last: {_short(exc)}")
+        ray.kill(slot.actor, no_restart=True)
+        if running is not None:
+            attempts = running.attempts + 1
+            if attempts >= MAX_ATTEMPTS:
+                result = EvalResult.failure(
+                    f"worker died {attempts} times while evaluating this candidate (last: {_short(exc)})",
+                    self._directions,
+                )
+                self._done.append(JobOutcome(running.job.job_id, result, f"ray-w{slot.index}", attempts, running.dispatched, time.time()))
+            else:
+                self._pending.appendleft((running.job, attempts))
+        fresh = self._new_slot(slot.index)
+        slot.actor, slot.ready, slot.pending_run = fresh.actor, fresh.ready, None
+        slot.node_id = slot.pid = None
+
+
+def _deaths() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    names = ("RayActorError", "WorkerCrashedError", "ObjectLostError", "OutOfMemoryError", "NodeDiedError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
