@@ -5,7 +5,7 @@ the report opens offline and a reader never sees a half-written file. It works o
 still going, was stopped or resumed: it shows what the ledger holds so far.
 
 Plots: per stage, every evaluation's fitness and the best so far against evaluations; the Pareto
-front of stages with two or more objectives (the first two); the best PS recipe's merge
+front of multi-objective stages (`multi_objective: true`; its first two objectives); the best PS recipe's merge
 parameters as heat maps over models and layer groups; the best DFS recipe's layer path.
 """
 
@@ -65,7 +65,7 @@ def render_report(view: RunView, out_dir: Path) -> Path:
         if not stage.search:
             fitness.notes.append(f"stage {stage.name}: no search evaluations yet")
             continue
-        primary = next(iter(stage.directions), "fitness")
+        primary = stage.primary_objective
         file = save(f"fitness_{slugs[stage.name]}.png", plots.fitness_plot(stage))
         fitness.images.append(
             Image(file, f"Stage {stage.name}: fitness ({primary}) of each of {len(stage.search)} evaluations, coloured by generation, and the best so far.", f"fitness of stage {stage.name}")
@@ -75,7 +75,7 @@ def render_report(view: RunView, out_dir: Path) -> Path:
     pareto = Section("Pareto fronts", [], [])
     for stage in view.stages:
         names = _multi_objectives(stage)
-        if len(names) < 2 or not stage.ok:
+        if not stage.multi or len(names) < 2 or not stage.ok:
             continue
         file = save(f"pareto_{slugs[stage.name]}.png", plots.pareto_plot(stage, names))
         extra = f" (of {len(names)} objectives: {', '.join(names)})" if len(names) > 2 else ""

@@ -49,6 +49,12 @@ class StageView:
     directions: dict[str, bool]  # objective name -> higher_is_better, in declared order
     budget: int | None = None
     finished: bool | None = None
+    multi: bool = False  # a Pareto search over every objective
+    primary: str | None = None  # the objective `fitness` holds (None: the first one)
+
+    @property
+    def primary_objective(self) -> str:
+        return self.primary or next(iter(self.directions), "fitness")
 
     @property
     def ok(self) -> list[Any]:
@@ -75,6 +81,22 @@ class StageView:
             if len(out) == k:
                 break
         return out
+
+    def front(self, objectives: Sequence[str] | None = None) -> list[Any]:
+        """Non-dominated successful search rows (distinct recipes) over `objectives` (default: all
+        of the stage's), sorted by the first objective."""
+        names = list(objectives or self.directions)
+        rows, seen = [], set()
+        for row in self.ok:
+            values = [row.objectives.get(n) for n in names]
+            if row.recipe_hash in seen or not all(v is not None and math.isfinite(v) for v in values):
+                continue
+            seen.add(row.recipe_hash)
+            rows.append(row)
+        if not rows:
+            return []
+        points = np.array([[r.objectives[n] for n in names] for r in rows], dtype=np.float64)
+        return [rows[i] for i in pareto_front(points, [self.directions.get(n, True) for n in names])]
 
     def holdout_of(self, recipe_hash: str) -> Any | None:
         """The latest holdout row of a recipe in this stage, if it was scored on holdout."""
@@ -112,6 +134,7 @@ class RunView:
     finished: bool | None
     evaluations: int
     budget: int | None
+    base: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -159,12 +182,20 @@ def build_view(
     status = dict(status or {})
     experiment = dict(experiment or {})
     notes = list(notes or [])
-    stage_facts = {str(s.get("name")): s for s in status.get("stages") or [] if isinstance(s, Mapping)}
+    stage_facts = experiment_stage_facts(experiment)
+    for facts in status.get("stages") or []:
+        if isinstance(facts, Mapping) and facts.get("name") is not None:
+            known = stage_facts.setdefault(str(facts["name"]), {})
+            known.update({k: v for k, v in facts.items() if v is not None})
+    baselines, baseline_seqs = ledger_baselines(experiment, rows, run_dir)
+    rows = [r for r in rows if r.seq not in baseline_seqs]
     names = list(dict.fromkeys([*stage_facts, *stage_order, *(r.stage for r in sorted(rows, key=lambda r: r.seq))]))
     stages = []
     for name in names:
         facts = stage_facts.get(name, {})
         stage_rows = sorted((r for r in rows if r.stage == name), key=lambda r: r.seq)
+        if not stage_rows and name not in stage_facts:
+            continue  # a stage that held only baseline rows
         search = [r for r in stage_rows if r.split == "search"]
         holdout = [r for r in stage_rows if r.split == "holdout"]
         stage = StageView(
@@ -173,9 +204,12 @@ def build_view(
             search=search,
             holdout=holdout,
             directions=_directions(facts.get("objectives"), stage_rows),
-            budget=_int_or_none(facts.get("budget")),
+            budget=_budget(facts.get("budget")),
             finished=facts.get("finished") if isinstance(facts.get("finished"), bool) else None,
+            primary=str(facts["objective"]) if facts.get("objective") else None,
         )
+        multi = facts.get("multi_objective")
+        stage.multi = bool(multi) if isinstance(multi, bool) else len(stage.directions) >= 2
         kind = facts.get("space_kind")
         stage.kind = kind if kind in SPACE_KINDS else infer_kind(stage)
         stages.append(stage)
@@ -190,14 +224,86 @@ def build_view(
         name=str(experiment.get("name") or run_dir.resolve().name),
         stages=stages,
         sources=_sources(status, experiment, stages),
-        baselines=parse_baselines(status.get("baselines")),
+        baselines=_merge_baselines(parse_baselines(status.get("baselines")), baselines),
         best_recipe_yaml=best_yaml,
         best_scores=best_scores,
         finished=status.get("finished") if isinstance(status.get("finished"), bool) else None,
         evaluations=evaluations,
-        budget=_int_or_none(status.get("budget")),
+        budget=_budget(status.get("budget")),
+        base=_base_of(status, experiment),
         notes=notes,
     )
+
+
+def experiment_stage_facts(experiment: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per stage of the frozen experiment: space_kind and the evaluation budget (what the status
+    would say, known before any evaluation)."""
+    out: dict[str, dict[str, Any]] = {}
+    for stage in experiment.get("stages") or []:
+        if not isinstance(stage, Mapping) or stage.get("name") is None:
+            continue
+        facts: dict[str, Any] = {}
+        optimizer = stage.get("optimizer")
+        space = stage.get("space")
+        if isinstance(optimizer, Mapping) and optimizer.get("name") == "m2n2" and optimizer.get("mode") == "model":
+            facts["space_kind"] = "m2n2"
+        elif isinstance(space, Mapping) and space.get("kind") in SPACE_KINDS:
+            facts["space_kind"] = space["kind"]
+        elif isinstance(space, str) and space.split("/")[-1].startswith(("ps_", "dfs", "weights")):
+            facts["space_kind"] = space.split("/")[-1].split("_")[0].split(".")[0]
+        facts["budget"] = stage.get("budget")
+        if isinstance(optimizer, Mapping):
+            facts["multi_objective"] = bool(optimizer.get("multi_objective", False))
+            if optimizer.get("objective"):
+                facts["objective"] = optimizer["objective"]
+        out[str(stage["name"])] = facts
+    return out
+
+
+def ledger_baselines(experiment: Mapping[str, Any], rows: Sequence[Any], run_dir: Path) -> tuple[list[Baseline], set[int]]:
+    """Hand-set baselines of the experiment (`baselines: [{name, recipe}]`), found in the ledger by
+    recipe hash (or marked `meta.baseline: NAME`), and the seqs of the rows that only scored a
+    baseline: those are left out of the stages. A baseline recipe that a stage's search also
+    proposed keeps its rows in that stage."""
+    hashes: dict[str, str] = {}
+    for item in experiment.get("baselines") or []:
+        if isinstance(item, Mapping) and item.get("name"):
+            recipe = _baseline_recipe(item.get("recipe"), run_dir)
+            if recipe is not None:
+                hashes[recipe.content_hash()] = str(item["name"])
+    searched = {(r.stage, r.recipe_hash) for r in rows if r.split == "search" and r.genome is not None}
+    found: dict[str, Baseline] = {}
+    seqs: set[int] = set()
+    for row in sorted(rows, key=lambda r: r.seq):
+        meta = getattr(row, "meta", None) or {}
+        marked = meta.get("baseline") if isinstance(meta.get("baseline"), str) else None
+        name = marked or hashes.get(row.recipe_hash)
+        if name is None:
+            continue
+        baseline = found.setdefault(name, Baseline(name=name, note=f"recipe {row.recipe_hash}"))
+        if row_ok(row):
+            (baseline.holdout if row.split == "holdout" else baseline.search).update({k: float(v) for k, v in row.objectives.items()})
+        if marked or (row.stage, row.recipe_hash) not in searched:
+            seqs.add(row.seq)
+    return list(found.values()), seqs
+
+
+def _baseline_recipe(ref: Any, run_dir: Path) -> Recipe | None:
+    try:
+        if isinstance(ref, Mapping):
+            return Recipe.parse(ref)
+        if isinstance(ref, str):
+            path = Path(ref).expanduser()
+            path = path if path.is_absolute() else run_dir / path
+            return Recipe.from_yaml(path) if path.is_file() else None
+    except EvomergeError:
+        return None
+    return None
+
+
+def _merge_baselines(first: list[Baseline], second: list[Baseline]) -> list[Baseline]:
+    names = {b.name for b in first}
+    return [*first, *(b for b in second if b.name not in names)]
 
 
 def _read_ledger(path: Path) -> tuple[list[Any], list[str]]:
@@ -255,6 +361,13 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+def _budget(value: Any) -> int | None:
+    """An evaluation budget given as a number or as {evaluations, seconds}."""
+    if isinstance(value, Mapping):
+        value = value.get("evaluations")
+    return _int_or_none(value)
+
+
 def _int_or_none(value: Any) -> int | None:
     if isinstance(value, bool) or value is None:
         return None
@@ -297,7 +410,11 @@ def _sources(status: Mapping[str, Any], experiment: Mapping[str, Any], stages: l
             return out
         return []
 
-    found = as_names(status.get("sources")) or as_names(experiment.get("models")) or as_names(experiment.get("sources"))
+    models = experiment.get("models")
+    declared: list[str] = []
+    if isinstance(models, Mapping):  # {base, sources} as the experiment schema has it
+        declared = [*([str(models["base"])] if models.get("base") else []), *as_names(models.get("sources"))]
+    found = as_names(status.get("sources")) or declared or as_names(models)
     if found:
         return list(dict.fromkeys(found))
     refs: list[str] = []
@@ -307,6 +424,12 @@ def _sources(status: Mapping[str, Any], experiment: Mapping[str, Any], stages: l
         if recipe is not None:
             refs.extend(r for r in recipe.model_refs() if not r.startswith(("stage:", "archive:")))
     return list(dict.fromkeys(refs))
+
+
+def _base_of(status: Mapping[str, Any], experiment: Mapping[str, Any]) -> str | None:
+    models = experiment.get("models")
+    base = status.get("base") or (models.get("base") if isinstance(models, Mapping) else None)
+    return str(base) if base else None
 
 
 def parse_baselines(value: Any) -> list[Baseline]:

@@ -140,8 +140,9 @@ def _results_table(view: RunView, top: int = 5) -> str:
     rows = [head]
     for source in view.sources:
         scored = next((b for b in view.baselines if b.name == source), None)
+        kind = "base model" if source == view.base else "source"
         rows.append(
-            f'<tr class="source"><td>source</td><td>{_e(source)}</td><td>–</td>'
+            f'<tr class="source"><td>{kind}</td><td>{_e(source)}</td><td>–</td>'
             f"<td>{_scores(scored.search if scored else None)}</td><td>{_scores(scored.holdout if scored else None)}</td><td>–</td></tr>"
         )
     for baseline in view.baselines:
@@ -153,10 +154,11 @@ def _results_table(view: RunView, top: int = 5) -> str:
         )
     for stage in view.stages:
         order = list(stage.directions)
-        for rank, row in enumerate(stage.top(top), start=1):
+        label, listed = ("front", stage.front()[: 2 * top]) if stage.multi else ("best", stage.top(top))
+        for rank, row in enumerate(listed, start=1):
             holdout = stage.holdout_of(row.recipe_hash)
             rows.append(
-                f'<tr class="candidate"><td>best #{rank}</td><td>candidate {_e(row.candidate_id)} (gen {_e(row.generation)})</td>'
+                f'<tr class="candidate"><td>{label} #{rank}</td><td>candidate {_e(row.candidate_id)} (gen {_e(row.generation)})</td>'
                 f"<td>{_e(stage.name)}</td><td>{_scores(row.objectives, order)}</td>"
                 f"<td>{_scores(holdout.objectives if holdout else None, order)}</td><td><code>{_e(row.recipe_hash)}</code></td></tr>"
             )

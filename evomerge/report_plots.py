@@ -34,7 +34,7 @@ def fitness_plot(stage: StageView) -> bytes:
     fig = Figure(figsize=(7.5, 3.6))
     ax = fig.add_subplot()
     values, best = stage.fitness_series()
-    primary = next(iter(stage.directions), "fitness")
+    primary = stage.primary_objective
     ax.set_title(f"stage {stage.name} ({stage.kind}): fitness against evaluations")
     if not len(values) or np.all(np.isnan(values)):
         _empty(ax, "no successful evaluations yet")

@@ -79,13 +79,34 @@ def spaces(llama_family: dict[str, Path]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, spaces: dict) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, spaces: dict, llama_family: dict[str, Path]) -> Path:
     run = tmp_path_factory.mktemp("runs") / "synthetic"
     run.mkdir()
-    (run / "experiment.yaml").write_text(yaml.safe_dump({"name": "synthetic", "stages": [{"name": "ps"}, {"name": "dfs"}, {"name": "pareto"}]}))
+    fam = {k: str(v) for k, v in llama_family.items()}
+    hand_set = {
+        "merge_method": "task_arithmetic",
+        "base_model": fam["base"],
+        "models": [{"model": fam[m], "parameters": {"weight": 0.5}} for m in "abc"],
+    }
+    stages = [
+        {"name": "ps", "space": {"kind": "ps", "method": "dare_ties"}, "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 30}},
+        {"name": "dfs", "space": {"kind": "dfs"}, "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 16}},
+        {"name": "pareto", "space": {"kind": "ps"}, "optimizer": {"name": "optuna", "sampler": "nsga2", "multi_objective": True}, "budget": {"evaluations": 20}},
+    ]
+    experiment = {
+        "name": "synthetic",
+        "models": {"base": fam["base"], "sources": [fam["a"], fam["b"], fam["c"]]},
+        "stages": stages,
+        "baselines": [{"name": "task_arithmetic λ=0.5", "recipe": hand_set}],
+    }
+    (run / "experiment.yaml").write_text(yaml.safe_dump(experiment, allow_unicode=True))
     with Ledger.open(run / "ledger.sqlite") as ledger:
+        baseline = Recipe.parse(hand_set)
+        for split, score in (("search", 0.41), ("holdout", 0.39)):
+            ledger.append(_row("ps", -1, 0, split, None, baseline, {"mean_acc": score}))
         _stage_rows(ledger, spaces["ps"], "ps", 24, seed=1, objectives=["mean_acc"])
-        dfs_rows = _stage_rows(ledger, spaces["dfs"], "dfs", 16, seed=2, objectives=["mean_acc"])
+        # two objectives recorded, one optimized: no Pareto front for this stage
+        dfs_rows = _stage_rows(ledger, spaces["dfs"], "dfs", 16, seed=2, objectives=["mean_acc", "acc_add"])
         _stage_rows(ledger, spaces["pareto"], "pareto", 20, seed=3, objectives=["acc_add", "acc_reverse"])
     best = max((r for r in dfs_rows if r.ok), key=lambda r: r.fitness)
     (run / "best").mkdir()
@@ -137,12 +158,16 @@ def test_report_page_images_load_in_chromium(run_dir: Path) -> None:
     kinds = {re.match(r"[a-z]+", s).group(0) for s in srcs}
     assert kinds == {"fitness", "pareto", "ps", "dfs"}
     assert len([s for s in srcs if s.startswith("fitness_")]) == 3
+    assert [s for s in srcs if s.startswith("pareto_")] == ["pareto_03_pareto.png"]
     widths = _image_widths(index)
     assert set(widths) == set(srcs)
     assert all(w > 0 for w in widths.values()), widths
     # the table names the sources and the best candidates with search and holdout scores
     assert "best #1" in page and "holdout" in page and "candidate" in page
     assert "acc_reverse" in page and "synthetic failure" not in page
+    assert "task_arithmetic λ=0.5" in page and "mean_acc: 0.4100" in page and "mean_acc: 0.3900" in page
+    assert page.count('<tr class="source">') == 4  # base + three fine-tunes
+    assert "front #1" in page and "best #1" in page  # the Pareto stage lists its front
 
 
 def test_report_reads_stages_scores_and_recipes(run_dir: Path) -> None:
@@ -150,13 +175,22 @@ def test_report_reads_stages_scores_and_recipes(run_dir: Path) -> None:
     assert [s.name for s in view.stages] == ["ps", "dfs", "pareto"]
     assert [s.kind for s in view.stages] == ["ps", "dfs", "ps"]
     ps, dfs, pareto = view.stages
-    assert len(ps.search) == 24 and ps.failures == 3
+    assert len(ps.search) == 24 and ps.failures == 3 and ps.budget == 30  # the baseline rows are not search rows
+    assert len(ps.holdout) == 2 and pareto.budget == 20
+    (baseline,) = view.baselines
+    assert baseline.search == {"mean_acc": 0.41} and baseline.holdout == {"mean_acc": 0.39}
+    assert len(view.sources) == 4
     best = ps.best()
     assert best.fitness == max(r.fitness for r in ps.search if r.ok)
     assert ps.holdout_of(best.recipe_hash).objectives["mean_acc"] == pytest.approx(best.fitness - 0.05)
     values, so_far = ps.fitness_series()
     assert np.isnan(values[6]) and np.all(np.diff(so_far[~np.isnan(so_far)]) >= 0)
-    assert list(pareto.directions) == ["acc_add", "acc_reverse"]
+    assert list(pareto.directions) == ["acc_add", "acc_reverse"] and pareto.multi and not dfs.multi
+    front = pareto.front()
+    assert front and all(
+        not any(o.objectives["acc_add"] >= f.objectives["acc_add"] and o.objectives["acc_reverse"] > f.objectives["acc_reverse"] for o in pareto.ok)
+        for f in front
+    )
     assert view.best_recipe_yaml and view.best_scores["search"]["mean_acc"] > 0
 
 
