@@ -107,6 +107,56 @@ def demo(out_dir: Path | None) -> None:
 # --- run, resume, status, export (orchestration) ---------------------------------------------
 
 
+@main.command()
+@click.argument("experiment")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Run directory (default: OUTPUT_DIR/NAME of the experiment).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a field, e.g. stages.ps.budget.evaluations=20 (repeatable).")
+@click.option("--local", is_flag=True, help="Evaluate in this process instead of on Ray workers.")
+def run(experiment: str, out_dir: Path | None, sets: tuple[str, ...], local: bool) -> None:
+    """Validate EXPERIMENT (a YAML path or a built-in name) and run it."""
+    from evomerge.run.driver import start_run
+
+    run_obj = start_run(experiment, out=out_dir, sets=sets, local=local, echo=click.echo)
+    click.echo(f"done: {run_obj.run_dir} (evomerge status {run_obj.run_dir})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--local", is_flag=True, help="Evaluate in this process instead of on Ray workers.")
+def resume(run_dir: Path, local: bool) -> None:
+    """Carry on the run in RUN_DIR from its last checkpoint (after a stop, a crash or kill -9)."""
+    from evomerge.run.driver import resume_run
+
+    resume_run(run_dir, local=local, echo=click.echo)
+    click.echo(f"done: {run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run_dir: Path, as_json: bool) -> None:
+    """Stage, evaluations/budget, best search and holdout scores, failures, finished or not."""
+    import json
+
+    from evomerge.run.status import format_status, run_status
+
+    facts = run_status(run_dir)
+    click.echo(json.dumps(facts, indent=2, default=str) if as_json else format_status(facts))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Also write the merged model here.")
+def export(run_dir: Path, out_dir: Path | None) -> None:
+    """Write RUN_DIR/best/recipe.yaml (a mergekit config) and, with --out, the merged model."""
+    from evomerge.run.export import export_run
+
+    recipe_path, model_dir = export_run(run_dir, out_dir)
+    click.echo(f"recipe: {recipe_path}")
+    if model_dir is not None:
+        click.echo(f"model: {model_dir}")
+
+
 # --- report -----------------------------------------------------------------------------------
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))

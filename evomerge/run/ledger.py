@@ -20,6 +20,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 
 SCHEMA_VERSION = 1
+BASELINE_PREFIX = "baseline:"
 
 _COLUMNS = (
     ("seq", "INTEGER PRIMARY KEY"),
@@ -153,9 +154,15 @@ class Ledger:
         return [self._row(r) for r in self._conn.execute(query + " ORDER BY seq", args)]
 
     def stages(self) -> list[str]:
-        """Stage names in the order their first row was written."""
+        """Stage names in the order their first row was written (baseline rows, whose stage is
+        `baseline:NAME`, are not a stage: see `baselines`)."""
         cur = self._conn.execute("SELECT stage FROM evaluations GROUP BY stage ORDER BY MIN(seq)")
-        return [r[0] for r in cur]
+        return [r[0] for r in cur if not r[0].startswith(BASELINE_PREFIX)]
+
+    def baselines(self) -> list[LedgerRow]:
+        """Rows of the hand-set baseline recipes a run scored for reference (stage `baseline:NAME`)."""
+        cur = self._conn.execute("SELECT * FROM evaluations WHERE stage LIKE 'baseline:%' ORDER BY seq")
+        return [self._row(r) for r in cur]
 
     def find(self, recipe_hash: str, split: str, stage: str | None = None, subset: str | None = None) -> LedgerRow | None:
         """The first successful-or-failed row that scored this recipe on this split (and stage /

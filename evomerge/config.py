@@ -1,0 +1,351 @@
+"""Experiment files (experiments/*.yaml): the schema, `--set key=value` overrides, name resolution.
+
+An experiment names its models, one or more stages (search space, evaluator, optimizer, budget)
+and how to run them (Ray or in-process workers). Example::
+
+    name: tiny_ps
+    seed: 0
+    models:
+      base: zoo:tiny/base
+      sources: [zoo:tiny/add, zoo:tiny/reverse, zoo:tiny/sort]
+    stages:
+      - name: ps
+        space: ps_dare_ties              # built-in name or a path; space_overrides: {...}
+        evaluator: zoo_all               # built-in name or a path; evaluator_overrides: {...}
+        optimizer: {name: cmaes, popsize: 8}
+        budget: {evaluations: 64}        # and/or seconds
+    ray: {workers: 0}                    # 0: in-process workers; N: N Ray workers
+
+A stage's `models` default to the experiment's `sources` (its `base` to the experiment's
+`base`); `stage:NAME` refers to the best model of an earlier stage. Paths are relative to the
+experiment file. `resolve_experiment` makes every path absolute and inlines the search-space
+spec, so the copy frozen in the run directory does not depend on where it was started from.
+Errors are one line naming the file and the field (`ConfigError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.recipe import DTYPES
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsSpec(_Strict):
+    """The models of the experiment: `base` (for methods that need one) and the merged `sources`."""
+
+    base: str | None = None
+    sources: list[str] = Field(min_length=1)
+
+
+class OptimizerSpec(BaseModel):
+    """`name` plus that optimizer's options (checked by `evomerge.optim.make_optimizer`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class BudgetSpec(_Strict):
+    evaluations: int | None = Field(None, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetSpec:
+        if self.evaluations is None and self.seconds is None:
+            raise ValueError("give evaluations and/or seconds")
+        return self
+
+
+class StageSpec(_Strict):
+    name: str
+    space: str | dict | None = None  # None only for M2N2 in model mode (candidates carry recipes)
+    space_overrides: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] | None = None
+    base: str | None = None
+    evaluator: str | dict
+    evaluator_overrides: dict[str, Any] = Field(default_factory=dict)
+    optimizer: OptimizerSpec
+    budget: BudgetSpec
+    holdout_top_k: int = Field(3, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a stage name is letters, digits, '_', '-' or '.'")
+        return value
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_by_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def model_mode(self) -> bool:
+        """M2N2 over whole models (archive members) rather than genomes of a space."""
+        return self.optimizer.name == "m2n2" and self.optimizer.options.get("mode") == "model"
+
+
+class RaySpec(_Strict):
+    address: str | None = None  # None: local; "auto" or "ray://host:port": join a cluster
+    workers: int = Field(0, ge=0)  # 0: in-process workers (no Ray)
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class BaselineSpec(_Strict):
+    """A hand-set recipe scored on the search and holdout splits of the first stage, for reference."""
+
+    name: str
+    recipe: str | dict
+
+
+class Experiment(_Strict):
+    name: str
+    seed: int = 0
+    models: ModelsSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    output_dir: str = "runs"
+    baselines: list[BaselineSpec] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a run name is letters, digits, '_', '-' or '.'")
+        return value
+
+    @model_validator(mode="after")
+    def _stages(self) -> Experiment:
+        seen: list[str] = []
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages[{i}]: stage name '{stage.name}' is used twice")
+            for ref in [*(stage.models or []), *([stage.base] if stage.base else [])]:
+                if ref.startswith("stage:") and ref[len("stage:"):] not in seen:
+                    raise ValueError(
+                        f"stages[{i}]: '{ref}' is not an earlier stage (earlier: {', '.join(seen) or 'none'})"
+                    )
+            if stage.space is None and not stage.model_mode:
+                raise ValueError(f"stages[{i}].space: a stage needs a search space (only m2n2 with mode: model has none)")
+            seen.append(stage.name)
+        return self
+
+    # ---- helpers ------------------------------------------------------------------------
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def stage_models(self, stage: StageSpec) -> list[str]:
+        return list(stage.models) if stage.models is not None else list(self.models.sources)
+
+    def stage_base(self, stage: StageSpec) -> str | None:
+        if stage.models is not None:
+            return stage.base
+        return stage.base if stage.base is not None else self.models.base
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """`key.path=value` pairs; the value is read as YAML (numbers, lists, null, strings)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"'{item}' is not key=value (example: stages.ps.budget.evaluations=20)", field="--set")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_sets(data: dict, sets: list[tuple[str, Any]]) -> dict:
+    """Set dotted keys in a raw experiment mapping. A list is indexed by number or, for `stages`,
+    by stage name (`stages.ps.budget.evaluations=20`)."""
+    data = copy.deepcopy(data)
+    for key, value in sets:
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                index = _list_index(node, part, key)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"cannot set '{key}': '{where}' is not a mapping or list", field="--set")
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if -len(node) <= index < len(node):
+            return index
+        raise ConfigError(f"cannot set '{key}': index {index} is out of range (the list has {len(node)} items)", field="--set")
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [str(item.get("name")) for item in node if isinstance(item, dict)]
+    raise ConfigError(f"cannot set '{key}': no item named '{part}' (names: {', '.join(names) or 'none'})", field="--set")
+
+
+def load_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read, override and check the schema of an experiment file (nothing is resolved yet)."""
+    from evomerge.resources import find_yaml
+
+    path = find_yaml("experiments", path)
+    file = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " "), file=file) from None
+    if not isinstance(data, dict):
+        raise ConfigError("an experiment is a mapping (name, models, stages, ...)", file=file)
+    data = apply_sets(data, parse_sets(sets))
+    return parse_experiment(data, file=file)
+
+
+def parse_experiment(data: dict, *, file: str | None = None) -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc, file) from None
+
+
+def _one_line(exc: ValidationError, file: str | None) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "str", "dict")))]
+    field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = field.rsplit(".", 1)[0] if "." in field else ""
+        valid = _valid_fields(parent)
+        message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
+    if err["type"] == "missing":
+        message = "missing (required)"
+    if message.startswith("stages["):  # validators that name their own field
+        field, _, message = message.partition(": ")
+    return ConfigError(message, file=file, field=field or None)
+
+
+def _valid_fields(parent: str) -> list[str]:
+    leaf = re.sub(r"\[\d+\]", "", parent.rsplit(".", 1)[-1]) if parent else ""
+    model = {
+        "": Experiment,
+        "models": ModelsSpec,
+        "stages": StageSpec,
+        "budget": BudgetSpec,
+        "ray": RaySpec,
+        "baselines": BaselineSpec,
+    }.get(leaf)
+    return list(model.model_fields) if model else []
+
+
+# ---- resolution ---------------------------------------------------------------------------
+
+
+def _absolute_ref(ref: str, base_dir: Path) -> str:
+    """A model reference with a relative local directory made absolute; other refs unchanged."""
+    if ref.startswith(("zoo:", "stage:", "archive:")):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and (base_dir / path).is_dir():
+        return str((base_dir / path).resolve())
+    if path.is_absolute() or ref.startswith((".", "~")):
+        return str(path.resolve())
+    return ref
+
+
+def _absolute_yaml(ref: str | dict, base_dir: Path) -> str | dict:
+    if isinstance(ref, dict):
+        return ref
+    text = str(ref)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = base_dir / path
+        return str(path.resolve())
+    return text
+
+
+def _evaluator_spec(ref: str | dict, overrides: dict) -> dict:
+    from evomerge.evaluate.base import load_spec
+
+    data, _ = load_spec(ref, overrides or None)
+    return data
+
+
+def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experiment:
+    """A copy with paths made absolute (relative to the experiment file) and each stage's search
+    space and evaluator inlined (the spec with its overrides applied), ready to be frozen in a
+    run directory."""
+    from evomerge.spaces.config import load_space_spec
+
+    base_dir = Path(file).resolve().parent if file else Path.cwd()
+    data = exp.to_dict()
+    data["models"]["base"] = _absolute_ref(data["models"]["base"], base_dir) if data["models"]["base"] else None
+    data["models"]["sources"] = [_absolute_ref(r, base_dir) for r in data["models"]["sources"]]
+    for i, stage in enumerate(data["stages"]):
+        if stage["models"] is not None:
+            stage["models"] = [_absolute_ref(r, base_dir) for r in stage["models"]]
+        if stage["base"]:
+            stage["base"] = _absolute_ref(stage["base"], base_dir)
+        if stage["space"] is not None:
+            try:
+                spec, _ = load_space_spec(_absolute_yaml(stage["space"], base_dir), stage["space_overrides"] or None)
+            except EvomergeError as exc:
+                raise exc.located(file=file, field=f"stages[{i}].space") from None
+            stage["space"] = spec.model_dump(mode="json")
+            stage["space_overrides"] = {}
+        try:
+            stage["evaluator"] = _evaluator_spec(_absolute_yaml(stage["evaluator"], base_dir), stage["evaluator_overrides"])
+        except EvomergeError as exc:
+            raise ConfigError(exc.message, file=exc.file or file, field=f"stages[{i}].evaluator" + (f".{exc.field}" if exc.field and exc.field != "evaluator" else "")) from None
+        stage["evaluator_overrides"] = {}
+    for baseline in data["baselines"]:
+        if isinstance(baseline["recipe"], str):
+            baseline["recipe"] = str(_absolute_yaml(baseline["recipe"], base_dir))
+    return parse_experiment(data, file=file)

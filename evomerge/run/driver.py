@@ -1,0 +1,470 @@
+"""A run from start to end: validate, freeze the experiment, run the stages, write the best.
+
+`start_run` checks everything first (sources exist, every stage's evaluator builds, its search
+space builds and its starting point decodes into a recipe the engine can plan against the
+sources, the optimizer accepts its options, baselines plan) and only then creates the run
+directory. `resume_run` picks a run up from its last checkpoint, whatever stopped it.
+
+Stage seeds: stage i's optimizer is seeded with `seed + i`, so two stages never draw the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.config import (
+    Experiment,
+    StageSpec,
+    load_experiment,
+    parse_experiment,
+    resolve_experiment,
+)
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate.result import EvalResult
+from evomerge.fsutil import atomic_write_text
+from evomerge.merge.sources import SourcePool
+from evomerge.recipe import Recipe
+from evomerge.resources import find_yaml
+from evomerge.run.checkpoint import load_checkpoint, save_checkpoint
+from evomerge.run.jobs import WorkerPool
+from evomerge.run.ledger import Ledger, LedgerRow
+from evomerge.run.scheduler import Scheduler
+from evomerge.run.stages import (
+    SHARDABLE_KINDS,
+    ArchivePort,
+    StagePlan,
+    build_evaluator,
+    decode_candidate,
+    directions_of,
+    evaluator_spec,
+    make_stage_optimizer,
+    score_holdout,
+    stage_best,
+    uses_subsamples,
+    write_json,
+)
+
+EXPERIMENT_FILE = "experiment.yaml"
+LEDGER_FILE = "ledger.sqlite"
+MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / EXPERIMENT_FILE).is_file() and (path / LEDGER_FILE).is_file()
+
+
+def read_experiment(run_dir: str | Path) -> Experiment:
+    path = Path(run_dir) / EXPERIMENT_FILE
+    if not path.is_file():
+        raise ConfigError(f"not a run directory (no {EXPERIMENT_FILE})", file=str(run_dir))
+    return parse_experiment(yaml.safe_load(path.read_text()) or {}, file=str(path))
+
+
+class Run:
+    """A run directory and everything needed to carry it on."""
+
+    def __init__(self, run_dir: Path, exp: Experiment, *, file: str | None = None, local: bool = False, echo: Callable[[str], None] = print, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.exp = exp
+        self.file = file
+        self.local = local or exp.ray.workers == 0
+        self.echo = echo
+        self.show_progress = progress
+        self.sources = SourcePool(allow_pickle=exp.allow_pickle)
+        self._evaluators: dict[str, tuple[dict, Any, dict[str, bool]]] = {}
+        self._pool: WorkerPool | None = None
+        self._pool_key: str | None = None
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> list[StagePlan]:
+        """Build every stage's plan against the sources; raise a one-line ConfigError otherwise."""
+        exp = self.exp
+        refs = [("models.base", exp.models.base)] if exp.models.base else []
+        refs += [(f"models.sources[{i}]", r) for i, r in enumerate(exp.models.sources)]
+        for i, stage in enumerate(exp.stages):
+            refs += [(f"stages[{i}].models[{j}]", r) for j, r in enumerate(stage.models or [])]
+            if stage.base:
+                refs.append((f"stages[{i}].base", stage.base))
+        for field, ref in refs:
+            if ref.startswith(("stage:", "archive:")):
+                continue
+            try:
+                self.sources.resolve(ref)
+            except EvomergeError as exc:
+                raise ConfigError(exc.message, file=self.file, field=field) from None
+        # stage:NAME stands for the reference model of stage NAME until that stage has run.
+        check_pool = SourcePool(allow_pickle=exp.allow_pickle, aliases=self.sources.aliases)
+        plans = []
+        for i, stage in enumerate(exp.stages):
+            plan = self.plan(i, check_pool, checking=True)
+            reference = plan.base or plan.models[0]
+            check_pool.register(f"stage:{stage.name}", check_pool.resolve(reference))
+            plans.append(plan)
+        for i in range(len(exp.baselines)):
+            recipe = self._baseline_recipe(i)
+            self._check_recipe(recipe, check_pool, f"baselines[{i}].recipe")
+        return plans
+
+    def plan(self, index: int, pool: SourcePool, *, checking: bool = False) -> StagePlan:
+        from evomerge.spaces import build_space
+
+        exp = self.exp
+        stage: StageSpec = exp.stages[index]
+        where = f"stages[{index}]"
+        models, base = exp.stage_models(stage), exp.stage_base(stage)
+        spec, evaluator, directions = self._evaluator(stage, where)
+        space, kind = None, "m2n2"
+        if stage.space is not None:
+            try:
+                space = build_space(stage.space, models=models, base=base, pool=pool, overrides=stage.space_overrides or None)
+            except EvomergeError as exc:
+                raise ConfigError(exc.message, file=self.file, field=f"{where}.space" + (f".{exc.field}" if exc.field else "")) from None
+            kind = space.kind
+        plan = StagePlan(
+            name=stage.name,
+            index=index,
+            models=models,
+            base=base,
+            space=space,
+            space_kind=kind,
+            evaluator_spec=spec,
+            directions=directions,
+            optimizer_name=stage.optimizer.name,
+            optimizer_options=stage.optimizer.options,
+            budget_evaluations=stage.budget.evaluations,
+            budget_seconds=stage.budget.seconds,
+            holdout_top_k=stage.holdout_top_k,
+        )
+        if checking:
+            port = ArchivePort(self.run_dir / "archive" / stage.name, pool, None)
+            try:
+                make_stage_optimizer(plan, seed=exp.seed + index, run_dir=None, pool=pool, port=port)
+            except EvomergeError as exc:
+                raise exc.located(file=self.file) from None
+            if space is not None:
+                if space.kind == "weights":
+                    raise ConfigError("a weights space decodes to raw weights, not a merge recipe; a run needs a ps or dfs space", file=self.file, field=f"{where}.space")
+                self._check_recipe(space.decode(space.x0), pool, f"{where}.space")
+        return plan
+
+    def _evaluator(self, stage: StageSpec, where: str) -> tuple[dict, Any, dict[str, bool]]:
+        key = json.dumps([stage.evaluator, stage.evaluator_overrides], sort_keys=True, default=str)
+        if key not in self._evaluators:
+            try:
+                spec = evaluator_spec(stage.evaluator, stage.evaluator_overrides)
+                evaluator = build_evaluator(spec)
+                directions = directions_of(evaluator)
+            except EvomergeError as exc:
+                field = f"{where}.evaluator" + (f".{exc.field}" if exc.field else "")
+                raise ConfigError(exc.message, file=exc.file or self.file, field=field) from None
+            if not directions:
+                raise ConfigError("the evaluator declares no objectives", file=self.file, field=f"{where}.evaluator")
+            self._evaluators[key] = (spec, evaluator, directions)
+        return self._evaluators[key]
+
+    def _check_recipe(self, recipe: Recipe, pool: SourcePool, field: str) -> None:
+        from evomerge.merge.engine import plan_merge
+
+        try:
+            plan_merge(recipe, pool)
+        except EvomergeError as exc:
+            raise ConfigError(f"the recipe does not fit its models: {exc.message}", file=self.file, field=field) from None
+
+    def _baseline_recipe(self, index: int) -> Recipe:
+        baseline = self.exp.baselines[index]
+        field = f"baselines[{index}].recipe"
+        try:
+            if isinstance(baseline.recipe, dict):
+                return Recipe.parse(baseline.recipe, file=self.file)
+            return Recipe.from_yaml(baseline.recipe)
+        except EvomergeError as exc:
+            raise exc.located(file=self.file, field=field) from None
+
+    # ---- execution ----------------------------------------------------------------------
+    def execute(self) -> dict[str, Any] | None:
+        """Run (or carry on) every stage; returns the run's best (see `stage_best`)."""
+        ckpt = load_checkpoint(self.run_dir) or {}
+        state = {
+            "stages_done": list(ckpt.get("stages_done", [])),
+            "stop_reasons": dict(ckpt.get("stop_reasons", {})),
+            "started": ckpt.get("started", time.time()),
+        }
+        ledger = Ledger.open(self.run_dir / LEDGER_FILE)
+        try:
+            self._register_stage_models()
+            best = None
+            for index, stage in enumerate(self.exp.stages):
+                if stage.name in state["stages_done"]:
+                    best = stage_best(ledger, stage.name) or best
+                    continue
+                best = self._run_stage(index, ledger, ckpt if ckpt.get("stage") == stage.name else {}, state)
+                ckpt = {}
+            save_checkpoint(self.run_dir, {**state, "stage": None, "finished": True, "ledger_seq": ledger.last_seq()})
+            return best
+        finally:
+            ledger.close()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = self._pool_key = None
+
+    def _run_stage(self, index: int, ledger: Ledger, ckpt: dict, state: dict) -> dict[str, Any] | None:
+        stage = self.exp.stages[index]
+        plan = self.plan(index, self.sources)
+        _, evaluator, _ = self._evaluator(stage, f"stages[{index}]")
+        pool = self._pool_for(plan, evaluator)
+        port = None
+        if plan.space is None:
+            port = ArchivePort(self.run_dir / "archive" / stage.name, self.sources, pool)
+            for ref, path in port.register_existing():
+                pool.add_source(ref, path)
+        opt = make_stage_optimizer(plan, seed=self.exp.seed + index, run_dir=self.run_dir, pool=self.sources, port=port)
+        if index == 0 and self.exp.baselines:
+            self._score_baselines(plan, pool, ledger, opt)
+        after = 0
+        if ckpt.get("optimizer") is not None:
+            opt.load_state_dict(ckpt["optimizer"])
+            after = int(ckpt.get("ledger_seq", 0))
+        replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after)}
+        subsampled = uses_subsamples(plan.evaluator_spec)
+
+        def subset_for(generation: int) -> tuple[Any, str]:
+            from evomerge.evaluate.subset import Subset
+
+            key = f"seed={self.exp.seed},generation={generation}" if subsampled else ""
+            return Subset(seed=self.exp.seed, generation=generation), key
+
+        def fitness(result: EvalResult) -> float | None:
+            return opt.objectives.score(result)
+
+        def on_tell(counters: dict) -> None:
+            save_checkpoint(
+                self.run_dir,
+                {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq(), **counters},
+            )
+
+        from evomerge.progress import Progress
+
+        with Progress(f"stage {stage.name}", log_every_s=10.0 if self.show_progress else 1e9) as bar:
+            scheduler = Scheduler(
+                stage=stage.name,
+                optimizer=opt,
+                pool=pool,
+                ledger=ledger,
+                decode=lambda cand: decode_candidate(plan, cand),
+                subset_for=subset_for,
+                fitness=fitness,
+                on_tell=on_tell,
+                replay=replay,
+                failures_in_a_row=int(ckpt.get("failures_in_a_row", 0)),
+                last_error=ckpt.get("last_error"),
+                shardable=plan.evaluator_spec.get("kind") in SHARDABLE_KINDS,
+                progress=lambda done, note: bar.update(opt.n_told, plan.budget_evaluations, note),
+            )
+            reason = scheduler.run()
+        state["stop_reasons"][stage.name] = reason
+        told = ledger.count(stage=stage.name, split="search")
+        self.echo(f"stage {stage.name}: {told} evaluations; stopped: {reason}")
+        save_checkpoint(self.run_dir, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq()})
+        score_holdout(plan, scheduler, ledger, fitness)
+        best = stage_best(ledger, stage.name)
+        if best is not None:
+            self._finish_stage(index, best, pool)
+            holdout = "-" if best["holdout_score"] is None else f"{best['holdout_score']:.4f}"
+            self.echo(f"stage {stage.name}: best search {best['score']:.4f}, holdout {holdout} (candidate {best['candidate_id']})")
+        state["stages_done"].append(stage.name)
+        save_checkpoint(self.run_dir, {**state, "stage": None, "ledger_seq": ledger.last_seq()})
+        return best
+
+    def _finish_stage(self, index: int, best: dict[str, Any], pool: WorkerPool) -> None:
+        name = self.exp.stages[index].name
+        later = self.exp.stages[index + 1 :]
+        needed = any(
+            f"stage:{name}" in [*self.exp.stage_models(s), *([self.exp.stage_base(s)] if self.exp.stage_base(s) else [])] for s in later
+        )
+        if needed:
+            from evomerge.merge.writer import write_model
+
+            out = self.run_dir / "stages" / name / "best_model"
+            recipe = Recipe.from_string(best["recipe_yaml"])
+            write_model(recipe, self.sources, out, scores=_flat_scores(best))
+            self.sources.register(f"stage:{name}", out)
+            pool.add_source(f"stage:{name}", str(out))
+        write_best(self.run_dir, best, self.sources)
+
+    def _register_stage_models(self) -> None:
+        for stage in self.exp.stages:
+            out = self.run_dir / "stages" / stage.name / "best_model"
+            if (out / "config.json").is_file():
+                self.sources.register(f"stage:{stage.name}", out)
+
+    def _pool_for(self, plan: StagePlan, evaluator: Any) -> WorkerPool:
+        key = json.dumps(plan.evaluator_spec, sort_keys=True, default=str)
+        if self._pool is not None and key == self._pool_key:
+            return self._pool
+        self.shutdown()
+        refs = [*plan.models, *([plan.base] if plan.base else [])]
+        sources = {ref: str(self.sources.resolve(ref)) for ref in refs}
+        sources.update({ref: str(path) for ref, path in self.sources.aliases.items()})
+        pool = make_pool(self.exp, local=self.local, evaluator=evaluator)
+        pool.start(sources, plan.evaluator_spec, allow_pickle=self.exp.allow_pickle, dtype=self.exp.dtype)
+        self._pool, self._pool_key = pool, key
+        return pool
+
+    def _score_baselines(self, plan: StagePlan, pool: WorkerPool, ledger: Ledger, opt: Any) -> None:
+        """Hand-set recipes scored on both splits with the first stage's evaluator (stage
+        `baseline:NAME` in the ledger), once per run."""
+        from evomerge.evaluate.subset import Subset
+
+        scheduler = Scheduler(
+            stage="baseline", optimizer=opt, pool=pool, ledger=ledger, decode=lambda c: c.recipe,
+            subset_for=lambda g: (None, ""), fitness=opt.objectives.score, on_tell=lambda c: None,
+        )  # fmt: skip
+        todo = []
+        for i, baseline in enumerate(self.exp.baselines):
+            recipe = self._baseline_recipe(i)
+            digest = recipe.content_hash()
+            stage = f"baseline:{baseline.name}"
+            for split in ("search", "holdout"):
+                if ledger.find(digest, split, stage=stage) is None:
+                    subset = Subset(seed=self.exp.seed, generation=0) if split == "search" else None
+                    ev = scheduler.evaluation(f"{stage}|{split}||{digest}", recipe, split, subset, "")
+                    todo.append((i, stage, split, recipe, ev))
+        if not todo:
+            return
+        self.echo(f"scoring {len(self.exp.baselines)} baseline(s)")
+        scheduler.evaluate_all([t[-1] for t in todo])
+        for i, stage, split, recipe, ev in todo:
+            result = ev.result
+            score = None if result.failed else opt.objectives.score(result)
+            ledger.append(
+                LedgerRow(
+                    seq=0, stage=stage, candidate_id=i, generation=-1, split=split, genome=None,
+                    recipe_hash=recipe.content_hash(), recipe_yaml=recipe.to_yaml(),
+                    objectives={k: float(v) for k, v in result.objectives.items()},
+                    higher_is_better=dict(result.higher_is_better),
+                    fitness=float("-inf") if score is None else float(score),
+                    per_sample={} if result.failed else {k: [float(x) for x in v] for k, v in result.per_sample.items()},
+                    worker=ev.worker, started=ev.started, finished=ev.finished,
+                    status="failed" if result.failed else "ok",
+                    error=(result.error or "non-finite objective") if result.failed else None,
+                )
+            )  # fmt: skip
+
+
+def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerPool:
+    """The worker pool the experiment's `ray:` section asks for (`workers: 0` or --local: in-process)."""
+    device = None if exp.device == "auto" else exp.device
+    if local or exp.ray.workers == 0:
+        from evomerge.run.local import LocalWorkerPool
+
+        return LocalWorkerPool(evaluator=evaluator, device=device)
+    from evomerge.run.workers import RayWorkerPool
+
+    return RayWorkerPool(
+        workers=exp.ray.workers,
+        address=exp.ray.address,
+        num_cpus_per_worker=exp.ray.num_cpus_per_worker,
+        num_gpus_per_worker=exp.ray.num_gpus_per_worker,
+    )
+
+
+# ---- best/ -------------------------------------------------------------------------------------
+
+
+def _flat_scores(best: dict[str, Any]) -> dict[str, float]:
+    scores = {f"search/{k}": float(v) for k, v in (best.get("search") or {}).items()}
+    scores.update({f"holdout/{k}": float(v) for k, v in (best.get("holdout") or {}).items()})
+    return scores
+
+
+def portable_recipe(recipe: Recipe, pool: SourcePool) -> Recipe:
+    """The recipe with run-internal references (`stage:`, `archive:`, `zoo:`) replaced by the
+    local directories they stand for, so `mergekit-yaml` can run it; the original names are
+    kept in the `evomerge.sources` block."""
+    names: dict[str, str] = {}
+    for ref in recipe.model_refs():
+        if ref.startswith(MODEL_REF_PREFIXES):
+            names[ref] = str(pool.resolve(ref))
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, str):
+            return names.get(value, value)
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, dict):
+            return {k: (v if k == "evomerge" else swap(v)) for k, v in value.items()}
+        return value
+
+    data = swap(recipe.to_dict())
+    out = Recipe.parse(data)
+    return out.with_evomerge(sources={path: ref for ref, path in names.items()}) if names else out
+
+
+def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
+    """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far."""
+    recipe = Recipe.from_string(best["recipe_yaml"])
+    recipe = portable_recipe(recipe, pool)
+    recipe = recipe.with_evomerge(
+        stage=best["stage"],
+        candidate_id=best["candidate_id"],
+        recipe_hash=best["recipe_hash"],
+        scores={"search": best["search"], "holdout": best["holdout"]},
+    )
+    atomic_write_text(run_dir / "best" / "recipe.yaml", recipe.to_yaml())
+    write_json(run_dir / "best" / "scores.json", {k: v for k, v in best.items() if k != "recipe_yaml"})
+    return recipe
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+
+def start_run(
+    experiment: str | Path,
+    *,
+    out: str | Path | None = None,
+    sets: tuple[str, ...] | list[str] = (),
+    local: bool = False,
+    echo: Callable[[str], None] = print,
+    execute: bool = True,
+) -> Run:
+    """Validate an experiment, create its run directory and run it."""
+    file = str(find_yaml("experiments", experiment))
+    exp = resolve_experiment(load_experiment(file, sets), file=file)
+    run_dir = Path(out) if out is not None else Path(exp.output_dir) / exp.name
+    if (run_dir / EXPERIMENT_FILE).exists() or (run_dir / LEDGER_FILE).exists():
+        raise ConfigError(f"already holds a run; continue it with `evomerge resume {run_dir}` or pick another --out", file=str(run_dir))
+    run = Run(run_dir, exp, file=file, local=local, echo=echo)
+    run.validate()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / EXPERIMENT_FILE, exp.to_yaml())
+    Ledger.open(run_dir / LEDGER_FILE).close()
+    echo(f"run directory: {run_dir}")
+    if execute:
+        run.execute()
+    return run
+
+
+def resume_run(run_dir: str | Path, *, local: bool = False, echo: Callable[[str], None] = print, execute: bool = True) -> Run:
+    """Carry on a run from its last checkpoint (nothing told before it is evaluated again)."""
+    run_dir = Path(run_dir)
+    exp = read_experiment(run_dir)
+    run = Run(run_dir, exp, file=str(run_dir / EXPERIMENT_FILE), local=local, echo=echo)
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None and ckpt.get("finished"):
+        echo(f"{run_dir}: the run is finished; nothing to resume")
+        return run
+    run.validate()
+    if execute:
+        run.execute()
+    return run

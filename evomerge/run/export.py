@@ -1,0 +1,59 @@
+"""`evomerge export DIR [--out MODEL_DIR]`: the run's best recipe, and optionally the merged model.
+
+`best/recipe.yaml` is a mergekit configuration: references that only mean something inside
+evomerge (`zoo:`, `stage:NAME`, `archive:ID`) are replaced by the local directories they stand
+for (the original names are kept in its `evomerge.sources` block), and its `evomerge` block
+records the stage, candidate, recipe hash and search/holdout scores. With `--out` the merged
+model is written as a Hugging Face directory whose README (model card) lists the sources with
+their content hashes, the method and parameters (the recipe), the seed and the scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.errors import ConfigError
+from evomerge.merge.sources import SourcePool
+from evomerge.run.driver import LEDGER_FILE, _flat_scores, is_run_dir, read_experiment, write_best
+from evomerge.run.ledger import Ledger
+from evomerge.run.stages import stage_best
+
+
+def run_sources(run_dir: Path, allow_pickle: bool = False) -> SourcePool:
+    """A source pool that knows the run's own models (stage best models, M2N2 archive members)."""
+    pool = SourcePool(allow_pickle=allow_pickle)
+    for best in sorted((run_dir / "stages").glob("*/best_model")):
+        pool.register(f"stage:{best.parent.name}", best)
+    for member in sorted((run_dir / "archive").glob("*/*")):
+        if member.name.isdigit():
+            pool.register(f"archive:{member.name}", member)
+    return pool
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path | None]:
+    """Write `best/recipe.yaml` (+ `best/scores.json`) and, with `out`, the merged model there.
+    Returns (recipe path, model directory or None)."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
+    exp = read_experiment(run_dir)
+    best = None
+    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+        for stage in reversed(exp.stages):
+            best = stage_best(ledger, stage.name)
+            if best is not None:
+                break
+    if best is None:
+        raise ConfigError("the run has no successful evaluation yet; nothing to export", file=str(run_dir))
+    pool = run_sources(run_dir, exp.allow_pickle)
+    # archive ids are per stage: the best's own stage wins
+    for member in sorted((run_dir / "archive" / best["stage"]).glob("*")):
+        if member.name.isdigit():
+            pool.register(f"archive:{member.name}", member)
+    recipe = write_best(run_dir, best, pool)
+    model_dir = None
+    if out is not None:
+        from evomerge.merge.writer import write_model
+
+        model_dir = write_model(recipe, pool, out, scores=_flat_scores(best))
+    return run_dir / "best" / "recipe.yaml", model_dir

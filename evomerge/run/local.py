@@ -1,0 +1,69 @@
+"""`LocalWorkerPool`: the WorkerPool interface in the driver's own process, one worker.
+
+For tests, small experiments (`ray: {workers: 0}` or `--local`) and debugging: jobs run one at a
+time inside `wait()`, through the same `WorkerCore` as the Ray actors, so a run gives the same
+scores either way. Nothing runs in the background: a job submitted and not waited for never runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from evomerge.evaluate.result import EvalResult
+from evomerge.run.jobs import Job, JobOutcome
+from evomerge.run.worker_core import WorkerCore
+
+
+class LocalWorkerPool:
+    """One in-process worker. `evaluator`: an already built evaluator to use instead of building
+    one from the spec given to `start` (the driver built it to validate the experiment)."""
+
+    def __init__(self, *, evaluator: Any | None = None, device: str | None = None):
+        self._evaluator = evaluator
+        self._device = device
+        self._core: WorkerCore | None = None
+        self._queue: deque[Job] = deque()
+        self._directions: dict[str, bool] = {}
+
+    def start(self, sources: dict[str, str], evaluator: dict, *, allow_pickle: bool, dtype: str | None) -> None:
+        spec: Any = (lambda: self._evaluator) if self._evaluator is not None else evaluator
+        self._core = WorkerCore(dict(sources), spec, allow_pickle, dtype, self._device)
+        directions = getattr(self._core.evaluator, "higher_is_better", None)
+        self._directions = dict(directions) if isinstance(directions, dict) else {}
+
+    def add_source(self, ref: str, path: str) -> None:
+        self._require().add_source(ref, path)
+
+    def submit(self, job: Job) -> None:
+        self._queue.append(job)
+
+    def wait(self, timeout: float | None = None) -> list[JobOutcome]:
+        """Run the oldest queued job and return its outcome ([] when nothing is queued)."""
+        if not self._queue:
+            return []
+        job = self._queue.popleft()
+        core = self._require()
+        started = time.time()
+        try:
+            result = core.run(job)
+        except Exception as exc:  # WorkerCore never raises; this is a last guard
+            result = EvalResult.failure(f"{type(exc).__name__}: {exc}", self._directions)
+        return [JobOutcome(job.job_id, result, "local-0", 1, started, time.time())]
+
+    @property
+    def size(self) -> int:
+        return 1
+
+    def idle(self) -> int:
+        return 0 if self._queue else 1
+
+    def shutdown(self) -> None:
+        self._queue.clear()
+        self._core = None
+
+    def _require(self) -> WorkerCore:
+        if self._core is None:
+            raise RuntimeError("LocalWorkerPool.start() was not called")
+        return self._core

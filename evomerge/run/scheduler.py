@@ -1,0 +1,328 @@
+"""The scheduler: ask, evaluate on the worker pool, write the ledger, tell, checkpoint.
+
+Rules (DESIGN.md, "Scheduler"), and how they are kept:
+
+- *Every worker busy.* Up to `depth` candidates (default: the pool's size) are asked and in
+  flight at once. When there are fewer candidates to evaluate than idle workers (a generational
+  optimizer waiting for the end of its generation), one candidate is split across the idle
+  workers by document shards and its parts combined (`EvalResult.combine`).
+- *Reproducible.* Results are told strictly in ask order, one candidate at a time, and the
+  optimizer is asked again right after each tell, so where asks fall between tells depends only
+  on the number of tells, never on which worker finished first. Each result is written to the
+  ledger just before it is told, so ledger order is tell order.
+- *Durable.* A checkpoint follows every tell. A resumed stage loads the last checkpoint: the
+  optimizer lists what was in flight, and rows the ledger holds beyond the checkpoint (written
+  before a kill, not yet checkpointed) are told from the ledger instead of being evaluated again.
+- *Never twice.* A recipe whose hash the ledger already scored on the same split, stage and
+  document subset takes that row's scores (a new row with `meta.reused_from`); twins asked
+  together share one evaluation.
+- *Faults.* A failed evaluation is written with its error and told as failed (the optimizer
+  scores it worst); `max_failures` failures in a row stop the run with the last error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+from evomerge.evaluate.result import EvalResult
+from evomerge.optim.base import Candidate, Optimizer
+from evomerge.recipe import Recipe
+from evomerge.run.jobs import Job, JobOutcome, WorkerPool
+from evomerge.run.ledger import Ledger, LedgerRow
+
+MAX_FAILURES_IN_A_ROW = 20
+
+
+class RunStopped(EvomergeError):
+    """The run cannot go on (too many failures in a row); the ledger keeps everything so far."""
+
+    exit_code = 1
+
+
+@dataclass
+class Evaluation:
+    """One recipe to score on one split: its jobs, their parts, and the result once complete."""
+
+    key: str  # stage|split|subset|hash
+    recipe: Recipe | None
+    split: str
+    subset: Any
+    n_parts: int = 0
+    parts: dict[int, EvalResult] = field(default_factory=dict)
+    result: EvalResult | None = None
+    worker: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    reused_from: int | None = None
+    submitted: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+@dataclass
+class Pending:
+    """A candidate asked and not yet told."""
+
+    cand: Candidate
+    recipe: Recipe | None
+    recipe_hash: str
+    subset_key: str
+    evaluation: Evaluation
+    replayed: LedgerRow | None = None  # its row is already in the ledger (resume)
+
+
+def result_from_row(row: LedgerRow) -> EvalResult:
+    """The EvalResult a ledger row stands for (what the optimizer was or will be told)."""
+    return EvalResult(
+        objectives=dict(row.objectives),
+        higher_is_better=dict(row.higher_is_better),
+        per_sample={k: np.asarray(v, dtype=np.float64) for k, v in row.per_sample.items()},
+        doc_ids={k: list(v) for k, v in row.meta.get("doc_ids", {}).items()},
+        counts=dict(row.meta.get("counts", {})),
+        seconds=float(row.finished - row.started),
+        error=row.error,
+    )
+
+
+def recipe_hash(recipe: Recipe | None) -> str:
+    return recipe.content_hash() if recipe is not None else "undecodable"
+
+
+class Scheduler:
+    """Drives one stage's optimizer over a worker pool; see the module docstring.
+
+    decode: candidate -> recipe (raises on a genome the space cannot build: the candidate fails).
+    subset_for: generation -> (subset object for the evaluator, key naming its documents).
+    fitness: result -> higher-is-better scalar or None when failed.
+    on_tell: called after each tell with the scheduler's counters; writes the checkpoint.
+    replay: rows of this stage written after the last checkpoint, by candidate id.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        optimizer: Optimizer,
+        pool: WorkerPool,
+        ledger: Ledger,
+        decode: Callable[[Candidate], Recipe],
+        subset_for: Callable[[int], tuple[Any, str]],
+        fitness: Callable[[EvalResult], float | None],
+        on_tell: Callable[[dict], None],
+        replay: dict[int, LedgerRow] | None = None,
+        failures_in_a_row: int = 0,
+        last_error: str | None = None,
+        depth: int | None = None,
+        max_failures: int = MAX_FAILURES_IN_A_ROW,
+        shardable: bool = True,
+        progress: Callable[[int, str], None] | None = None,
+    ):
+        self.stage = stage
+        self.opt = optimizer
+        self.pool = pool
+        self.ledger = ledger
+        self.decode = decode
+        self.subset_for = subset_for
+        self.fitness = fitness
+        self.on_tell = on_tell
+        self.replay = dict(replay or {})
+        self.failures_in_a_row = failures_in_a_row
+        self.last_error = last_error
+        self.depth = max(1, depth if depth is not None else pool.size)
+        self.max_failures = max_failures
+        self.shardable = shardable
+        self.progress = progress
+        self._jobs: dict[str, tuple[Evaluation, int]] = {}  # job id -> (evaluation, part)
+        self._evals: dict[str, Evaluation] = {}  # evaluation key -> evaluation (twins share one)
+        self._queue: list[Evaluation] = []  # evaluations not submitted yet
+        self._job_counter = 0
+        self.told = 0
+        self.evaluated = 0
+        self.started = time.perf_counter()
+
+    # ---- the search loop ----------------------------------------------------------------
+    def run(self) -> str:
+        """Search until the optimizer stops; returns why it stopped."""
+        outstanding: list[Pending] = [self._pending(c) for c in self.opt.in_flight()]
+        self._refill(outstanding)
+        while outstanding:
+            head = outstanding[0]
+            if head.evaluation.done:
+                outstanding.pop(0)
+                self._tell(head)
+                self._refill(outstanding)
+                continue
+            self._submit()
+            self._collect()
+        return self.opt.stopped or "the optimizer proposed nothing more"
+
+    def _refill(self, outstanding: list[Pending]) -> None:
+        # Ask at least the optimizer's natural batch: a generational optimizer then hands out
+        # its whole generation at once (more candidates queued than workers is fine).
+        if len(outstanding) < self.depth and not self.opt.stopped:
+            n = max(self.depth - len(outstanding), self.opt.natural_batch())
+            outstanding.extend(self._pending(c) for c in self.opt.ask(n))
+
+    def _pending(self, cand: Candidate) -> Pending:
+        subset, subset_key = self.subset_for(cand.generation)
+        try:
+            recipe = cand.recipe if cand.recipe is not None else self.decode(cand)
+        except Exception as exc:  # a genome the space cannot build fails like a bad merge
+            recipe, error = None, f"decode: {type(exc).__name__}: {exc}"
+        else:
+            error = None
+        digest = recipe_hash(recipe)
+        key = f"{self.stage}|search|{subset_key}|{digest}"
+        replayed = self.replay.pop(cand.id, None)
+        if replayed is not None and replayed.recipe_hash != digest:
+            replayed = None  # not the same candidate after all: evaluate it again
+        if replayed is not None:
+            evaluation = Evaluation(key, recipe, "search", subset, result=result_from_row(replayed))
+            return Pending(cand, recipe, digest, subset_key, evaluation, replayed)
+        if recipe is None:
+            evaluation = Evaluation(key, None, "search", subset, result=EvalResult.failure(error or "", self._directions()))
+            return Pending(cand, recipe, digest, subset_key, evaluation)
+        return Pending(cand, recipe, digest, subset_key, self.evaluation(key, recipe, "search", subset, subset_key))
+
+    def _tell(self, p: Pending) -> None:
+        result = p.evaluation.result
+        assert result is not None
+        if p.replayed is None:
+            self.ledger.append(self._row(p, result))
+        self.opt.tell([p.cand], [result])
+        self.told += 1
+        if result.failed:
+            self.failures_in_a_row += 1
+            self.last_error = result.error or "non-finite objective"
+        else:
+            self.failures_in_a_row = 0
+        self.on_tell({"failures_in_a_row": self.failures_in_a_row, "last_error": self.last_error})
+        if self.progress is not None:
+            self.progress(self.told, self._note())
+        if self.failures_in_a_row >= self.max_failures:
+            raise RunStopped(
+                f"{self.failures_in_a_row} failed evaluations in a row in stage '{self.stage}'; "
+                f"the last error: {self.last_error}"
+            )
+
+    def _row(self, p: Pending, result: EvalResult) -> LedgerRow:
+        ev = p.evaluation
+        score = None if result.failed else self.fitness(result)
+        meta: dict[str, Any] = {}
+        if result.doc_ids:
+            meta["doc_ids"] = result.doc_ids
+        if result.counts:
+            meta["counts"] = result.counts
+        if p.cand.parents:
+            meta["parents"] = list(p.cand.parents)
+        if ev.reused_from is not None:
+            meta["reused_from"] = ev.reused_from
+        return LedgerRow(
+            seq=0,
+            stage=self.stage,
+            candidate_id=p.cand.id,
+            generation=p.cand.generation,
+            split="search",
+            genome=None if p.cand.genome is None else [float(v) for v in np.asarray(p.cand.genome).ravel()],
+            recipe_hash=p.recipe_hash,
+            recipe_yaml=p.recipe.to_yaml() if p.recipe is not None else "",
+            objectives={k: float(v) for k, v in result.objectives.items()},
+            higher_is_better=dict(result.higher_is_better),
+            fitness=-math.inf if score is None else float(score),
+            per_sample={} if result.failed else {k: np.asarray(v, dtype=float).tolist() for k, v in result.per_sample.items()},
+            worker=ev.worker,
+            started=ev.started,
+            finished=ev.finished,
+            status="failed" if result.failed else "ok",
+            error=(result.error or "non-finite objective") if result.failed else None,
+            subset=p.subset_key,
+            meta=meta,
+        )
+
+    # ---- evaluations (search, holdout, baselines) ---------------------------------------
+    def evaluation(self, key: str, recipe: Recipe, split: str, subset: Any, subset_key: str) -> Evaluation:
+        """The evaluation of `recipe`: one already running for the same key, one from the
+        ledger, or a new one queued for the pool."""
+        known = self._evals.get(key)
+        if known is not None:
+            return known
+        digest = recipe.content_hash()
+        stage = key.split("|", 1)[0]
+        row = self.ledger.find(digest, split, stage=stage, subset=subset_key)
+        if row is not None:
+            ev = Evaluation(key, recipe, split, subset, result=result_from_row(row), reused_from=row.seq)
+            ev.worker, ev.started, ev.finished = f"ledger:{row.seq}", time.time(), time.time()
+            return ev
+        ev = Evaluation(key, recipe, split, subset)
+        self._evals[key] = ev
+        self._queue.append(ev)
+        return ev
+
+    def evaluate_all(self, evaluations: Sequence[Evaluation]) -> None:
+        """Run queued evaluations until all of `evaluations` are complete (holdout, baselines)."""
+        while not all(ev.done for ev in evaluations):
+            self._submit()
+            self._collect()
+
+    def _submit(self) -> None:
+        if not self._queue:
+            return
+        busy = len(self._jobs)
+        free = max(0, self.pool.size - busy)
+        queued, self._queue = self._queue, []
+        shards = [1] * len(queued)
+        if self.shardable and 0 < len(queued) < free:
+            base, extra = divmod(free, len(queued))
+            shards = [base + (1 if i < extra else 0) for i in range(len(queued))]
+        for ev, n in zip(queued, shards, strict=True):
+            ev.n_parts, ev.started, ev.submitted = n, time.time(), True
+            for i in range(n):
+                self._job_counter += 1
+                job_id = f"{ev.key}|{i}/{n}|{self._job_counter}"
+                self._jobs[job_id] = (ev, i)
+                self.pool.submit(Job(job_id, ev.recipe, ev.split, ev.subset, (i, n) if n > 1 else None))  # type: ignore[arg-type]
+
+    def _collect(self) -> None:
+        if not self._jobs:
+            raise RuntimeError("the scheduler waits for results but no job is running")
+        outcomes: list[JobOutcome] = self.pool.wait()
+        for out in outcomes:
+            entry = self._jobs.pop(out.job_id, None)
+            if entry is None:
+                continue
+            ev, part = entry
+            ev.parts[part] = out.result
+            ev.worker = out.worker if not ev.worker else (ev.worker if out.worker in ev.worker.split(",") else f"{ev.worker},{out.worker}")
+            ev.finished = max(ev.finished, out.finished)
+            if len(ev.parts) == ev.n_parts:
+                ev.result = self._combine(ev)
+                self.evaluated += 1
+
+    def _combine(self, ev: Evaluation) -> EvalResult:
+        parts = [ev.parts[i] for i in range(ev.n_parts)]
+        if len(parts) == 1:
+            return parts[0]
+        try:
+            return EvalResult.combine(parts)
+        except Exception as exc:
+            return EvalResult.failure(f"combining {len(parts)} shards: {exc}", parts[0].higher_is_better)
+
+    # ---- reporting ----------------------------------------------------------------------
+    def _directions(self) -> dict[str, bool]:
+        return dict(self.opt.objectives.directions)
+
+    def _note(self) -> str:
+        best = self.opt.best()
+        score = self.fitness(best[1]) if best else None
+        rate = self.evaluated / max(1e-9, time.perf_counter() - self.started)
+        best_text = f"best {score:.4f}" if score is not None else "best -"
+        return f"{best_text}, {rate:.2f} evals/s, {self.failures_in_a_row} failed in a row"
