@@ -202,10 +202,15 @@ class _WorkerActor:
         }
 
     def source_views(self, ref: str) -> dict:
-        """How a source is held here: whether its tensors view read-only shared memory."""
-        packed = self._shared[ref]
-        buffer = packed["buffer"]
-        return {"nbytes": int(buffer.nbytes), "writeable": bool(buffer.flags.writeable), "owndata": bool(buffer.flags.owndata)}
+        """How a source is held here: whether its tensors view read-only shared memory, and a
+        checksum of its bytes (which reads every page of it)."""
+        buffer = self._shared[ref]["buffer"]
+        return {
+            "nbytes": int(buffer.nbytes),
+            "writeable": bool(buffer.flags.writeable),
+            "owndata": bool(buffer.flags.owndata),
+            "checksum": int(buffer.sum(dtype="uint64")),
+        }
 
 
 # ---- the pool -----------------------------------------------------------------------------------------
