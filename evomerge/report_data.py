@@ -24,6 +24,7 @@ from evomerge.recipe import Recipe, evaluate_setting
 LEDGER_FILE = "ledger.sqlite"
 EXPERIMENT_FILE = "experiment.yaml"
 SPACE_KINDS = ("ps", "dfs", "weights", "m2n2")
+BASELINE_PREFIX = "baseline:"  # the ledger's stage name of a hand-set baseline's rows
 
 
 class NotARunError(EvomergeError):
@@ -187,7 +188,7 @@ def build_view(
         if isinstance(facts, Mapping) and facts.get("name") is not None:
             known = stage_facts.setdefault(str(facts["name"]), {})
             known.update({k: v for k, v in facts.items() if v is not None})
-    baselines, baseline_seqs = ledger_baselines(experiment, rows, run_dir)
+    baselines, baseline_seqs = ledger_baselines(rows)
     rows = [r for r in rows if r.seq not in baseline_seqs]
     names = list(dict.fromkeys([*stage_facts, *stage_order, *(r.stage for r in sorted(rows, key=lambda r: r.seq))]))
     stages = []
@@ -260,45 +261,25 @@ def experiment_stage_facts(experiment: Mapping[str, Any]) -> dict[str, dict[str,
     return out
 
 
-def ledger_baselines(experiment: Mapping[str, Any], rows: Sequence[Any], run_dir: Path) -> tuple[list[Baseline], set[int]]:
-    """Hand-set baselines of the experiment (`baselines: [{name, recipe}]`), found in the ledger by
-    recipe hash (or marked `meta.baseline: NAME`), and the seqs of the rows that only scored a
-    baseline: those are left out of the stages. A baseline recipe that a stage's search also
-    proposed keeps its rows in that stage."""
-    hashes: dict[str, str] = {}
-    for item in experiment.get("baselines") or []:
-        if isinstance(item, Mapping) and item.get("name"):
-            recipe = _baseline_recipe(item.get("recipe"), run_dir)
-            if recipe is not None:
-                hashes[recipe.content_hash()] = str(item["name"])
-    searched = {(r.stage, r.recipe_hash) for r in rows if r.split == "search" and r.genome is not None}
+def ledger_baselines(rows: Sequence[Any]) -> tuple[list[Baseline], set[int]]:
+    """Hand-set baselines the run scored for reference: rows whose stage is `baseline:NAME` (or
+    marked `meta.baseline: NAME`), by name, and the seqs of those rows (they are no stage's)."""
     found: dict[str, Baseline] = {}
     seqs: set[int] = set()
     for row in sorted(rows, key=lambda r: r.seq):
         meta = getattr(row, "meta", None) or {}
-        marked = meta.get("baseline") if isinstance(meta.get("baseline"), str) else None
-        name = marked or hashes.get(row.recipe_hash)
-        if name is None:
+        if row.stage.startswith(BASELINE_PREFIX):
+            name = row.stage[len(BASELINE_PREFIX):]
+        elif isinstance(meta.get("baseline"), str):
+            name = meta["baseline"]
+        else:
             continue
+        seqs.add(row.seq)
         baseline = found.setdefault(name, Baseline(name=name, note=f"recipe {row.recipe_hash}"))
         if row_ok(row):
-            (baseline.holdout if row.split == "holdout" else baseline.search).update({k: float(v) for k, v in row.objectives.items()})
-        if marked or (row.stage, row.recipe_hash) not in searched:
-            seqs.add(row.seq)
+            scores = {k: float(v) for k, v in row.objectives.items()}
+            (baseline.holdout if row.split == "holdout" else baseline.search).update(scores)
     return list(found.values()), seqs
-
-
-def _baseline_recipe(ref: Any, run_dir: Path) -> Recipe | None:
-    try:
-        if isinstance(ref, Mapping):
-            return Recipe.parse(ref)
-        if isinstance(ref, str):
-            path = Path(ref).expanduser()
-            path = path if path.is_absolute() else run_dir / path
-            return Recipe.from_yaml(path) if path.is_file() else None
-    except EvomergeError:
-        return None
-    return None
 
 
 def _merge_baselines(first: list[Baseline], second: list[Baseline]) -> list[Baseline]:
@@ -318,14 +299,13 @@ def _read_ledger(path: Path) -> tuple[list[Any], list[str]]:
 
 def _run_status(run_dir: Path, notes: list[str]) -> dict:
     """The run's status facts; a run that is being written may not give all of them."""
-    try:
-        from evomerge.run.status import run_status
-    except ImportError:
-        notes.append("run status unavailable (evomerge.run.status is not installed); figures come from the ledger alone")
+    if not (run_dir / LEDGER_FILE).is_file():
         return {}
     try:
+        from evomerge.run.status import run_status
+
         return dict(run_status(run_dir))
-    except Exception as exc:  # an unfinished run must still get a report
+    except Exception as exc:  # an unfinished or damaged run must still get a report
         notes.append(f"run status unavailable ({type(exc).__name__}: {exc}); figures come from the ledger alone")
         return {}
 

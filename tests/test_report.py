@@ -89,9 +89,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, spaces: dict, llama_family
         "models": [{"model": fam[m], "parameters": {"weight": 0.5}} for m in "abc"],
     }
     stages = [
-        {"name": "ps", "space": {"kind": "ps", "method": "dare_ties"}, "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 30}},
-        {"name": "dfs", "space": {"kind": "dfs"}, "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 16}},
-        {"name": "pareto", "space": {"kind": "ps"}, "optimizer": {"name": "optuna", "sampler": "nsga2", "multi_objective": True}, "budget": {"evaluations": 20}},
+        {"name": "ps", "space": {"kind": "ps", "method": "dare_ties"}, "evaluator": "zoo_all", "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 30}},
+        {"name": "dfs", "space": {"kind": "dfs"}, "evaluator": "zoo_all", "optimizer": {"name": "cmaes"}, "budget": {"evaluations": 16}},
+        {"name": "pareto", "space": {"kind": "ps"}, "evaluator": "zoo_all", "optimizer": {"name": "optuna", "sampler": "nsga2", "multi_objective": True}, "budget": {"evaluations": 20}},
     ]
     experiment = {
         "name": "synthetic",
@@ -102,8 +102,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, spaces: dict, llama_family
     (run / "experiment.yaml").write_text(yaml.safe_dump(experiment, allow_unicode=True))
     with Ledger.open(run / "ledger.sqlite") as ledger:
         baseline = Recipe.parse(hand_set)
-        for split, score in (("search", 0.41), ("holdout", 0.39)):
-            ledger.append(_row("ps", -1, 0, split, None, baseline, {"mean_acc": score}))
+        for split, score in (("search", 0.41), ("holdout", 0.39)):  # as the run scores baselines
+            ledger.append(_row("baseline:task_arithmetic λ=0.5", 0, 0, split, None, baseline, {"mean_acc": score}))
         _stage_rows(ledger, spaces["ps"], "ps", 24, seed=1, objectives=["mean_acc"])
         # two objectives recorded, one optimized: no Pareto front for this stage
         dfs_rows = _stage_rows(ledger, spaces["dfs"], "dfs", 16, seed=2, objectives=["mean_acc", "acc_add"])
