@@ -108,6 +108,8 @@ class RaySpec(_Strict):
     workers: int = Field(0, ge=0)  # 0: in-process workers (no Ray)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of a local Ray instance (default: workers x per worker)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)  # extra custom Ray resources
 
 
 class BaselineSpec(_Strict):

@@ -371,12 +371,7 @@ def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerP
         return LocalWorkerPool(evaluator=evaluator, device=device)
     from evomerge.run.workers import RayWorkerPool
 
-    return RayWorkerPool(
-        workers=exp.ray.workers,
-        address=exp.ray.address,
-        num_cpus_per_worker=exp.ray.num_cpus_per_worker,
-        num_gpus_per_worker=exp.ray.num_gpus_per_worker,
-    )
+    return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
 
 
 # ---- best/ -------------------------------------------------------------------------------------

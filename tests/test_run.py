@@ -1,0 +1,265 @@
+"""Runs end to end on tiny Llama checkpoints with a cheap deterministic `python` evaluator
+(defined here, referenced from the experiments as `tests.test_run:score`)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def score(model, tokenizer, split, subset=None, shard=None, delay: float = 0.0, raise_every: int = 0):
+    """Per-sample scores in (0, 1) from the model's logits on fixed random token sequences
+    (search and holdout draw different sequences). `delay` slows every call (kill tests);
+    `raise_every` makes every n-th call of this process raise (failure tests)."""
+    import torch
+
+    from evomerge.evaluate.subset import shard_slice
+
+    if raise_every:
+        score.calls = getattr(score, "calls", 0) + 1
+        if score.calls % raise_every == 0:
+            raise RuntimeError(f"planned failure #{score.calls}")
+    delay = float(os.environ.get("EVOMERGE_TEST_DELAY", delay))
+    gen = torch.Generator().manual_seed(0 if split == "search" else 1)
+    ids = torch.randint(0, model.config.vocab_size, (24, 6), generator=gen)
+    ids = ids[shard_slice(len(ids), shard)]
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1, :].double()
+    per = torch.sigmoid(4.0 * (logits[:, 0] - logits[:, 1])).numpy()
+    if delay:
+        time.sleep(delay)
+    return {"objectives": {"acc": float(np.mean(per))}, "per_sample": {"t": per.tolist()}}
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from evomerge.cli import main  # noqa: E402
+from evomerge.run.ledger import Ledger  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EVALUATOR = {"kind": "python", "callable": "tests.test_run:score", "objectives": {"acc": True}}
+
+
+def experiment(family: dict[str, Path], **changes) -> dict:
+    """A small one-stage PS experiment over the llama family (base + a, b)."""
+    exp = {
+        "name": "t",
+        "seed": 7,
+        "models": {"base": str(family["base"]), "sources": [str(family["a"]), str(family["b"])]},
+        "stages": [
+            {
+                "name": "ps",
+                "space": "ps_ties",
+                "evaluator": dict(EVALUATOR),
+                "optimizer": {"name": "cmaes", "popsize": 4},
+                "budget": {"evaluations": 8},
+                "holdout_top_k": 2,
+            }
+        ],
+    }
+    exp.update(changes)
+    return exp
+
+
+def write_exp(path: Path, exp: dict) -> Path:
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def rows(run_dir: Path) -> list:
+    with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+        return ledger.rows()
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """PS then DFS over `stage:ps`; ledger, holdout top-k, status --json, export + AutoModel."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.recipe import Recipe
+
+    dfs = {
+        "name": "dfs",
+        "space": "dfs",
+        "space_overrides": {"repeats": 1},
+        "models": ["stage:ps", str(llama_family["a"])],
+        "evaluator": dict(EVALUATOR),
+        "optimizer": {"name": "cmaes", "popsize": 4},
+        "budget": {"evaluations": 8},
+        "holdout_top_k": 2,
+    }
+    exp = experiment(llama_family)
+    exp["stages"].append(dfs)
+    run_dir = tmp_path / "run"
+    code, out = cli("run", write_exp(tmp_path / "exp.yaml", exp), "--out", run_dir)
+    assert code == 0, out
+    assert (run_dir / "experiment.yaml").is_file() and (run_dir / "checkpoint" / "state.json").is_file()
+    frozen = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    assert frozen["stages"][0]["space"]["kind"] == "ps"  # the space spec is inlined
+
+    all_rows = rows(run_dir)
+    assert [r.seq for r in all_rows] == list(range(1, len(all_rows) + 1))
+    for stage in ("ps", "dfs"):
+        search = [r for r in all_rows if r.stage == stage and r.split == "search"]
+        holdout = [r for r in all_rows if r.stage == stage and r.split == "holdout"]
+        assert len(search) == 8 and all(r.ok for r in search)
+        assert [r.candidate_id for r in search] == list(range(8))  # told in ask order
+        ranked = sorted({r.recipe_hash: r for r in reversed(search)}.values(), key=lambda r: (-r.fitness, r.seq))
+        assert [r.recipe_hash for r in holdout] == [r.recipe_hash for r in ranked[:2]]
+        assert all(r.per_sample["t"] and len(r.per_sample["t"]) == 24 for r in search)
+    assert (run_dir / "stages" / "ps" / "best_model" / "config.json").is_file()
+    dfs_rows = [r for r in all_rows if r.stage == "dfs"]
+    assert any("stages/ps/best_model" in r.recipe_yaml or "stage:ps" in r.recipe_yaml for r in dfs_rows)
+
+    code, out = cli("status", run_dir, "--json")
+    assert code == 0
+    status = json.loads(out)
+    best_dfs = max((r for r in dfs_rows if r.split == "search"), key=lambda r: (r.fitness, -r.seq))
+    holdout_dfs = next(r for r in dfs_rows if r.split == "holdout" and r.recipe_hash == best_dfs.recipe_hash)
+    assert status["finished"] is True and status["stage"] == "dfs"
+    assert status["evaluations"] == 16 and status["budget"] == 16 and status["failures"] == 0
+    assert status["best"]["score"] == pytest.approx(best_dfs.fitness)
+    assert status["best"]["holdout"] == pytest.approx(holdout_dfs.fitness)
+    assert status["best"]["recipe_hash"] == best_dfs.recipe_hash
+    assert [s["space_kind"] for s in status["stages"]] == ["ps", "dfs"]
+    assert status["stages"][0]["objectives"] == [{"name": "acc", "higher_is_better": True}]
+    code, text = cli("status", run_dir)
+    assert code == 0 and "finished" in text and best_dfs.recipe_hash in text
+
+    model_dir = tmp_path / "exported"
+    code, out = cli("export", run_dir, "--out", model_dir)
+    assert code == 0, out
+    recipe = Recipe.from_yaml(run_dir / "best" / "recipe.yaml")
+    assert all(Path(ref).is_dir() for ref in recipe.model_refs())  # mergekit can open every source
+    assert recipe.evomerge.model_extra["scores"]["holdout"]["acc"] == pytest.approx(holdout_dfs.fitness)
+    card = (model_dir / "README.md").read_text()
+    assert "xxh3:" in card and "holdout/acc" in card and "passthrough" in card
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    path_length = sum(1 for s in recipe.slices for src in s.sources if src.num_layers == 1)
+    assert model.config.num_hidden_layers == path_length
+    with torch.no_grad():  # the exported model scores what the run measured on holdout
+        assert score(model.eval(), None, "holdout")["objectives"]["acc"] == pytest.approx(holdout_dfs.fitness, abs=1e-5)
+
+
+def _count(run_dir: Path) -> int:
+    try:
+        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+            return ledger.count()
+    except Exception:
+        return 0
+
+
+def test_kill_9_then_resume_gives_the_same_ledger_and_best(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    exp = experiment(llama_family)
+    exp["stages"][0]["budget"] = {"evaluations": 12}
+    exp_file = write_exp(tmp_path / "exp.yaml", exp)
+    reference = tmp_path / "reference"
+    assert cli("run", exp_file, "--out", reference)[0] == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EVOMERGE_TEST_DELAY": "0.3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "run", str(exp_file), "--out", str(killed)],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while _count(killed) < 6 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # mid-generation: 6 of 12, popsize 4
+    finally:
+        proc.wait()
+    partial = rows(killed)
+    assert 6 <= len(partial) < 12
+    code, out = cli("status", killed, "--json")
+    assert code == 0 and json.loads(out)["finished"] is False
+
+    code, out = cli("resume", killed)
+    assert code == 0, out
+    assert [r.comparable() for r in rows(killed)] == [r.comparable() for r in rows(reference)]
+    # nothing that finished before the kill was evaluated again
+    assert [r.started for r in rows(killed)[: len(partial)]] == [r.started for r in partial]
+    assert json.loads((killed / "best" / "scores.json").read_text()) == json.loads((reference / "best" / "scores.json").read_text())
+    assert (killed / "best" / "recipe.yaml").read_text() == (reference / "best" / "recipe.yaml").read_text()
+    code, out = cli("resume", killed)
+    assert code == 0 and "finished" in out
+
+
+def test_failing_candidates_are_recorded_and_many_in_a_row_stop_the_run(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    score.calls = 0
+    exp = experiment(llama_family)
+    exp["stages"][0]["evaluator"]["args"] = {"raise_every": 3}
+    exp["stages"][0]["optimizer"] = {"name": "random"}
+    exp["stages"][0]["budget"] = {"evaluations": 9}
+    run_dir = tmp_path / "some"
+    code, out = cli("run", write_exp(tmp_path / "a.yaml", exp), "--out", run_dir)
+    assert code == 0, out
+    search = [r for r in rows(run_dir) if r.split == "search"]
+    failed = [r for r in search if not r.ok]
+    assert len(search) == 9 and len(failed) == 3
+    assert all("planned failure" in r.error and r.fitness == float("-inf") and r.per_sample == {} for r in failed)
+    status = json.loads(cli("status", run_dir, "--json")[1])
+    assert status["failures"] == 3 and status["finished"] is True
+
+    score.calls = 0
+    exp["stages"][0]["evaluator"]["args"] = {"raise_every": 1}
+    exp["stages"][0]["budget"] = {"evaluations": 50}
+    run_dir = tmp_path / "all"
+    code, out = cli("run", write_exp(tmp_path / "b.yaml", exp), "--out", run_dir)
+    assert code == 1
+    assert "20 failed evaluations in a row" in out and "planned failure #20" in out
+    assert len(rows(run_dir)) == 20
+
+
+BAD = [
+    ({"stages": [{"name": "ps", "space": "ps_ties", "evaluator": EVALUATOR, "optimizer": "cmaes", "budget": {"evaluations": 4}, "colour": 1}]}, "stages[0].colour: unknown field"),
+    ({"models": {"sources": []}}, "models.sources"),
+    ({"stages": [{"name": "ps", "space": "ps_nope", "evaluator": EVALUATOR, "optimizer": "cmaes", "budget": {"evaluations": 4}}]}, "stages[0].space: no built-in search spaces named 'ps_nope'"),
+    ({"stages": [{"name": "ps", "space": "ps_ties", "evaluator": EVALUATOR, "optimizer": {"name": "cmaes", "popsiz": 4}, "budget": {"evaluations": 4}}]}, "stages[0].optimizer.popsiz: optimizer 'cmaes' has no option 'popsiz'"),
+    ({"stages": [{"name": "ps", "space": "ps_ties", "evaluator": EVALUATOR, "optimizer": "cmaes", "budget": {}}]}, "stages[0].budget: give evaluations and/or seconds"),
+    ({"stages": [{"name": "ps", "space": "ps_ties", "evaluator": {"kind": "nope"}, "optimizer": "cmaes", "budget": {"evaluations": 4}}]}, "stages[0].evaluator.kind"),
+    ({"stages": [{"name": "ps", "space": "ps_ties", "evaluator": EVALUATOR, "optimizer": "cmaes", "budget": {"evaluations": 4}, "models": ["stage:dfs"]}]}, "'stage:dfs' is not an earlier stage"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD)
+def test_bad_experiments_fail_before_anything_starts(llama_family: dict[str, Path], tmp_path: Path, change: dict, message: str) -> None:
+    exp_file = write_exp(tmp_path / "bad.yaml", experiment(llama_family, **change))
+    code, out = cli("run", exp_file, "--out", tmp_path / "run")
+    assert code == 2, out
+    assert out.count("\n") == 1 and str(exp_file) in out and message in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_sources_settings_and_run_dirs(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    exp = experiment(llama_family)
+    exp["models"]["sources"][1] = str(tmp_path / "missing")
+    code, out = cli("run", write_exp(tmp_path / "e.yaml", exp), "--out", tmp_path / "run")
+    assert code == 2 and "models.sources[1]: model path" in out and "does not exist" in out
+    code, out = cli("run", write_exp(tmp_path / "f.yaml", experiment(llama_family)), "--set", "stages.nope.budget.evaluations=3")
+    assert code == 2 and "--set: cannot set 'stages.nope.budget.evaluations': no item named 'nope' (names: ps)" in out
+    code, out = cli("status", tmp_path)
+    assert code == 2 and "not a run directory" in out and out.count("\n") == 1
