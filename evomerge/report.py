@@ -101,7 +101,7 @@ def render_report(view: RunView, out_dir: Path) -> Path:
             ps.images.append(Image(file, f"Stage {stage.name}: merge parameters ({names}) of the best {recipe.merge_method} recipe per model and layer group.", f"parameters of the best recipe of stage {stage.name}"))
         else:
             steps = dfs_steps(recipe)
-            counts = _layer_counts(recipe.model_refs(include_base=False))
+            counts = _layer_counts(recipe.model_refs(include_base=False), view.run_dir)
             file = save(f"dfs_{slugs[stage.name]}.png", plots.dfs_path_plot(steps, counts, f"DFS path: {label}"))
             used = ", ".join(dict.fromkeys(short_ref(s["model"]) for s in steps))
             dfs.images.append(Image(file, f"Stage {stage.name}: the {len(steps)} layers of the best path (models: {used}); ×s is the scale of the hidden state entering each step.", f"DFS layer path of stage {stage.name}"))
@@ -121,12 +121,16 @@ def _multi_objectives(stage: StageView) -> list[str]:
     return names
 
 
-def _layer_counts(refs: Sequence[str]) -> dict[str, int]:
-    """Layer counts of sources that are local model directories (nothing is resolved or fetched:
-    a report never builds a zoo or touches the hub); others are inferred from the path."""
+def _layer_counts(refs: Sequence[str], run_dir: Path) -> dict[str, int]:
+    """Layer counts of sources that are local model directories or `stage:NAME` models the run
+    wrote (nothing is resolved or fetched: a report never builds a zoo or touches the hub); the
+    others are inferred from the path."""
     counts: dict[str, int] = {}
     for ref in refs:
-        config = Path(ref).expanduser() / "config.json"
+        if ref.startswith("stage:"):
+            config = run_dir / "stages" / ref[len("stage:"):] / "best_model" / "config.json"
+        else:
+            config = Path(ref).expanduser() / "config.json"
         try:
             data = json.loads(config.read_text())
         except (OSError, ValueError):

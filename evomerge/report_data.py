@@ -427,7 +427,7 @@ def parse_baselines(value: Any) -> list[Baseline]:
                 name=str(item.get("name") or item.get("recipe") or "baseline"),
                 search=_scores(item.get("search", item.get("objectives"))),
                 holdout=_scores(item.get("holdout")),
-                note=str(item.get("note") or item.get("description") or item.get("method") or ""),
+                note=str(item.get("note") or item.get("description") or (f"recipe {item['recipe_hash']}" if item.get("recipe_hash") else "")),
             )
         )
     return out

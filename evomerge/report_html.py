@@ -128,7 +128,7 @@ def _stage_table(stages: Sequence[StageView]) -> str:
         objectives = ", ".join(f"{n} ({'max' if up else 'min'})" for n, up in stage.directions.items())
         rows.append(
             f"<tr><td>{_e(stage.name)}</td><td>{_e(stage.kind)}</td><td class=num>{len(stage.search)}{budget}</td>"
-            f"<td class=num>{stage.failures}</td><td>{_e(objectives)}</td>"
+            f"<td class=num>{stage.failures}</td><td>{_e(objectives or '–')}</td>"
             f"<td>{_scores(best.objectives if best else None, order)}</td>"
             f"<td>{_scores(holdout.objectives if holdout else None, order)}</td><td>{state}</td></tr>"
         )
@@ -140,7 +140,7 @@ def _results_table(view: RunView, top: int = 5) -> str:
     rows = [head]
     for source in view.sources:
         scored = next((b for b in view.baselines if b.name == source), None)
-        kind = "base model" if source == view.base else "source"
+        kind = "base model" if source == view.base else "stage best" if source.startswith("stage:") else "source"
         rows.append(
             f'<tr class="source"><td>{kind}</td><td>{_e(source)}</td><td>–</td>'
             f"<td>{_scores(scored.search if scored else None)}</td><td>{_scores(scored.holdout if scored else None)}</td><td>–</td></tr>"

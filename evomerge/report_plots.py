@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from evomerge.report_data import ParamGrid, StageView, pareto_front, row_ok, short_ref
 
@@ -54,7 +55,7 @@ def fitness_plot(stage: StageView) -> bytes:
     ax.set_ylabel(f"fitness ({primary}, higher is better)")
     ax.grid(alpha=0.3)
     if len(set(gens[ok].tolist())) > 1:
-        fig.colorbar(points, ax=ax, label="generation", pad=0.01)
+        fig.colorbar(points, ax=ax, label="generation", pad=0.01, ticks=MaxNLocator(integer=True))
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
