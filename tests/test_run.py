@@ -263,3 +263,135 @@ def test_bad_sources_settings_and_run_dirs(llama_family: dict[str, Path], tmp_pa
     assert code == 2 and "--set: cannot set 'stages.nope.budget.evaluations': no item named 'nope' (names: ps)" in out
     code, out = cli("status", tmp_path)
     assert code == 2 and "not a run directory" in out and out.count("\n") == 1
+
+
+def test_m2n2_model_mode_keeps_its_archive_and_exports_with_lineage(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    from evomerge.recipe import Recipe
+
+    stage = {
+        "name": "m2n2",
+        "evaluator": dict(EVALUATOR),
+        "optimizer": {"name": "m2n2", "mode": "model", "archive_size": 3},
+        "budget": {"evaluations": 6},
+    }
+    exp = experiment(llama_family, stages=[stage])
+    exp["models"] = {"sources": [str(llama_family[k]) for k in "abc"]}
+    run_dir = tmp_path / "run"
+    code, out = cli("run", write_exp(tmp_path / "m.yaml", exp), "--out", run_dir)
+    assert code == 0, out
+    search = [r for r in rows(run_dir) if r.split == "search"]
+    assert len(search) == 6
+    assert [Recipe.from_string(r.recipe_yaml).merge_method for r in search[:3]] == ["passthrough"] * 3
+    children = search[3:]
+    assert all(Recipe.from_string(r.recipe_yaml).model_refs()[0].startswith("archive:") for r in children)
+    members = sorted(int(p.name) for p in (run_dir / "archive" / "m2n2").iterdir())
+    assert {0, 1, 2} <= set(members)  # every member that entered the archive is on disk
+    code, out = cli("export", run_dir, "--out", tmp_path / "model")
+    assert code == 0, out
+    recipe = Recipe.from_yaml(run_dir / "best" / "recipe.yaml")
+    assert all(Path(ref).is_dir() for ref in recipe.model_refs())
+    lineage = recipe.evomerge.model_extra.get("lineage")
+    if recipe.merge_method == "slerp":
+        assert lineage[-1]["merge_method"] == "slerp" and lineage[0]["merge_method"] == "passthrough"
+
+
+class SyncPool:
+    """A WorkerPool of `size` slots that runs everything submitted inside `wait()` (in this
+    process), to test the scheduler's use of several workers without Ray."""
+
+    def __init__(self, evaluator_spec: dict, size: int):
+        from evomerge.run.worker_core import WorkerCore
+
+        self.core = WorkerCore({}, evaluator_spec)
+        self._size = size
+        self.jobs: list = []
+        self._queue: list = []
+
+    def start(self, *args, **kwargs) -> None:  # pragma: no cover - the test builds it ready
+        pass
+
+    def add_source(self, ref: str, path: str) -> None:
+        self.core.add_source(ref, path)
+
+    def submit(self, job) -> None:
+        self._queue.append(job)
+        self.jobs.append(job)
+
+    def wait(self, timeout=None) -> list:
+        from evomerge.run.jobs import JobOutcome
+
+        queued, self._queue = self._queue, []
+        return [JobOutcome(j.job_id, self.core.run(j), f"sync-{i}", 1, time.time(), time.time()) for i, j in enumerate(queued)]
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def idle(self) -> int:
+        return self._size
+
+    def shutdown(self) -> None:
+        pass
+
+
+def score_weighted(model, tokenizer, split, subset=None, shard=None):
+    """`score` as an EvalResult that `EvalResult.combine` can put together from shards."""
+    from evomerge.evaluate.result import EvalResult
+
+    out = score(model, tokenizer, split, subset, shard)
+    per = np.asarray(out["per_sample"]["t"])
+    return EvalResult(
+        objectives=dict(out["objectives"]), higher_is_better={"acc": True}, per_sample={"t": per},
+        doc_ids={"t": list(range(len(per)))}, counts={"t": len(per)},
+        task_scores={"t": float(per.mean())}, objective_weights={"acc": {"t": 1.0}},
+    )  # fmt: skip
+
+
+def _scheduler(llama_family: dict[str, Path], tmp_path: Path, optimizer: str, size: int, **options):
+    from evomerge.optim import make_optimizer
+    from evomerge.recipe import Recipe
+    from evomerge.run.scheduler import Scheduler
+
+    a, b = str(llama_family["a"]), str(llama_family["b"])
+    opt = make_optimizer(optimizer, dim=1, bounds=[[0.0, 1.0]], x0=[0.5], seed=3, objectives={"acc": True}, **options)
+
+    def decode(cand) -> Recipe:  # two distinct recipes only: most candidates repeat one
+        weight = 1.0 if cand.genome[0] < 0.5 else 3.0
+        return Recipe.parse({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": weight}}]})
+
+    pool = SyncPool({**EVALUATOR, "callable": "tests.test_run:score_weighted"}, size)
+    ledger = Ledger.open(tmp_path / f"{optimizer}-{size}.sqlite")
+    sched = Scheduler(
+        stage="s", optimizer=opt, pool=pool, ledger=ledger, decode=decode, subset_for=lambda g: (None, ""),
+        fitness=opt.objectives.score, on_tell=lambda counters: None, shardable=True,
+    )  # fmt: skip
+    return sched, pool, ledger
+
+
+def test_scheduler_never_evaluates_a_recipe_twice(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    sched, pool, ledger = _scheduler(llama_family, tmp_path, "random", 1, max_evals=10)
+    sched.run()
+    written = ledger.rows()
+    assert len(written) == 10 and [r.candidate_id for r in written] == list(range(10))
+    assert len({r.recipe_hash for r in written}) == 2
+    assert len(pool.jobs) == 2 and sched.evaluated == 2
+    first = {r.recipe_hash: r for r in reversed(written)}
+    for row in written:
+        assert row.objectives == first[row.recipe_hash].objectives
+        assert row.meta.get("reused_from") in (None, first[row.recipe_hash].seq)
+
+
+def test_scheduler_splits_a_small_generation_across_idle_workers(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    from evomerge.recipe import Recipe
+    from evomerge.run.jobs import Job
+
+    sched, pool, ledger = _scheduler(llama_family, tmp_path, "cmaes", 4, popsize=2, max_evals=2)
+    sched.run()
+    written = ledger.rows()
+    shards = [job.shard for job in pool.jobs]
+    assert len(written) == 2 and all(s is not None and s[1] >= 2 for s in shards)
+    assert sum(1 for s in shards if s is not None) == 4  # 2 candidates x 2 shards on 4 workers
+    for row in written:  # shards put together give the unsharded scores
+        whole = pool.core.run(Job("check", Recipe.from_string(row.recipe_yaml), "search", None, None))
+        assert row.objectives["acc"] == pytest.approx(whole.objectives["acc"], rel=1e-12)
+        assert row.per_sample["t"] == pytest.approx(whole.per_sample["t"].tolist(), rel=1e-12)

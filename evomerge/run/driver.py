@@ -415,6 +415,7 @@ def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
         candidate_id=best["candidate_id"],
         recipe_hash=best["recipe_hash"],
         scores={"search": best["search"], "holdout": best["holdout"]},
+        **({"lineage": best["lineage"]} if best.get("lineage") else {}),
     )
     atomic_write_text(run_dir / "best" / "recipe.yaml", recipe.to_yaml())
     write_json(run_dir / "best" / "scores.json", {k: v for k, v in best.items() if k != "recipe_yaml"})

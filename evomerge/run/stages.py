@@ -245,7 +245,41 @@ def stage_best(ledger: Ledger, stage: str) -> dict[str, Any] | None:
         "holdout": holdout.objectives if holdout is not None and holdout.ok else None,
         "holdout_score": holdout.fitness if holdout is not None and holdout.ok else None,
         "seq": row.seq,
+        "lineage": lineage(ledger, stage, row) if row.meta.get("parents") else [],
     }
+
+
+def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
+    """M2N2 model mode: the candidate and its ancestors (ancestors first), each with the recipe
+    that built it from its parents (or the source model an initial member copies)."""
+    by_id = {r.candidate_id: r for r in ledger.rows(stage=stage, split="search") if r.ok}
+    order: list[LedgerRow] = []
+    seen: set[int] = set()
+
+    def visit(r: LedgerRow) -> None:
+        if r.candidate_id in seen:
+            return
+        seen.add(r.candidate_id)
+        for parent in r.meta.get("parents", []):
+            if int(parent) in by_id:
+                visit(by_id[int(parent)])
+        order.append(r)
+
+    visit(row)
+    out = []
+    for r in order:
+        recipe = Recipe.from_string(r.recipe_yaml)
+        out.append(
+            {
+                "candidate_id": r.candidate_id,
+                "recipe_hash": r.recipe_hash,
+                "merge_method": recipe.merge_method,
+                "models": recipe.model_refs(),
+                "parents": list(r.meta.get("parents", [])),
+                "parameters": recipe.parameters,
+            }
+        )
+    return out
 
 
 def result_of(row: LedgerRow) -> EvalResult:
