@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from evomerge.report_data import ParamGrid, StageView, pareto_front, row_ok, short_ref
 
 DPI = 100
+MAX_INCHES = 16.0  # long DFS paths and many layer groups shrink to fit instead of growing the page
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
@@ -87,8 +88,8 @@ def pareto_plot(stage: StageView, objectives: Sequence[str]) -> bytes:
 def param_heatmap(grids: Sequence[ParamGrid], title: str) -> bytes:
     """One heat map per merge parameter: models (rows) x layer groups (columns), values written in."""
     n = max(len(grids), 1)
-    width = max(4.5, 1.0 + 0.9 * max((len(g.columns) for g in grids), default=1))
-    height = sum(max(1.4, 0.45 * len(g.rows) + 1.0) for g in grids) or 2.0
+    width = min(MAX_INCHES, max(4.5, 1.0 + 0.9 * max((len(g.columns) for g in grids), default=1)))
+    height = min(2 * MAX_INCHES, sum(max(1.4, 0.45 * len(g.rows) + 1.0) for g in grids) or 2.0)
     fig = Figure(figsize=(width + 1.5, height), layout="constrained")
     fig.suptitle(title)
     if not grids:
@@ -128,7 +129,8 @@ def dfs_path_plot(steps: Sequence[dict], layer_counts: dict[str, int], title: st
         offsets[model] = total
         total += layer_counts[model]
     n = len(steps)
-    fig = Figure(figsize=(max(6.0, 1.2 + 0.32 * n), max(3.6, 1.6 + 0.2 * total) + 1.8), layout="constrained")
+    width = min(MAX_INCHES, max(6.0, 1.2 + 0.32 * n))
+    fig = Figure(figsize=(width, min(MAX_INCHES, max(3.6, 1.6 + 0.2 * total)) + 1.8), layout="constrained")
     fig.suptitle(title)
     if not steps:
         _empty(fig.add_subplot(), "the recipe has no DFS path")
@@ -141,7 +143,7 @@ def dfs_path_plot(steps: Sequence[dict], layer_counts: dict[str, int], title: st
         mask = np.array([s["model"] == model for s in steps])
         ax.axhspan(offsets[model] - 0.5, offsets[model] + layer_counts[model] - 0.5, color=COLORS[m % len(COLORS)], alpha=0.07)
         if mask.any():
-            ax.scatter(x[mask], y[mask], color=COLORS[m % len(COLORS)], s=40, zorder=2, label=short_ref(model))
+            ax.scatter(x[mask], y[mask], color=COLORS[m % len(COLORS)], s=40 if n <= 60 else 12, zorder=2, label=short_ref(model))
     if n <= 60:
         for xi, yi, step in zip(x, y, steps, strict=True):
             ax.annotate(f"×{step['input_scale']:.2f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=6)
@@ -155,10 +157,17 @@ def dfs_path_plot(steps: Sequence[dict], layer_counts: dict[str, int], title: st
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     scales = [s["input_scale"] for s in steps]
     cumulative = [s["cumulative_scale"] for s in steps]
-    ax_scale.bar(x, scales, color=[COLORS[models.index(s["model"]) % len(COLORS)] for s in steps], alpha=0.7, label="input scale")
+    # Scales are > 0 and multiply: a log axis, bars drawn from 1 (no scaling) to each step's scale.
+    colors = [COLORS[models.index(s["model"]) % len(COLORS)] for s in steps]
+    ax_scale.bar(x, np.array(scales) - 1.0, bottom=1.0, color=colors, alpha=0.7, label="input scale")
     ax_scale.plot(x, cumulative, "-", color="#333", linewidth=1, label="running product")
     ax_scale.axhline(1.0, color="#999", linewidth=0.8, linestyle="--")
+    log = all(v > 0 for v in [*scales, *cumulative])
+    if log:
+        ax_scale.set_yscale("log")
+        values = [*scales, *cumulative, 1.0]
+        ax_scale.set_ylim(min(values) / 1.25, max(values) * 1.25)  # bars from 1 would pin the axis at 1
     ax_scale.set_xlabel("step of the path")
-    ax_scale.set_ylabel("scale")
+    ax_scale.set_ylabel("scale (log)" if log else "scale")
     ax_scale.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
