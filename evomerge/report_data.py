@@ -151,7 +151,8 @@ def load_run(run_dir: str | Path) -> RunView:
     """Read a run directory; raises NotARunError (one line) when `run_dir` is not one."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise NotARunError("not a run directory (it does not exist)", file=str(run_dir))
+        what = "it is a file" if run_dir.exists() else "it does not exist"
+        raise NotARunError(f"not a run directory ({what})", file=str(run_dir))
     if not is_run_dir(run_dir):
         raise NotARunError(
             f"not a run directory (no {EXPERIMENT_FILE} or {LEDGER_FILE}; "
@@ -187,7 +188,7 @@ def build_view(
     for facts in status.get("stages") or []:
         if isinstance(facts, Mapping) and facts.get("name") is not None:
             known = stage_facts.setdefault(str(facts["name"]), {})
-            known.update({k: v for k, v in facts.items() if v is not None})
+            known.update({k: v for k, v in facts.items() if v is not None and v != "?"})
     baselines, baseline_seqs = ledger_baselines(rows)
     rows = [r for r in rows if r.seq not in baseline_seqs]
     names = list(dict.fromkeys([*stage_facts, *stage_order, *(r.stage for r in sorted(rows, key=lambda r: r.seq))]))

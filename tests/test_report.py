@@ -242,5 +242,6 @@ def test_not_a_run_directory_is_one_line_exit_2(tmp_path: Path) -> None:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "not a run directory" in lines[0] and str(tmp_path) in lines[0]
     assert not (tmp_path / "report").exists()
-    missing = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
-    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1
+    for other in (tmp_path / "nope", tmp_path / "notes.txt"):
+        result = CliRunner().invoke(main, ["report", str(other)])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
