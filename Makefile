@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/evomerge demo
 
+# The report test renders pages in headless Chromium (Debian's package); installed when missing
+# and possible, otherwise that one test skips and says how to install it.
 test: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "chromium not installed (apt-get failed): the report page test will skip"
 	$(PY) -m pytest -q tests
 
 lint: install
