@@ -13,10 +13,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# Read once at import: os.umask() can only be read by setting it, which is racy in threads.
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -31,7 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         # mkstemp creates 0600; give the file the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
