@@ -112,6 +112,10 @@ def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path
     }
     exp = experiment(llama_family)
     exp["stages"].append(dfs)
+    a, b = str(llama_family["a"]), str(llama_family["b"])
+    exp["baselines"] = [
+        {"name": "ta", "recipe": {"merge_method": "task_arithmetic", "base_model": str(llama_family["base"]), "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}}
+    ]
     run_dir = tmp_path / "run"
     code, out = cli("run", write_exp(tmp_path / "exp.yaml", exp), "--out", run_dir)
     assert code == 0, out
@@ -145,6 +149,10 @@ def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path
     assert status["best"]["recipe_hash"] == best_dfs.recipe_hash
     assert [s["space_kind"] for s in status["stages"]] == ["ps", "dfs"]
     assert status["stages"][0]["objectives"] == [{"name": "acc", "higher_is_better": True}]
+    (baseline,) = status["baselines"]
+    assert baseline["name"] == "ta" and 0 < baseline["search"]["acc"] < 1 and 0 < baseline["holdout"]["acc"] < 1
+    with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+        assert ledger.stages() == ["ps", "dfs"] and len(ledger.baselines()) == 2
     code, text = cli("status", run_dir)
     assert code == 0 and "finished" in text and best_dfs.recipe_hash in text
 

@@ -137,8 +137,15 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {s['name']:<10} {s['space_kind']:<7} {s['evaluations']}/{s['budget'] if s['budget'] is not None else '-'} "
             f"best {score(s['best']['score'])} holdout {score(s['best']['holdout'])} [{flag}]"
         )
+    def objectives(values: dict | None) -> str:
+        if not values:
+            return "-"
+        if "error" in values:
+            return f"failed ({values['error']})"
+        return " ".join(f"{k} {v:.4f}" for k, v in values.items())
+
     for b in status["baselines"]:
-        lines.append(f"  baseline {b['name']}: search {b['search']}, holdout {b['holdout']}")
+        lines.append(f"  baseline {b['name']}: search {objectives(b['search'])}; holdout {objectives(b['holdout'])}")
     if status["failures"] and status["last_error"]:
         lines.append(f"last error: {status['last_error']}")
     return "\n".join(lines)
