@@ -141,3 +141,16 @@ def test_shipped_evaluators_are_valid_and_documented(name: str):
     data = yaml.safe_load(text)
     spec_cls, _ = _kinds()[data["kind"]]
     spec_cls.model_validate(data)
+
+
+def test_mgsm_language_check_scoring():
+    from evomerge.evaluate.base import import_callable
+    from evomerge.evaluate.lmeval_tasks import task_manager
+
+    folder = builtin_dir("evaluators") / "tasks" / "mgsm_ja_lang"
+    score = import_callable(f"{folder / 'utils.py'}:process_results", file=None, field="t")
+    doc = {"answer_number": 1800}
+    assert score(doc, ["卵は全部で1,800個です。答えは1,800です。"]) == {"ja_exact_match": 1, "exact_match": 1, "japanese": 1}
+    assert score(doc, ["The answer is 1800."]) == {"ja_exact_match": 0, "exact_match": 1, "japanese": 0}
+    assert score(doc, ["答えは1799です。"])["ja_exact_match"] == 0
+    assert "mgsm_ja_lang" in task_manager((str(folder.parent),), False).all_tasks
