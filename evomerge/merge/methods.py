@@ -341,6 +341,12 @@ class TaskArithmeticFamily(_Method):
         if not tensors:
             return base
         weights = [_as_float(w, "weight") for w in self._per_model(model_params, "weight", len(tensors))]
+        for i, density in enumerate(self._per_model(model_params, "density", len(tensors))):
+            # mergekit silently treats density > 1 as 1 and < 0 as 0; out of [0, 1] is a typo here.
+            if not 0 <= _as_float(density, "density") <= 1:
+                raise ValueError(
+                    f"density must be in [0, 1], got {density} (model #{i}, tensor '{ctx.tensor_name}')"
+                )
         g = {spec.name: self._global_value(params, spec) for spec in self.global_params}
         dtype = _work_dtype([base, *tensors])
         masks = [self._mask(i, base, t, model_params[i], ctx, dtype) for i, t in enumerate(tensors)]
