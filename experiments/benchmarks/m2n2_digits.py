@@ -4,7 +4,11 @@ The setting of SakanaAI/natural_niches (Abrantes, Lange, Tang 2025), driven thro
 optimizers (`make_optimizer("m2n2" | "cmaes" | "grid")`) in this process:
 
 - data: `evomerge.zoo.digits.load_split` - 1,437 training and 360 test images of 8x8 digits,
-  pixels in [0, 1] (the reference feeds raw 0..16 pixels; `--pixel-scale 16` does the same);
+  a stratified random split, pixels in [0, 1]. The reference trains on the first 80% of the
+  file and tests on the last 20% (other writers: a harder test set), raw pixels 0..16:
+  `--data reference` uses exactly that split, with experts trained the reference's way
+  (`--experts reference`: 10 full-batch Adam steps, far weaker than the zoo's experts), for a
+  like-for-like comparison with the reference's figures;
 - model: the zoo's `DigitsMLP` 64-256-10 (ReLU), 19,210 parameters as one flat genome in
   state-dict order (layers.0.weight [256, 64], layers.0.bias, layers.1.weight [10, 256],
   layers.1.bias); the split point of M2N2's crossover runs over that vector;
@@ -42,10 +46,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,13 +87,29 @@ M2N2_VARIANTS = {
 }
 
 
+def zoo_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The zoo's fixed stratified split, pixels in [0, 1] (what evomerge's digits models use)."""
+    return {split: load_split(split) for split in ("train", "test")}
+
+
+def reference_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The reference's split, for a like-for-like check: the first 80% of scikit-learn's digits
+    in file order for training, the last 20% for testing (no shuffling: the test images come from
+    other writers), raw pixels 0..16."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    n = int(len(x) * 0.8)
+    x = x.astype(np.float32)
+    return {"train": (x[:n], y[:n].astype(np.int64)), "test": (x[n:], y[n:].astype(np.int64))}
+
+
 class DigitsScorer:
     """Per-image correctness of flat MLP genomes on the digits splits, counting training passes."""
 
-    def __init__(self, pixel_scale: float = 1.0):
+    def __init__(self, pixel_scale: float = 1.0, data: str = "zoo"):
         self.data = {}
-        for split in ("train", "test"):
-            x, y = load_split(split)
+        for split, (x, y) in (zoo_splits() if data == "zoo" else reference_splits()).items():
             self.data[split] = (torch.from_numpy(x * np.float32(pixel_scale)), torch.from_numpy(y.copy()))
         shapes = [(b, a) for a, b in zip(SIZES[:-1], SIZES[1:], strict=True)]
         self.slices: list[tuple[slice, slice, tuple[int, int]]] = []
@@ -133,6 +153,31 @@ def load_experts() -> tuple[dict[str, np.ndarray], str]:
         reason = type(exc).__name__
     experts = {name: flatten(train_expert(classes, seed=0)) for name, classes in EXPERT_CLASSES.items()}
     return experts, f"train_expert(classes, seed=0) (zoo preset unavailable: {reason})"
+
+
+def reference_style_experts(scorer: DigitsScorer, seed: int = 42) -> tuple[dict[str, np.ndarray], str]:
+    """Experts trained the way the reference trains its own: from N(0, 0.01^2), 10 full-batch
+    Adam steps (lr 0.003) on the training images of their classes - far weaker than the zoo's
+    (40 epochs of minibatch Adam), for a like-for-like comparison with the reference's figure."""
+    import torch.nn.functional as F
+
+    x, y = scorer.data["train"]
+    gen = torch.Generator().manual_seed(seed)
+    experts = {}
+    for name, classes in EXPERT_CLASSES.items():
+        mask = torch.isin(y, torch.tensor(classes))
+        model = DigitsMLP(SIZES)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+        adam = torch.optim.Adam(model.parameters(), lr=0.003)
+        for _ in range(10):
+            loss = F.cross_entropy(model(x[mask]), y[mask])
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+        experts[name] = flatten(model)
+    return experts, f"reference-style: N(0, 0.01^2) + 10 full-batch Adam steps, lr 0.003, seed {seed}"
 
 
 @dataclass
@@ -240,6 +285,27 @@ def table(setting: str, runs: list[Run], methods: list[str]) -> None:
         print(f"{LABELS[method]:40s} {ta:.4f} +- {ts:.4f}   {ra:.4f} +- {rs:.4f}   {sa:6.1f} +- {ss:5.1f}  {len(mine):5d}  {ref_text}")
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(args: argparse.Namespace, experts: dict | None) -> None:
+    """Per process: thread limits and the data (a process pool calls it in every worker)."""
+    torch.set_num_threads(args.threads)
+    threadpool_limits(limits=args.threads)
+    _WORKER.update(args=args, experts=experts, scorer=DigitsScorer(args.pixel_scale, args.data))
+
+
+def _execute(task: tuple[str, str, int]) -> Run:
+    setting, method, seed = task
+    args, scorer, experts = _WORKER["args"], _WORKER["scorer"], _WORKER["experts"]
+    budget = args.scratch_passes if setting == "scratch" else args.pretrained_passes
+    if method == "cmaes":
+        return run_cmaes(scorer, seed, budget, args)
+    if method == "slerp":
+        return run_slerp(scorer, budget, experts)
+    return run_m2n2(scorer, method, seed, budget, args, experts if setting == "pretrained" else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
@@ -252,7 +318,12 @@ def main() -> None:
     parser.add_argument("--pixel-scale", type=float, default=1.0, help="multiply the [0, 1] pixels (16: the reference's raw pixels)")
     parser.add_argument("--settings", nargs="+", default=["scratch", "pretrained"], choices=["scratch", "pretrained"])
     parser.add_argument("--methods", nargs="+", default=["m2n2", "m2n2_no_attraction", "ga", "cmaes", "slerp"], choices=list(LABELS))
+    parser.add_argument("--data", default="zoo", choices=["zoo", "reference"],
+                        help="zoo: evomerge.zoo.digits splits; reference: the reference's unshuffled 80/20 split, raw pixels")  # fmt: skip
+    parser.add_argument("--experts", default="zoo", choices=["zoo", "reference"],
+                        help="pre-trained experts: the zoo's (default) or trained like the reference's (weaker)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (timed inside it)")
     parser.add_argument("--trace", type=int, default=0, help="print the best member every N passes (0: never)")
     parser.add_argument("--quick", action="store_true", help="budgets / 25 and one seed: a smoke run")
     args = parser.parse_args()
@@ -260,40 +331,43 @@ def main() -> None:
         args.scratch_passes //= 25
         args.pretrained_passes //= 25
         args.seeds = args.seeds[:1]
-    torch.set_num_threads(args.threads)
-    threadpool_limits(limits=args.threads)
-    scorer = DigitsScorer(args.pixel_scale)
+    if args.data == "reference":
+        args.experts = "reference"  # the zoo's experts were trained on another split
+    _init_worker(args, None)
+    scorer = _WORKER["scorer"]
     print(f"M2N2 on digits: train {len(scorer.data['train'][1])} / test {len(scorer.data['test'][1])} images, "
           f"MLP {'-'.join(map(str, SIZES))} ({scorer.dim} genes), archive {args.archive}, seeds {args.seeds}, "
-          f"torch {torch.__version__} on {args.threads} thread(s), pixel scale {args.pixel_scale:g}")  # fmt: skip
+          f"torch {torch.__version__}, {args.threads} thread(s) per run, {args.jobs} run(s) at a time, "
+          f"data {args.data}, pixel scale {args.pixel_scale:g}")  # fmt: skip
     print(f"start: {load()} on {os.cpu_count()} cores")
-    results: dict[str, list[Run]] = {}
-    plan: list[tuple[str, str, Callable[[int], Run], list[int]]] = []
+    tasks: list[tuple[str, str, int]] = []
     experts = None
     if "scratch" in args.settings:
-        budget = args.scratch_passes
-        for method in ("m2n2", "m2n2_no_attraction", "ga"):
-            if method in args.methods:
-                plan.append(("scratch", method, lambda s, m=method, b=budget: run_m2n2(scorer, m, s, b, args, None), args.seeds))
-        if "cmaes" in args.methods:
-            plan.append(("scratch", "cmaes", lambda s, b=budget: run_cmaes(scorer, s, b, args), args.seeds))
+        tasks += [("scratch", m, seed) for m in ("m2n2", "m2n2_no_attraction", "ga", "cmaes") if m in args.methods for seed in args.seeds]
     if "pretrained" in args.settings:
-        experts, origin = load_experts()
+        experts, origin = load_experts() if args.experts == "zoo" else reference_style_experts(scorer)
         for name, genome in experts.items():
             acc = scorer.correct(genome, "test").mean()
             print(f"expert {name} (digits {EXPERT_CLASSES[name]}): test acc {acc:.4f}  [{origin}]")
-        budget = args.pretrained_passes
-        for method in ("m2n2", "m2n2_no_attraction", "ga"):
-            if method in args.methods:
-                plan.append(("pretrained", method, lambda s, m=method, b=budget: run_m2n2(scorer, m, s, b, args, experts), args.seeds))
+        tasks += [("pretrained", m, seed) for m in ("m2n2", "m2n2_no_attraction", "ga") if m in args.methods for seed in args.seeds]
         if "slerp" in args.methods:
-            plan.append(("pretrained", "slerp", lambda s, b=budget: run_slerp(scorer, b, experts), args.seeds[:1]))
-    for setting, method, fn, seeds in plan:
-        for seed in seeds:
-            run = fn(seed)
-            results.setdefault(setting, []).append(run)
-            print(f"[{setting}] {LABELS[method]:40s} seed {seed}: test {run.test_acc:.4f}  train {run.train_acc:.4f}  "
-                  f"{run.seconds:6.1f} s  {run.passes} passes ({run.passes / run.seconds:.0f}/s)  {load()}  {run.note}", flush=True)  # fmt: skip
+            tasks.append(("pretrained", "slerp", 0))  # deterministic: one run
+    _WORKER["experts"] = experts
+    results: dict[str, list[Run]] = {}
+
+    def report(setting: str, run: Run) -> None:
+        results.setdefault(setting, []).append(run)
+        print(f"[{setting}] {LABELS[run.method]:40s} seed {run.seed}: test {run.test_acc:.4f}  train {run.train_acc:.4f}  "
+              f"{run.seconds:6.1f} s  {run.passes} passes ({run.passes / run.seconds:.0f}/s)  {load()}  {run.note}", flush=True)  # fmt: skip
+
+    if args.jobs == 1:
+        for task in tasks:
+            report(task[0], _execute(task))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.jobs, initializer=_init_worker, initargs=(args, experts)) as pool:
+            for task, run in zip(tasks, pool.imap(_execute, tasks), strict=True):
+                report(task[0], run)
     for setting, runs in results.items():
         budget = args.scratch_passes if setting == "scratch" else args.pretrained_passes
         print(f"\n{setting}: {budget:,} forward passes over the training split, mean +- std over seeds")
