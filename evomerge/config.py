@@ -339,7 +339,11 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
             try:
                 spec, _ = load_space_spec(_absolute_yaml(stage["space"], base_dir), stage["space_overrides"] or None)
             except EvomergeError as exc:
-                raise exc.located(file=file, field=f"stages[{i}].space") from None
+                message = exc.message.removeprefix("Value error, ")
+                if exc.file:  # a problem inside the search-space file: name that file and field
+                    raise ConfigError(message, file=exc.file, field=exc.field) from None
+                field = f"stages[{i}].space" + (f".{exc.field}" if exc.field else "")
+                raise ConfigError(message, file=file, field=field) from None
             stage["space"] = spec.model_dump(mode="json")
             stage["space_overrides"] = {}
         try:

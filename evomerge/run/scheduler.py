@@ -2,8 +2,9 @@
 
 Rules (DESIGN.md, "Scheduler"), and how they are kept:
 
-- *Every worker busy.* Up to `depth` candidates (default: the pool's size) are asked and in
-  flight at once. When there are fewer candidates to evaluate than idle workers (a generational
+- *Every worker busy.* Up to `depth` candidates (default: twice the pool's size, so a slow
+  candidate at the head of the tell order does not leave the other workers without work) are
+  asked and in flight at once; a generational optimizer hands out its whole generation. When there are fewer candidates to evaluate than idle workers (a generational
   optimizer waiting for the end of its generation), one candidate is split across the idle
   workers by document shards and its parts combined (`EvalResult.combine`).
 - *Reproducible.* Results are told strictly in ask order, one candidate at a time, and the
@@ -137,7 +138,7 @@ class Scheduler:
         self.replay = dict(replay or {})
         self.failures_in_a_row = failures_in_a_row
         self.last_error = last_error
-        self.depth = max(1, depth if depth is not None else pool.size)
+        self.depth = max(1, depth if depth is not None else 2 * pool.size)
         self.max_failures = max_failures
         self.shardable = shardable
         self.progress = progress
