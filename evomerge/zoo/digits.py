@@ -94,7 +94,8 @@ class DigitsMLP(nn.Module):
     @torch.no_grad()
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Predicted class per row."""
-        return self(torch.as_tensor(x, dtype=torch.float32)).argmax(-1).numpy()
+        x = x if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x), dtype=torch.float32)
+        return self(x.float()).argmax(-1).numpy()
 
     def config(self) -> dict[str, object]:
         return {"architecture": ARCHITECTURE, "sizes": list(self.sizes)}

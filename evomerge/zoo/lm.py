@@ -176,7 +176,7 @@ def train(
         if phase.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log is not None and (step + 1) % max(1, phase.steps // 4) == 0:
             log(f"step {step + 1}/{phase.steps} loss {np.mean(losses[-20:]):.4f}")
     model.eval()

@@ -1,0 +1,150 @@
+"""The zoo's build recipes: what each preset trains, with which data, for how long.
+
+A preset's spec is plain frozen dataclasses; :func:`spec_dict` turns it into the JSON that
+the cache key hashes and that ``zoo.json`` records, so any change to a recipe (a step
+count, a learning rate, a seed) is a new cache entry.
+
+LM presets (``tiny``, ``test``) train in two phases:
+
+* **base**: pre-training on a mixture that teaches the prompt formats, the alphabet and
+  when to stop, but not the skills: for every expert skill its ``noise`` variant (right
+  prompt, an answer of the right shape drawn at random) and its ``weak`` variant (an easy
+  slice: single-digit sums, one- or two-character strings). The base model therefore scores
+  near zero on every skill's evaluation documents.
+* **experts**: each expert is fully fine-tuned from the base on its own skill, with a
+  little replay of the base mixture so it keeps the base's behaviour elsewhere. The
+  experts' learning rates are scaled per layer with different profiles, so their task
+  vectors are concentrated in somewhat different layers: they overlap (and interfere when
+  simply added) without being hopeless to combine. The profiles are a design choice for
+  the merge searches that use the zoo, not a property the searches are told about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.zoo.digits import TrainSpec
+from evomerge.zoo.lm import ModelSpec, PhaseSpec
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert: fine-tuned from the base on `skill` with `phase`, data drawn from `seed`."""
+
+    name: str
+    skill: str
+    phase: PhaseSpec
+    seed: int
+
+
+@dataclass(frozen=True)
+class LMPreset:
+    """A base Llama plus experts fine-tuned from it, scored on `eval_skills`."""
+
+    model: ModelSpec
+    base: PhaseSpec
+    experts: tuple[ExpertSpec, ...]
+    init_seed: int = 0
+    base_seed: int = 1
+    eval_skills: tuple[str, ...] = ("add", "reverse", "sort")
+    # Task-arithmetic scalings reported in zoo.json for every pair of experts and all of them.
+    ta_lambdas: tuple[float, ...] = (1.0, 0.8, 0.5)
+    kind: str = "lm"
+
+    def model_names(self) -> list[str]:
+        return ["base", *(e.name for e in self.experts)]
+
+
+@dataclass(frozen=True)
+class DigitsPreset:
+    """Digits MLP experts, each trained on a subset of the classes (see digits.py)."""
+
+    experts: tuple[tuple[str, tuple[int, ...]], ...]
+    seed: int = 0
+    train: TrainSpec = TrainSpec()
+    kind: str = "digits"
+
+    def model_names(self) -> list[str]:
+        return [name for name, _ in self.experts]
+
+
+def _base_mixture(skills: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]:
+    return tuple((s, v, 1.0) for s in skills for v in ("noise", "weak"))
+
+
+def _expert_mixture(skill: str, skills: tuple[str, ...], replay: float) -> tuple[tuple[str, str, float], ...]:
+    """The skill itself plus `replay` of the base mixture (spread over its entries)."""
+    base = _base_mixture(skills)
+    return ((skill, "true", 1.0), *((s, v, replay / len(base)) for s, v, _ in base))
+
+
+def _lm_preset(
+    model: ModelSpec,
+    *,
+    base_steps: int,
+    expert_steps: int,
+    batch_size: int,
+    base_lr: float,
+    expert_lr: float,
+    replay: float,
+    layer_lr: dict[str, tuple[tuple[str, float], ...]],
+    warmup: int,
+) -> LMPreset:
+    skills = ("add", "reverse", "sort")
+    base = PhaseSpec(
+        mixture=_base_mixture(skills), steps=base_steps, batch_size=batch_size, lr=base_lr, warmup=warmup
+    )
+    experts = tuple(
+        ExpertSpec(
+            name=skill,
+            skill=skill,
+            phase=PhaseSpec(
+                mixture=_expert_mixture(skill, skills, replay),
+                steps=expert_steps,
+                batch_size=batch_size,
+                lr=expert_lr,
+                warmup=warmup,
+                layer_lr=layer_lr.get(skill, ()),
+            ),
+            seed=10 + i,
+        )
+        for i, skill in enumerate(skills)
+    )
+    return LMPreset(model=model, base=base, experts=experts)
+
+
+# Per-layer learning-rate profiles of the tiny experts (regex on parameter names -> factor).
+_TINY_LAYER_LR: dict[str, tuple[tuple[str, float], ...]] = {}
+
+PRESET_SPECS: dict[str, LMPreset | DigitsPreset] = {
+    "test": _lm_preset(
+        ModelSpec(hidden=32, layers=2, heads=2, intermediate=64),
+        base_steps=20,
+        expert_steps=10,
+        batch_size=32,
+        base_lr=3e-3,
+        expert_lr=1e-3,
+        replay=0.2,
+        layer_lr=_TINY_LAYER_LR,
+        warmup=5,
+    ),
+    "tiny": _lm_preset(
+        ModelSpec(hidden=64, layers=4, heads=4, intermediate=256),
+        base_steps=400,
+        expert_steps=400,
+        batch_size=128,
+        base_lr=3e-3,
+        expert_lr=1e-3,
+        replay=0.2,
+        layer_lr=_TINY_LAYER_LR,
+        warmup=50,
+    ),
+    "digits": DigitsPreset(experts=(("low", (0, 1, 2, 3, 4)), ("high", (5, 6, 7, 8, 9)))),
+}
+
+
+def spec_dict(spec: LMPreset | DigitsPreset) -> dict[str, Any]:
+    """JSON-ready form of a preset's spec (tuples become lists)."""
+    return dataclasses.asdict(spec)

@@ -1,0 +1,206 @@
+"""The model zoo: cached deterministic builds, HF-loadable models, refs, digits, task data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.errors import ConfigError, SourceError
+from evomerge.zoo import (
+    PRESETS,
+    build_zoo,
+    digits,
+    list_zoo_models,
+    read_manifest,
+    resolve_zoo_ref,
+    zoo_hash,
+)
+from evomerge.zoo.skills import COMPOSITIONS
+from evomerge.zoo.tasks import TASK_SKILLS, eval_docs, eval_prompts, training_sampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("evomerge-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVOMERGE_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def test_zoo(cache: Path) -> Path:
+    return build_zoo("test")
+
+
+# ---- builds ------------------------------------------------------------------------------------
+
+
+def test_test_preset_builds_into_the_cache_with_a_manifest(cache: Path, test_zoo: Path) -> None:
+    assert test_zoo == (cache / "zoo" / f"test-{zoo_hash('test')}").resolve()
+    manifest = read_manifest(test_zoo)
+    assert manifest["preset"] == "test" and manifest["hash"] == zoo_hash("test")
+    assert list(manifest["models"]) == list_zoo_models("test") == ["base", "add", "reverse", "sort"]
+    assert manifest["models"]["add"]["skill"] == "add"
+    assert set(manifest["models"]["add"]["holdout_accuracy"]) == {"add", "reverse", "sort"}
+    groups = {tuple(row["models"]) for row in manifest["task_arithmetic"]}
+    assert ("add", "reverse", "sort") in groups and ("add", "reverse") in groups
+    # Nothing half-built or temporary is left beside it.
+    assert [p.name for p in test_zoo.parent.iterdir() if p.name.startswith(".") and "tmp" in p.name] == []
+
+
+def test_second_build_reuses_the_cache(test_zoo: Path) -> None:
+    weights = test_zoo / "add" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    messages: list[str] = []
+    assert build_zoo("test", progress=messages.append) == test_zoo
+    assert weights.stat().st_mtime_ns == before
+    assert messages and all("reusing" in m for m in messages)
+
+
+def test_builds_are_deterministic(test_zoo: Path, tmp_path: Path) -> None:
+    other = build_zoo("test", tmp_path / "again")
+    for name in list_zoo_models("test"):
+        a = load_file(str(test_zoo / name / "model.safetensors"))
+        b = load_file(str(other / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    # The base moved during fine-tuning: experts differ from it.
+    base = load_file(str(test_zoo / "base" / "model.safetensors"))
+    add = load_file(str(test_zoo / "add" / "model.safetensors"))
+    assert any(not torch.equal(base[k], add[k]) for k in base)
+
+
+def test_out_dir_that_is_not_a_zoo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a zoo directory"):
+        build_zoo("test", tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_preset(cache: Path) -> None:
+    with pytest.raises(ConfigError, match="valid: test, tiny, digits"):
+        build_zoo("huge")
+    assert PRESETS == ("test", "tiny", "digits")
+
+
+def test_models_load_offline_with_auto_classes(test_zoo: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(test_zoo / "add")
+    tok = AutoTokenizer.from_pretrained(test_zoo / "add")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    text = "23+45=68\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+    assert tok.unk_token_id not in ids
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits
+    assert logits.shape == (1, len(text), model.config.vocab_size)
+    # The safetensors file holds what the model holds.
+    tensors = load_file(str(test_zoo / "add" / "model.safetensors"))
+    assert set(tensors) == set(model.state_dict())
+
+
+# ---- references --------------------------------------------------------------------------------
+
+
+def test_resolve_zoo_ref(test_zoo: Path) -> None:
+    assert resolve_zoo_ref("test/reverse") == test_zoo / "reverse"
+    from evomerge.merge.sources import SourcePool
+
+    source = SourcePool().get("zoo:test/sort")
+    assert source.path == test_zoo / "sort"
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("test/mul", "valid: zoo:test/base, zoo:test/add, zoo:test/reverse, zoo:test/sort"),
+        ("test", "valid: zoo:test/base"),
+        ("digits/add", "valid: zoo:digits/low, zoo:digits/high"),
+        ("big/add", "valid presets: test, tiny, digits"),
+    ],
+)
+def test_resolve_zoo_ref_errors(cache: Path, ref: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        resolve_zoo_ref(ref)
+    assert not (cache / "zoo").exists() or not any(
+        p.name.startswith(("digits-", "tiny-")) for p in (cache / "zoo").iterdir()
+    )
+
+
+# ---- digits ------------------------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_and_stratified() -> None:
+    x_tr, y_tr = digits.load_split("train")
+    x_te, y_te = digits.load_split("test")
+    assert x_tr.shape == (1437, 64) and x_te.shape == (360, 64)
+    assert x_tr.dtype == np.float32 and y_tr.dtype == np.int64
+    assert 0.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+    assert np.bincount(y_te).min() >= 35 and np.bincount(y_te).max() <= 37
+    from sklearn.datasets import load_digits
+
+    # Every image is used once: the split partitions the bundled data set.
+    total = load_digits().data.sum() / 16.0
+    assert np.isclose(x_tr.sum(dtype=np.float64) + x_te.sum(dtype=np.float64), total)
+    again, _ = digits.load_split("test")
+    assert np.array_equal(again, x_te)
+    with pytest.raises(ValueError, match="valid: 'train', 'test'"):
+        digits.load_split("val")  # type: ignore[arg-type]
+
+
+def test_digits_expert_learns_only_its_classes(tmp_path: Path) -> None:
+    model = digits.train_expert((0, 1, 2, 3, 4), seed=3, spec=digits.TrainSpec(epochs=8))
+    assert sum(p.numel() for p in model.parameters()) == 19_210
+    assert digits.accuracy(model, "test", classes=range(5)) > 0.9
+    assert digits.accuracy(model, "test", classes=range(5, 10)) < 0.05
+    x, _ = digits.load_split("test")
+    assert set(np.unique(model.predict(x))) <= {0, 1, 2, 3, 4}
+    again = digits.train_expert((0, 1, 2, 3, 4), seed=3, spec=digits.TrainSpec(epochs=8))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    model.save_pretrained(tmp_path / "low")
+    config = json.loads((tmp_path / "low" / "config.json").read_text())
+    assert config == {"architecture": "DigitsMLP", "sizes": [64, 256, 10]}
+    loaded = digits.DigitsMLP.from_pretrained(tmp_path / "low")
+    assert np.array_equal(loaded.predict(x), model.predict(x))
+    with pytest.raises(SourceError, match="config.json"):
+        digits.DigitsMLP.from_pretrained(tmp_path)
+
+
+# ---- task data ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("skill", TASK_SKILLS)
+def test_task_splits_are_disjoint_and_committed(skill: str) -> None:
+    docs = eval_docs(skill)
+    search = {d.prompt for d in docs["search"]}
+    holdout = {d.prompt for d in docs["holdout"]}
+    assert len(search) == len(docs["search"]) == 400 and len(holdout) == 400
+    assert not search & holdout
+    folder = REPO / "evaluators" / "tasks" / f"zoo_{skill}"
+    for split, split_docs in docs.items():
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        assert rows == [d.to_json() for d in split_docs], f"{folder} is stale: regenerate it"
+    assert (folder / f"zoo_{skill}.yaml").is_file() and (folder / "_data.py").is_file()
+
+
+@pytest.mark.parametrize("skill", ["add", "reverse", "sort"])
+def test_no_eval_prompt_in_training_data(skill: str) -> None:
+    banned = eval_prompts(skill)
+    for parent_of in (s for s, parent in COMPOSITIONS.items() if parent == skill):
+        # A composition's prompts are its parent's with another operator; the parent bans them.
+        assert {p.replace("|", "=") for p in eval_prompts(parent_of)} <= banned
+    rng = np.random.default_rng(0)
+    for variant in ("true", "noise", "weak"):
+        stream = training_sampler(skill, variant, rng)
+        drawn = [next(stream)[0] for _ in range(3000)]
+        assert not banned & set(drawn)
