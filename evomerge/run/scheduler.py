@@ -326,4 +326,7 @@ class Scheduler:
         score = self.fitness(best[1]) if best else None
         rate = self.evaluated / max(1e-9, time.perf_counter() - self.started)
         best_text = f"best {score:.4f}" if score is not None else "best -"
-        return f"{best_text}, {rate:.2f} evals/s, {self.failures_in_a_row} failed in a row"
+        eta = ""
+        if self.opt.max_evals is not None and rate > 0:
+            eta = f", ETA {max(0, self.opt.max_evals - self.opt.n_told) / rate:.0f} s"
+        return f"{best_text}, {rate:.2f} evals/s{eta}, {self.failures_in_a_row} failed in a row"

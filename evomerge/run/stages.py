@@ -55,7 +55,7 @@ def uses_subsamples(spec: Any) -> bool:
     """Whether the evaluator draws a document subset per generation (then a recipe's scores are
     only reusable within the same generation)."""
     if isinstance(spec, dict):
-        return "subsample" in spec or any(uses_subsamples(v) for v in spec.values())
+        return spec.get("subsample") is not None or any(uses_subsamples(v) for v in spec.values())
     if isinstance(spec, list):
         return any(uses_subsamples(v) for v in spec)
     return False
