@@ -100,6 +100,31 @@ metric_list:
   - metric: acc
 """
     )
+    gen = root / "evo_gen"  # generate_until over the zoo_add documents (the HFLM fallback path)
+    gen.mkdir()
+    add = TASKS / "zoo_add"
+    (gen / "evo_gen.yaml").write_text(
+        f"""task: evo_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    search: {add / 'search.jsonl'}
+    holdout: {add / 'holdout.jsonl'}
+validation_split: search
+test_split: holdout
+output_type: generate_until
+doc_to_text: prompt
+doc_to_target: answer
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+    )
     broken = root / "evo_broken"
     broken.mkdir()
     (broken / "evo_broken.yaml").write_text("task: evo_broken\ndataset_path: json\n  output_type: [loglikelihood\n")
@@ -133,19 +158,21 @@ def _simple_evaluate(model, tok, tasks, manager, **kwargs):
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0, **kwargs)
 
 
-def test_scores_equal_simple_evaluate_on_zoo_tasks(zoo_ev, tok):
+def test_scores_equal_simple_evaluate_on_zoo_tasks(tok):
+    ev = build_evaluator("zoo_all", {"include_defaults": False, "holdout_limit": 120})
     model = _model(1)
-    result = zoo_ev.evaluate(model, tok, "holdout")
+    result = ev.evaluate(model, tok, "holdout")
     assert not result.failed, result.error
     tasks = ["zoo_add", "zoo_reverse", "zoo_sort"]
-    ref = _simple_evaluate(model, tok, tasks, zoo_ev.task_manager)
+    ref = _simple_evaluate(model, tok, tasks, ev.task_manager, limit=120)
     for name in tasks:
         samples = sorted(ref["samples"][name], key=lambda s: s["doc_id"])
+        assert len(samples) == result.counts[name] == 120
         assert result.doc_ids[name] == [f"holdout:{s['doc_id']}" for s in samples]
         np.testing.assert_array_equal(result.per_sample[name], [s["acc"] for s in samples])
         assert result.task_scores[name] == pytest.approx(ref["results"][name]["acc,none"], abs=0)
         # the raw (loglikelihood, greedy) answers, not only the 0/1 metric
-        ours = [d.instances[0].resps[0] for d in zoo_ev.tasks[name].docs["holdout"]]
+        ours = [d.instances[0].resps[0] for d in ev.tasks[name].docs["holdout"][:120]]
         theirs = [s["resps"][0][0] for s in samples]
         np.testing.assert_allclose([o[0] for o in ours], [t[0] for t in theirs], rtol=1e-5, atol=1e-5)
         assert [o[1] for o in ours] == [t[1] for t in theirs]
@@ -262,3 +289,15 @@ def test_configuration_errors_are_one_line(local_tasks):
     with pytest.raises(ConfigError) as info:
         build_evaluator(_spec([{"task": "zoo_add", "metric": "f1"}]))
     assert info.value.field == "tasks[0].metric"
+
+
+def test_generate_until_falls_back_to_hflm_and_equals_simple_evaluate(local_tasks, tok):
+    ev = build_evaluator(_spec(["evo_gen"], include_path=str(local_tasks), holdout_limit=12, limit=5))
+    model = _model(8)
+    result = ev.evaluate(model, tok, "holdout")
+    assert not result.failed, result.error
+    assert result.counts == {"evo_gen": 12} and ev.doc_ids("search")["evo_gen"] == [f"search:{i}" for i in range(5)]
+    ref = _simple_evaluate(model, tok, ["evo_gen"], ev.task_manager, limit=12)
+    samples = sorted(ref["samples"]["evo_gen"], key=lambda s: s["doc_id"])
+    assert [d.instances[0].resps[0] for d in ev.tasks["evo_gen"].docs["holdout"][:12]] == [s["resps"][0][0] for s in samples]
+    np.testing.assert_array_equal(result.per_sample["evo_gen"], [s["exact_match"] for s in samples])

@@ -10,7 +10,10 @@ what makes it cheaper than HFLM per candidate:
 - a :class:`Plan` (unique inputs sorted longest first, padded batches, gather indices) is built
   once per set of requests and reused for every candidate;
 - identical inputs are run once (HFLM does this only for one-token continuations);
-- the log-softmax is taken only at the continuation positions, not over the whole sequence.
+- the log-softmax is taken only at the continuation positions, not over the whole sequence,
+  and when the model's forward takes `logits_to_keep` (transformers' causal LMs do) the output
+  head runs only at the positions some request scores (for a large vocabulary, the head over
+  every position is a good part of a forward pass).
 
 Values equal HFLM's up to float rounding from different batch shapes (acc/greedy flags match
 exactly except on exact logit ties).
@@ -18,6 +21,7 @@ exactly except on exact logit ties).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,8 @@ class _Batch:
     input_ids: torch.Tensor  # [B, T] right-padded with 0
     rows: torch.Tensor  # [K] row of each scored position
     positions: torch.Tensor  # [K] logit position of each scored token
+    keep: torch.Tensor  # [P] sorted positions any row scores (for `logits_to_keep`)
+    kept_positions: torch.Tensor  # [K] index of each scored position within `keep`
     targets: torch.Tensor  # [K] the continuation token scored there
     owner: torch.Tensor  # [K] request index (into the plan's requests) of each position
 
@@ -47,7 +53,7 @@ class Plan:
         if all(b.input_ids.device == device for b in self.batches):
             return self
         moved = [
-            _Batch(*(getattr(b, f).to(device) for f in ("input_ids", "rows", "positions", "targets", "owner")))
+            _Batch(*(getattr(b, f).to(device) for f in _Batch.__dataclass_fields__))
             for b in self.batches
         ]
         return Plan(self.n_requests, moved, self.n_tokens)
@@ -91,22 +97,42 @@ def make_plan(
                 positions.append(p)
                 targets.append(tok)
                 owner.append(r)
+        keep = sorted(set(positions))
+        where = {p: j for j, p in enumerate(keep)}
+        kept = [where[p] for p in positions]
         batches.append(
-            _Batch(ids, *(torch.tensor(v, dtype=torch.long) for v in (rows, positions, targets, owner)))
+            _Batch(ids, *(torch.tensor(v, dtype=torch.long) for v in (rows, positions, keep, kept, targets, owner)))
         )
     return Plan(len(requests), batches, sum(len(x) for x in inputs))
 
 
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether `model.forward` accepts `logits_to_keep` (a tensor of sequence positions)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
-def run_plan(model: torch.nn.Module, plan: Plan) -> tuple[list[float], list[bool]]:
-    """(loglikelihood, is_greedy) of every request of the plan, in request order."""
+def run_plan(model: torch.nn.Module, plan: Plan, *, keep_logits: bool | None = None) -> tuple[list[float], list[bool]]:
+    """(loglikelihood, is_greedy) of every request of the plan, in request order.
+
+    keep_logits: compute the output head only at scored positions (default: when supported).
+    """
     device = next(model.parameters()).device
     plan = plan.to(device)
+    if keep_logits is None:
+        keep_logits = takes_logits_to_keep(model)
     ll = torch.zeros(plan.n_requests, dtype=torch.float64, device=device)
     misses = torch.zeros(plan.n_requests, dtype=torch.long, device=device)
     for batch in plan.batches:
-        logits = model(input_ids=batch.input_ids).logits
-        picked = F.log_softmax(logits[batch.rows, batch.positions], dim=-1)
+        if keep_logits:
+            logits = model(input_ids=batch.input_ids, logits_to_keep=batch.keep).logits
+            selected = logits[batch.rows, batch.kept_positions]
+        else:
+            selected = model(input_ids=batch.input_ids).logits[batch.rows, batch.positions]
+        picked = F.log_softmax(selected, dim=-1)
         token_lp = picked.gather(1, batch.targets[:, None]).squeeze(1)
         ll.index_add_(0, batch.owner, token_lp.to(torch.float64))
         misses.index_add_(0, batch.owner, (picked.argmax(-1) != batch.targets).long())

@@ -9,7 +9,8 @@ time per candidate:
   (b) `evaluator.evaluate(model, tok, "holdout")` of an evaluator built once (`zoo_all`);
   (c) the model's bare forward passes over the same requests (the evaluator's own batches,
       de-duplicated and padded: the least any evaluator must run).
-Each candidate is timed `--repeats` times, interleaved, and the minimum kept (the machine is
+Torch runs one thread by default (`--threads`): on the shared 2-core machine two threads make
+every timing a measure of the neighbours' load. Each candidate is timed `--repeats` times, interleaved, and the minimum kept (the machine is
 shared); the per-candidate figures are medians over candidates. Scores are compared per
 document: the 0/1 acc exactly, the raw log-likelihoods to rtol 1e-4 and the greedy flags exactly.
 Ends with `eval_over_forward: X` ((b) / (c)) and `scores_equal_simple_evaluate: true|false`.
@@ -46,7 +47,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--limit", type=int, default=50, help="holdout documents per task")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0: torch's default); 1 keeps timings stable on a shared 2-core machine"
+    )
     parser.add_argument("--full-task-manager", action="store_true", help="also time lm-eval's full TaskManager (~16 s)")
     args = parser.parse_args()
     if args.threads:
