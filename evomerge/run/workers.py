@@ -185,7 +185,7 @@ class _WorkerActor:
             result = EvalResult.failure(self.setup_error or "worker is not set up", {})
         else:
             result = self.core.run(job)
-        return result, started, time.time(), f"ray-w{self.slot}:{os.getpid()}"
+        return result, started, time.time(), f"ray-w{self.slot}@{self.node_id[:8]}:{os.getpid()}"
 
     def stats(self) -> dict:
         """Memory of this worker process (for tests and benchmarks)."""
@@ -232,6 +232,11 @@ class _Slot:
     pid: int | None = None
     running: _Running | None = None
     pending_run: Any | None = None  # ObjectRef of the current `run`
+
+    @property
+    def name(self) -> str:
+        """As the actor names itself: ray-w<slot>@<node id prefix>:<pid>."""
+        return f"ray-w{self.index}@{(self.node_id or '?')[:8]}:{self.pid}"
 
 
 @dataclass
@@ -474,7 +479,7 @@ class RayWorkerPool:
             if slot.running is None:
                 slot.pending_run = None  # `run` will answer with the setup error
                 return
-            value = (EvalResult.failure(f"worker error: {exc}", self._directions), slot.running.dispatched, time.time(), f"ray-w{slot.index}")
+            value = (EvalResult.failure(f"worker error: {exc}", self._directions), slot.running.dispatched, time.time(), slot.name)
         if starting:
             self._configure(slot, value)
             return
@@ -506,7 +511,7 @@ class RayWorkerPool:
                     f"worker died {attempts} times while evaluating this candidate (last: {_short(exc)})",
                     self._directions,
                 )
-                self._done.append(JobOutcome(running.job.job_id, result, f"ray-w{slot.index}", attempts, running.dispatched, time.time()))
+                self._done.append(JobOutcome(running.job.job_id, result, slot.name, attempts, running.dispatched, time.time()))
             else:
                 self._pending.appendleft((running.job, attempts))
         fresh = self._new_slot(slot.index)
