@@ -82,6 +82,7 @@ class Run:
         self._evaluators: dict[str, tuple[dict, Any, dict[str, bool]]] = {}
         self._pool: WorkerPool | None = None
         self._pool_key: str | None = None
+        self._pool_sources: dict[str, str] = {}
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> list[StagePlan]:
@@ -300,6 +301,7 @@ class Run:
             write_model(recipe, self.sources, out, scores=_flat_scores(best))
             self.sources.register(f"stage:{name}", out)
             pool.add_source(f"stage:{name}", str(out))
+            self._pool_sources[f"stage:{name}"] = str(out)
         write_best(self.run_dir, best, self.sources)
 
     def _register_stage_models(self) -> None:
@@ -310,15 +312,19 @@ class Run:
 
     def _pool_for(self, plan: StagePlan, evaluator: Any) -> WorkerPool:
         key = json.dumps(plan.evaluator_spec, sort_keys=True, default=str)
-        if self._pool is not None and key == self._pool_key:
-            return self._pool
-        self.shutdown()
         refs = [*plan.models, *([plan.base] if plan.base else [])]
         sources = {ref: str(self.sources.resolve(ref)) for ref in refs}
         sources.update({ref: str(path) for ref, path in self.sources.aliases.items()})
+        if self._pool is not None and key == self._pool_key:  # same evaluator: keep the workers
+            for ref, path in sources.items():
+                if self._pool_sources.get(ref) != path:
+                    self._pool.add_source(ref, path)
+            self._pool_sources.update(sources)
+            return self._pool
+        self.shutdown()
         pool = make_pool(self.exp, local=self.local, evaluator=evaluator)
         pool.start(sources, plan.evaluator_spec, allow_pickle=self.exp.allow_pickle, dtype=self.exp.dtype)
-        self._pool, self._pool_key = pool, key
+        self._pool, self._pool_key, self._pool_sources = pool, key, dict(sources)
         return pool
 
     def _score_baselines(self, plan: StagePlan, pool: WorkerPool, ledger: Ledger, opt: Any) -> None:
