@@ -94,6 +94,12 @@ class Run:
             refs += [(f"stages[{i}].models[{j}]", r) for j, r in enumerate(stage.models or [])]
             if stage.base:
                 refs.append((f"stages[{i}].base", stage.base))
+        presets = dict.fromkeys(ref[len("zoo:"):].split("/")[0] for _, ref in refs if ref.startswith("zoo:"))
+        for preset in presets:  # a first build takes minutes: say what is going on
+            from evomerge.zoo import PRESETS, build_zoo
+
+            if preset in PRESETS:
+                build_zoo(preset, progress=self.echo)
         for field, ref in refs:
             if ref.startswith(("stage:", "archive:")):
                 continue
