@@ -16,8 +16,12 @@ and how to run them (Ray or in-process workers). Example::
         budget: {evaluations: 64}        # and/or seconds
     ray: {workers: 0}                    # 0: in-process workers; N: N Ray workers
 
-A stage's `models` default to the experiment's `sources` (its `base` to the experiment's
-`base`); `stage:NAME` refers to the best model of an earlier stage. Paths are relative to the
+A stage's `models` default to the experiment's `sources` and its `base` to the experiment's
+`base`; a stage that lists its own `models` names its own `base` (if its method needs one).
+`stage:NAME` refers to the best model of an earlier stage (PS then DFS, as in Sakana's paper).
+`baselines` are hand-set recipes scored on both splits with the first stage's evaluator.
+`--set stages.ps.budget.evaluations=20` changes one field (lists by index or, for stages, by
+name; values are read as YAML). Paths are relative to the
 experiment file. `resolve_experiment` makes every path absolute and inlines the search-space
 spec, so the copy frozen in the run directory does not depend on where it was started from.
 Errors are one line naming the file and the field (`ConfigError`, exit code 2).
