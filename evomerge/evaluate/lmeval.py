@@ -352,11 +352,12 @@ class LmEvalEvaluator(Evaluator):
                 max_length=self.spec.max_length,
             )
 
-    def _tokens(self, lm: Any, tokenizer: Any) -> dict[int, tuple[list[int], list[int]]]:
+    def _tokens(self, model: Any, tokenizer: Any) -> dict[int, tuple[list[int], list[int]]]:
         """Token ids of every fast-path request (keyed by id(Instance)), as HFLM.loglikelihood encodes them."""
         cached = self._tokenized.get(id(tokenizer))
         if cached is not None and cached[0] is tokenizer:
             return cached[1]
+        lm = self._hflm(model, tokenizer)
         table: dict[int, tuple[list[int], list[int]]] = {}
         for t in self.tasks.values():
             if not t.fast:
@@ -390,13 +391,14 @@ class LmEvalEvaluator(Evaluator):
             raise ValueError("the lm_eval evaluator needs the model's tokenizer")
         selection = self._selection(split, subset, shard)
         was_training = model.training
-        model.eval()
+        if was_training:  # toggling walks every module: only when needed
+            model.eval()
         try:
-            lm = self._hflm(model, tokenizer)
-            self._run_fast(model, lm, tokenizer, split, selection)
-            self._run_slow(lm, selection)
+            self._run_fast(model, tokenizer, split, selection)
+            self._run_slow(model, tokenizer, selection)
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         per_sample: dict[str, np.ndarray] = {}
         task_scores: dict[str, float] = {}
         for name, docs in selection.items():
@@ -414,19 +416,28 @@ class LmEvalEvaluator(Evaluator):
             objective_weights={k: dict(v) for k, v in self.objective_weights.items()},
         )
 
-    def _run_fast(self, model: Any, lm: Any, tokenizer: Any, split: Split, selection: dict[str, list[_Doc]]) -> None:
+    def _max_length(self, model: Any, tokenizer: Any) -> int:
+        """HFLM.max_length without building an HFLM."""
+        if self.spec.max_length:
+            return self.spec.max_length
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.models.utils import resolve_max_length
+
+        return resolve_max_length(model.config, tokenizer, default=HFLM._DEFAULT_MAX_LENGTH)
+
+    def _run_fast(self, model: Any, tokenizer: Any, split: Split, selection: dict[str, list[_Doc]]) -> None:
         instances = [inst for name, docs in selection.items() if self.tasks[name].fast for d in docs for inst in d.instances]
         if not instances:
             return
-        table = self._tokens(lm, tokenizer)
-        max_length = lm.max_length
+        table = self._tokens(model, tokenizer)
+        max_length = self._max_length(model, tokenizer)
         key = (id(tokenizer), max_length, split, tuple(id(i) for i in instances))
         plan = self._plan(key, [table[id(i)] for i in instances], max_length)
         lls, greedy = run_plan(model, plan)
         for inst, ll, g in zip(instances, lls, greedy, strict=True):
             inst.resps = [(ll, g)] * (inst.repeats or 1)
 
-    def _run_slow(self, lm: Any, selection: dict[str, list[_Doc]]) -> None:
+    def _run_slow(self, model: Any, tokenizer: Any, selection: dict[str, list[_Doc]]) -> None:
         by_type: dict[str, list] = {}
         for name, docs in selection.items():
             if self.tasks[name].fast:
@@ -435,6 +446,7 @@ class LmEvalEvaluator(Evaluator):
                 for inst in d.instances:
                     inst.resps = []
                     by_type.setdefault(inst.request_type, []).append(inst)
+        lm = self._hflm(model, tokenizer) if by_type else None
         for reqtype, insts in by_type.items():
             cloned = [inst for inst in insts for _ in range(inst.repeats or 1)]
             with _quiet_lm_eval():
