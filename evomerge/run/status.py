@@ -102,6 +102,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     return {
         "run": exp.name,
         "dir": str(run_dir),
+        "seed": exp.seed,
+        "base": exp.models.base,
         "stage": current["name"],
         "evaluations": len(search_rows),
         "budget": None if any(b is None for b in budgets) else sum(budgets),
