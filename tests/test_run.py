@@ -403,3 +403,14 @@ def test_scheduler_splits_a_small_generation_across_idle_workers(llama_family: d
         whole = pool.core.run(Job("check", Recipe.from_string(row.recipe_yaml), "search", None, None))
         assert row.objectives["acc"] == pytest.approx(whole.objectives["acc"], rel=1e-12)
         assert row.per_sample["t"] == pytest.approx(whole.per_sample["t"].tolist(), rel=1e-12)
+
+
+def test_set_overrides_by_index_and_stage_name() -> None:
+    from evomerge.config import apply_sets, parse_sets
+
+    data = {"seed": 0, "stages": [{"name": "ps", "budget": {"evaluations": 8}}, {"name": "dfs"}], "ray": {}}
+    sets = parse_sets(["seed=3", "stages.ps.budget.evaluations=20", "stages.1.budget={seconds: 60}", "ray.workers=2", "models.sources=[a, b]"])
+    out = apply_sets(data, sets)
+    assert out["seed"] == 3 and out["stages"][0]["budget"]["evaluations"] == 20
+    assert out["stages"][1]["budget"] == {"seconds": 60} and out["ray"]["workers"] == 2
+    assert out["models"]["sources"] == ["a", "b"] and data["seed"] == 0  # the input is untouched
