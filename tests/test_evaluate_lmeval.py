@@ -301,3 +301,15 @@ def test_generate_until_falls_back_to_hflm_and_equals_simple_evaluate(local_task
     samples = sorted(ref["samples"]["evo_gen"], key=lambda s: s["doc_id"])
     assert [d.instances[0].resps[0] for d in ev.tasks["evo_gen"].docs["holdout"][:12]] == [s["resps"][0][0] for s in samples]
     np.testing.assert_array_equal(result.per_sample["evo_gen"], [s["exact_match"] for s in samples])
+
+
+def test_registered_lm_eval_tasks_resolve_through_lm_evals_registry():
+    """lm-eval's own tasks are found by name (its full TaskManager, built once per process);
+    a typo lists the closest registered names, and a dataset that is not available offline is
+    a one-line error naming the task."""
+    with pytest.raises(ConfigError, match="unknown task 'helaswag'.*closest known: hellaswag") as info:
+        build_evaluator({"kind": "lm_eval", "tasks": ["helaswag"]})
+    assert info.value.field == "tasks[0].task"
+    with pytest.raises(ConfigError, match="task 'mgsm_ja_lang' cannot be loaded") as info:
+        build_evaluator("gsm8k_template")
+    assert "\n" not in str(info.value)

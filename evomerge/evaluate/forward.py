@@ -16,7 +16,8 @@ what makes it cheaper than HFLM per candidate:
   every position is a good part of a forward pass).
 
 Values equal HFLM's up to float rounding from different batch shapes (acc/greedy flags match
-exactly except on exact logit ties).
+exactly except on exact logit ties). Token log-probabilities are summed in float64; HFLM sums
+in the model's dtype, so for a bf16 model the log-likelihoods agree to bf16 precision only.
 """
 
 from __future__ import annotations
