@@ -197,7 +197,9 @@ def test_kill_9_then_resume_gives_the_same_ledger_and_best(llama_family: dict[st
         while _count(killed) < 6 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)  # mid-generation: 6 of 12, popsize 4
+        code, out = cli("resume", killed)  # a second driver on a live run is refused
+        assert code == 2 and f"another process (pid {proc.pid})" in out
+        os.kill(proc.pid, signal.SIGKILL)  # mid-generation, popsize 4
     finally:
         proc.wait()
     partial = rows(killed)

@@ -198,6 +198,34 @@ class Run:
     # ---- execution ----------------------------------------------------------------------
     def execute(self) -> dict[str, Any] | None:
         """Run (or carry on) every stage; returns the run's best (see `stage_best`)."""
+        lock = self._lock()
+        try:
+            return self._execute()
+        finally:
+            lock.close()
+
+    def _lock(self):
+        """Hold `<run>/.lock` while the run executes: a second driver on the same directory (a
+        resume while the run still goes on) is refused. The OS drops the lock when the process
+        dies, even by kill -9."""
+        import fcntl
+        import os
+
+        handle = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise ConfigError(f"the run is going on in another process (pid {holder}); wait for it or stop it first", file=str(self.run_dir)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _execute(self) -> dict[str, Any] | None:
         ckpt = load_checkpoint(self.run_dir) or {}
         state = {
             "stages_done": list(ckpt.get("stages_done", [])),
