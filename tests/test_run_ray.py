@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from evomerge.evaluate.result import EvalResult
 from evomerge.recipe import Recipe
@@ -117,6 +118,11 @@ def test_two_workers_match_the_in_process_core(pool, sources):
     assert outcomes["ties-holdout-shard"].result.per_sample["probe"][1] == 1  # shard reached the evaluator
     assert len({o.worker for o in outcomes.values()}) == 2  # both workers took jobs
     assert pool.idle() == 2
+
+    # TIES's magnitude ranks (int32, one table per source tensor) are held once per node
+    elements = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sources["a"]).state_dict().values())
+    tables = sum(pool.store_bytes(tables=True).values()) - sum(pool.store_bytes().values())
+    assert tables == 2 * elements * 4  # models a and b against the base, each table once
 
 
 def test_failing_candidates_come_back_failed_and_the_pool_goes_on(pool):

@@ -65,6 +65,7 @@ class WorkerCore:
     factory, see `build_evaluator`). dtype: the dtype the model is evaluated in (default: the
     recipe's `out_dtype`/`dtype`, else float32). device: default `cuda` when available.
     tensors: optional ref -> {tensor name -> tensor} to use instead of reading the files.
+    sparsifier: a `CachedSparsifier` (or subclass) to use; default a private one.
     """
 
     def __init__(
@@ -76,13 +77,14 @@ class WorkerCore:
         device: str | None = None,
         *,
         tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        sparsifier: CachedSparsifier | None = None,
     ):
         if dtype is not None and dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {sorted(TORCH_DTYPES)}")
         self.dtype = dtype
         self.device = device or default_device()
         self.pool = SourcePool(allow_pickle=allow_pickle, resident=True)
-        self.sparsifier = CachedSparsifier()
+        self.sparsifier = sparsifier if sparsifier is not None else CachedSparsifier()
         self.evaluator = build_evaluator(evaluator_spec)
         self._directions = evaluator_directions(self.evaluator)
         self._model: torch.nn.Module | None = None

@@ -10,7 +10,9 @@ into a source tensor (it does not: methods build new tensors).
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from evomerge.merge.sources import Source
+from evomerge.merge.sparsify import CachedSparsifier
 
 ALIGN = 64  # bytes; every tensor starts on a cache-line boundary (and its own element size)
 
@@ -56,3 +59,58 @@ def unpack(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def packed_nbytes(packed: dict[str, Any]) -> int:
     return int(packed["buffer"].nbytes)
+
+
+class NodeSharedSparsifier(CachedSparsifier):
+    """A `CachedSparsifier` whose magnitude and row ranks are held once per node.
+
+    Ranks cost 4 bytes per source element, as much as the sources themselves: kept per worker,
+    every extra worker on a node would pay for them again. Here the first worker that needs a
+    rank table computes it and hands it to the node's store actor, which keeps it in the object
+    store; every worker (this one included) then uses a zero-copy, read-only view of that one
+    copy, and asks the store only once per table. Two workers may both compute a table the first
+    time; the store keeps the first. Noise (DARE, DELLA) stays per worker (it is kept for the
+    most recent seeds only).
+
+    store: the node's store actor; identity: maps a source ref to what it stands for (its
+    directory), so that a ref re-pointed by `add_source` never finds another model's ranks.
+    """
+
+    def __init__(self, store: Any, identity: Callable[[str], str], noise_seeds: int = 2):
+        super().__init__(noise_seeds)
+        self._store = store
+        self._identity = identity
+        self._shared_lock = threading.Lock()
+        self.shared_hits = 0  # tables another worker had already computed
+
+    def _cached(self, store: dict, key: Hashable, make: Callable[[], torch.Tensor], counter: str) -> torch.Tensor:
+        hit = store.get(key)
+        if hit is not None:
+            return hit
+        import ray
+
+        with self._shared_lock:
+            hit = store.get(key)
+            if hit is not None:
+                return hit
+            node_key = repr((counter, self._node_key(key)))
+            found = ray.get(self._store.get_table.remote(node_key))
+            if found is not None:
+                self.shared_hits += 1
+            else:
+                table = make()
+                setattr(self, counter, getattr(self, counter) + 1)
+                found = ray.get(self._store.put_table.remote(node_key, table.numpy()))
+                del table  # the store's copy replaces ours
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only on purpose
+                value = torch.from_numpy(ray.get(found[0]))
+            store[key] = value
+            return value
+
+    def _node_key(self, key: Hashable) -> Hashable:
+        if isinstance(key, tuple):
+            return tuple(self._node_key(part) for part in key)
+        if isinstance(key, str):
+            return self._identity(key)
+        return key

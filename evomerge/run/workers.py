@@ -121,6 +121,7 @@ class _StoreActor:
     def __init__(self, allow_pickle: bool):
         self.allow_pickle = allow_pickle
         self._objects: dict[tuple[str, str], Any] = {}
+        self._tables: dict[str, Any] = {}
 
     def load(self, ref: str, path: str) -> list:
         """The object ref of the packed source, in a list so that Ray passes it unresolved."""
@@ -133,10 +134,26 @@ class _StoreActor:
             self._objects[key] = ray.put(pack_source(ref, path, allow_pickle=self.allow_pickle))
         return [self._objects[key]]
 
-    def nbytes(self) -> int:
+    def get_table(self, key: str) -> list | None:
+        """A rank table some worker of this node computed (see NodeSharedSparsifier), or None."""
+        found = self._tables.get(key)
+        return None if found is None else [found]
+
+    def put_table(self, key: str, table) -> list:
+        """Keep a rank table for the node (the first one offered wins); returns its object ref."""
         import ray
 
-        return sum(int(ray.get(obj)["buffer"].nbytes) for obj in self._objects.values())
+        if key not in self._tables:
+            self._tables[key] = ray.put(table)
+        return [self._tables[key]]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes this node's store holds: packed sources and shared rank tables."""
+        import ray
+
+        sources = sum(int(ray.get(obj)["buffer"].nbytes) for obj in self._objects.values())
+        tables = sum(int(ray.get(obj).nbytes) for obj in self._tables.values())
+        return {"sources": sources, "tables": tables}
 
 
 class _WorkerActor:
@@ -150,6 +167,7 @@ class _WorkerActor:
         self.core = None
         self.setup_error: str | None = None
         self._shared: dict[str, Any] = {}  # ref -> packed object (keeps the zero-copy views alive)
+        self._private_base = 0
 
     def where(self) -> tuple[str, int]:
         return self.node_id, os.getpid()
@@ -157,14 +175,24 @@ class _WorkerActor:
     def setup(self, store, sources: dict[str, str], evaluator, allow_pickle: bool, dtype, device) -> dict:
         """Build the WorkerCore; returns the evaluator's objective directions (maybe empty)."""
         from evomerge.run.worker_core import WorkerCore
+        from evomerge.run.worker_store import NodeSharedSparsifier
 
         try:
             tensors = {ref: self._fetch(store, ref, path) for ref, path in sources.items()}
-            self.core = WorkerCore(sources, evaluator, allow_pickle, dtype, device, tensors=tensors)
+            sparsifier = NodeSharedSparsifier(store, self._identity)
+            self.core = WorkerCore(
+                sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
+            )
+            self._private_base = _private_memory()[0]  # interpreter, libraries, evaluator
         except Exception as exc:
             self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"
             raise
         return dict(self.core._directions)
+
+    def _identity(self, ref: str) -> str:
+        """What a source ref stands for on this worker (ref and directory)."""
+        aliases = self.core.pool.aliases if self.core is not None else {}
+        return f"{ref}={aliases[ref]}" if ref in aliases else ref
 
     def add_source(self, store, ref: str, path: str) -> None:
         if self.core is not None:
@@ -192,13 +220,20 @@ class _WorkerActor:
         import psutil
 
         info = psutil.Process().memory_full_info()
+        private, private_peak = _private_memory()
         return {
             "pid": os.getpid(),
             "node_id": self.node_id,
             "rss": info.rss,
             "uss": info.uss,
+            "private": private,
+            "private_peak": private_peak,
+            "private_base": self._private_base,
             "model_bytes": self.core.model_bytes() if self.core else 0,
             "models_built": self.core.models_built if self.core else 0,
+            "sparsifier_bytes": self.core.sparsifier.nbytes() if self.core else 0,  # incl. shared views
+            "sparsifier_ranks_computed": self.core.sparsifier.rank_computations if self.core else 0,
+            "sparsifier_shared_hits": getattr(self.core.sparsifier, "shared_hits", 0) if self.core else 0,
         }
 
     def source_views(self, ref: str) -> dict:
@@ -396,11 +431,16 @@ class RayWorkerPool:
     def actors(self) -> list[Any]:
         return [s.actor for s in self._slots]
 
-    def store_bytes(self) -> dict[str, int]:
-        """Per node, bytes of packed sources its store holds."""
+    def store_bytes(self, *, tables: bool = False) -> dict[str, int]:
+        """Per node, bytes of packed sources its store holds (plus shared rank tables with
+        `tables=True`)."""
         import ray
 
-        return dict(zip(self._stores, ray.get([s.nbytes.remote() for s in self._stores.values()]), strict=True))
+        held = ray.get([s.nbytes.remote() for s in self._stores.values()])
+        return {
+            node: found["sources"] + (found["tables"] if tables else 0)
+            for node, found in zip(self._stores, held, strict=True)
+        }
 
     # ---- internals ------------------------------------------------------------------------------
     def _check_started(self) -> None:
@@ -517,6 +557,26 @@ class RayWorkerPool:
         fresh = self._new_slot(slot.index)
         slot.actor, slot.ready, slot.pending_run = fresh.actor, fresh.ready, None
         slot.node_id = slot.pid = None
+
+
+def _private_memory() -> tuple[int, int]:
+    """(now, peak) bytes of this process's private memory: anonymous resident pages now, and
+    the peak resident size less what is file-backed or shared memory (the object store)."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    fields[name] = int(value.split()[0]) * 1024
+    except OSError:  # not Linux: USS for both
+        import psutil
+
+        uss = psutil.Process().memory_full_info().uss
+        return uss, uss
+    now = fields.get("RssAnon", 0)
+    peak = fields.get("VmHWM", 0) - fields.get("RssFile", 0) - fields.get("RssShmem", 0)
+    return now, max(now, peak)
 
 
 def _deaths() -> tuple[type[BaseException], ...]:
