@@ -66,6 +66,9 @@ def test_combine_recomputes_objectives_and_propagates_failures():
     assert whole.task_scores == pytest.approx({"a": 2 / 3, "b": 0.5})
     assert whole.objectives["mean"] == pytest.approx((2 / 3 + 3 * 0.5) / 4)
     assert whole.counts == {"a": 3, "b": 2}
+    # an empty shard (fewer documents than shards) is not a failure
+    empty = EvalResult({"mean": 0.0}, {"mean": True}, {"a": np.array([]), "b": np.array([])}, {"a": [], "b": []}, objective_weights=weights)
+    assert EvalResult.combine([*part, empty]).objectives == whole.objectives
     failed = EvalResult.combine([part[0], EvalResult.failure("boom", {"mean": True})])
     assert failed.failed and failed.error == "boom" and failed.objectives["mean"] == -math.inf
 

@@ -243,6 +243,10 @@ def test_shards_combine_to_the_whole(mc_ev, tok):
     assert combined.doc_ids == whole.doc_ids
     np.testing.assert_array_equal(combined.per_sample["evo_mc"], whole.per_sample["evo_mc"])
     assert combined.objectives == pytest.approx(whole.objectives)
+    tiny = build_evaluator(_spec([{"task": "evo_mc", "metric": "acc_norm", "num_fewshot": 2}], include_path=str(mc_ev.spec.include_path), limit=2))
+    sparse = [tiny.evaluate(model, tok, "search", shard=(i, 4)) for i in range(4)]
+    assert not any(p.failed for p in sparse) and sum(p.counts["evo_mc"] for p in sparse) == 2
+    assert EvalResult.combine(sparse).per_sample["evo_mc"].tolist() == whole.per_sample["evo_mc"][:2].tolist()
     again = EvalResult.from_dict(json.loads(json.dumps(combined.to_dict())))
     assert again.objectives == combined.objectives and again.task_scores == combined.task_scores
 

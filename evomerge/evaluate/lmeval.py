@@ -407,7 +407,7 @@ class LmEvalEvaluator(Evaluator):
             agg = self.tasks[name].task.aggregation()[self.tasks[name].metric]
             task_scores[name] = float(agg(values)) if values else math.nan
         return EvalResult(
-            objectives=weighted_objectives(self.objective_weights, task_scores),
+            objectives=weighted_objectives(self.objective_weights, task_scores, partial=shard is not None),
             higher_is_better=self.objective_directions(),
             per_sample=per_sample,
             doc_ids={name: [d.id for d in docs] for name, docs in selection.items()},

@@ -115,10 +115,22 @@ class EvalResult:
         )
 
 
-def weighted_objectives(weights: dict[str, dict[str, float]], task_scores: dict[str, float]) -> dict[str, float]:
-    """objective -> sum_t w_t * score_t / sum_t w_t (NaN when a task score is missing)."""
+def weighted_objectives(
+    weights: dict[str, dict[str, float]], task_scores: dict[str, float], *, partial: bool = False
+) -> dict[str, float]:
+    """objective -> sum_t w_t * score_t / sum_t w_t (NaN when a task score is missing).
+
+    partial: for one shard of a candidate, whose blocks may hold no document of some task:
+    missing or NaN task scores are left out (0.0 when none is left). Such provisional
+    objectives are replaced by `EvalResult.combine`.
+    """
     out: dict[str, float] = {}
     for name, per_task in weights.items():
+        if partial:
+            per_task = {t: w for t, w in per_task.items() if math.isfinite(task_scores.get(t, math.nan))}
+            if not per_task:
+                out[name] = 0.0
+                continue
         total = sum(per_task.values())
         if total <= 0 or any(t not in task_scores for t in per_task):
             out[name] = math.nan
