@@ -1,8 +1,9 @@
 """Evaluation overhead per candidate: lm-eval's simple_evaluate vs the evomerge evaluator vs bare forwards.
 
 On the zoo's tasks (zoo_add, zoo_reverse, zoo_sort; the first `--limit` holdout documents of
-each, 150 requests by default) and tiny random zoo Llamas (one per candidate, different seeds),
-time per candidate:
+each, 150 requests by default) and tiny random zoo Llamas (one per candidate, different seeds;
+`--models tiny` uses the trained models of the zoo's `tiny` preset instead, building it first
+if needed, so that accuracies are not all zero), time per candidate:
   (a) `lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=..., limit=...)`
       called per candidate as mergekit-evolve does (its TaskManager, ~16 s to build with lm-eval's
       own tasks, is built once beforehand and timed separately);
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: torch's default); 1 keeps timings stable on a shared 2-core machine"
     )
+    parser.add_argument("--models", choices=("random", "tiny"), default="random", help="candidates: random zoo Llamas or the tiny zoo")
     parser.add_argument("--full-task-manager", action="store_true", help="also time lm-eval's full TaskManager (~16 s)")
     args = parser.parse_args()
     if args.threads:
@@ -77,12 +79,21 @@ def main() -> None:
     print(f"evaluator_build_seconds: {t_build:.2f}")
 
     tok = build_tokenizer()
-    models = [new_model(ModelSpec(init_std=0.3), torch.Generator().manual_seed(100 + i)).eval() for i in range(args.candidates)]
+    if args.models == "tiny":
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.zoo import build_zoo, list_zoo_models
+
+        root = build_zoo("tiny", progress=print)
+        models = [AutoModelForCausalLM.from_pretrained(root / name).eval() for name in list_zoo_models("tiny")]
+    else:
+        models = [new_model(ModelSpec(init_std=0.3), torch.Generator().manual_seed(100 + i)).eval() for i in range(args.candidates)]
     ev.evaluate(models[0], tok, "holdout")  # first call tokenizes and plans (once per worker)
     plan = next(iter(ev._plans.values()))
     n_requests = sum(len(d.instances) for t in ev.tasks.values() for d in t.docs["holdout"][: args.limit])
     print(f"requests_per_candidate: {n_requests} in {len(plan.batches)} batches, {plan.n_tokens} tokens")
 
+    accuracies = []
     t_a, t_b, t_c = [], [], []
     equal = True
     for model in models:
@@ -103,6 +114,7 @@ def main() -> None:
         t_b.append(best_b)
         t_c.append(best_c)
         assert not ours.failed, ours.error
+        accuracies.append({t: round(ours.task_scores[t], 3) for t in TASKS})
         for task in TASKS:
             samples = sorted(ref["samples"][task], key=lambda s: s["doc_id"])
             acc_ok = np.array_equal(ours.per_sample[task], [s["acc"] for s in samples])
@@ -115,7 +127,8 @@ def main() -> None:
             equal = equal and acc_ok and ids_ok and ll_ok and greedy_ok and agg_ok
 
     a, b, c = statistics.median(t_a), statistics.median(t_b), statistics.median(t_c)
-    print(f"candidates: {args.candidates}, repeats: {args.repeats} (min per candidate, median over candidates)")
+    print(f"accuracies per candidate: {accuracies}")
+    print(f"candidates: {len(models)}, repeats: {args.repeats} (min per candidate, median over candidates)")
     print(f"torch_threads: {torch.get_num_threads()}")
     print(f"(a) simple_evaluate_per_candidate_seconds: {a:.4f}")
     print(f"(b) evomerge_evaluator_per_candidate_seconds: {b:.4f}")
