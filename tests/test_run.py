@@ -416,3 +416,16 @@ def test_set_overrides_by_index_and_stage_name() -> None:
     assert out["seed"] == 3 and out["stages"][0]["budget"]["evaluations"] == 20
     assert out["stages"][1]["budget"] == {"seconds": 60} and out["ray"]["workers"] == 2
     assert out["models"]["sources"] == ["a", "b"] and data["seed"] == 0  # the input is untouched
+
+
+def test_a_run_on_ray_workers_matches_the_in_process_run(ray_session, llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """Two Ray workers (the session's local Ray) and the in-process pool write the same ledger."""
+    exp = experiment(llama_family, ray={"workers": 2, "num_cpus_per_worker": 1})
+    exp_file = write_exp(tmp_path / "ray.yaml", exp)
+    code, out = cli("run", exp_file, "--out", tmp_path / "ray")
+    assert code == 0, out
+    code, out = cli("run", exp_file, "--out", tmp_path / "local", "--local")
+    assert code == 0, out
+    on_ray, local = rows(tmp_path / "ray"), rows(tmp_path / "local")
+    assert [r.comparable() for r in on_ray] == [r.comparable() for r in local]
+    assert {r.worker for r in on_ray if r.split == "search"} != {"local-0"}
