@@ -31,6 +31,7 @@ from evomerge.spaces.base import Gene, SearchSpace
 from evomerge.spaces.config import DFSSpec
 
 DFS_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPE_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -140,7 +141,9 @@ def _check_sources(sources: list[SourceModel], file: str | None) -> None:
     if not sources:
         raise ConfigError("a data-flow space needs at least one model", file=file, field="models")
     for source in sources:
-        archs = source.config.get("architectures") or [source.config.get("model_type", "unknown")]
+        # a config saved without `architectures` (config.save_pretrained alone) names its model_type
+        model_type = str(source.config.get("model_type", "unknown"))
+        archs = source.config.get("architectures") or [_MODEL_TYPE_ARCH.get(model_type, model_type)]
         if not set(archs) & set(DFS_ARCHITECTURES):
             raise ConfigError(
                 f"model '{source.ref}' is {archs[0]}; data-flow merging supports {', '.join(DFS_ARCHITECTURES)} "
