@@ -524,6 +524,13 @@ def test_sparsifier_masks_agree_exactly() -> None:
         want = np.zeros(n, dtype=np.float32)
         want[order[lo:hi]] = 1
         np.testing.assert_array_equal(a.reshape(-1).numpy(), want)
+        # applied chunk by chunk (the kernels' path) the masks zero exactly the dropped entries
+        flat = delta.reshape(-1)
+        for mask in (OneShotSparsifier().magnitude("k", lambda: delta, n, lo, hi), cached.magnitude("k", lambda: delta, n, lo, hi)):
+            if mask.all_kept:
+                continue
+            applied = torch.cat([mask.apply_(s, min(n, s + 7000), flat[s:s + 7000].clone()) for s in range(0, n, 7000)])
+            np.testing.assert_array_equal(applied.numpy(), flat.numpy() * want)
     assert cached.rank_computations == 1
 
 

@@ -372,10 +372,8 @@ def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], 
             e = min(n, s + chunk)
             d = buf[: e - s]
             torch.sub(tf[s:e], bf[s:e], out=d)
-            keep = mask.keep(s, e, d)
-            d.abs_()
-            before += float(d.sum(dtype=torch.float64))
-            after += float(d.mul_(keep).sum(dtype=torch.float64))
+            before += float(torch.linalg.vector_norm(d, 1, dtype=torch.float64))
+            after += float(torch.linalg.vector_norm(mask.apply_(s, e, d), 1, dtype=torch.float64))
         # The sums are rounded to the working dtype, as mergekit computes them there.
         b_t = torch.tensor(before, dtype=dtype)
         a_t = torch.tensor(after, dtype=dtype)
@@ -441,7 +439,7 @@ def task_arithmetic_kernel(
 def _masked_delta(d: Tensor, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | None, f: float | None) -> Tensor:
     torch.sub(tf[s:e], bb, out=d)
     if m is not None:
-        d.mul_(m.keep(s, e, d))
+        m.apply_(s, e, d)
     if f is not None:
         d.mul_(f)
     return d

@@ -23,19 +23,22 @@ Two implementations of the :class:`Sparsifier` protocol:
   ``kthvalue`` runs on the few elements inside the bracket); DELLA's row ranks are sorted.
   This is for a single merge to disk.
 - :class:`CachedSparsifier` is for search, where the same sources are merged thousands of
-  times with new densities. Per source key it computes once the magnitude ranks (int32 when
-  the tensor has fewer than 2**31 elements) and the row ranks, and per noise id the noise;
-  a candidate's mask is then one comparison per element. **Memory is the price**: 4 bytes
-  per element per source for the magnitude ranks (TIES, breadcrumbs), 4 more for row ranks
-  (DELLA), and 4 per element per model and seed for noise (DARE, DELLA). For three 134M-param
-  fine-tunes that is about 1.6 GB for TIES ranks. Deltas are *not* cached: recomputing
-  ``model - base`` per chunk costs ~0.25 ns/element, caching it would cost another 4 bytes
-  per element per source. Noise is kept for the ``noise_seeds`` most recent seeds only.
+  times with new densities. Per source key it computes once the magnitudes sorted (one radix
+  sort), and the row ranks, and per noise id the noise; a candidate's magnitude threshold is
+  then a lookup (plus one O(N) pass over that tensor only when the threshold value is tied),
+  and its mask O(N) elementwise work. **Memory is the price**: 4 bytes per element per
+  source for the sorted magnitudes (TIES, breadcrumbs), 4 more for row ranks (DELLA), and 4
+  per element per model and seed for noise (DARE, DELLA). For three 134M-param fine-tunes
+  that is about 1.6 GB for TIES. Deltas are *not* cached: recomputing ``model - base`` per
+  chunk costs ~0.25 ns/element, caching it would cost another 4 bytes per element per
+  source. Noise is kept for the ``noise_seeds`` most recent seeds only.
 
 Masks are :class:`Mask` objects evaluated per flat chunk ``[start, stop)`` so that the merge
-kernel can work on cache-sized pieces; they return 0/1 tensors (float32 or int32) and use
-comparisons written as float arithmetic (``sign``/``clamp``), which torch vectorizes, instead
-of boolean tensors, which it does not.
+kernel can work on cache-sized pieces. ``keep`` returns 0/1 tensors (comparisons written as
+float arithmetic, ``sign``/``clamp``, which torch vectorizes, instead of boolean tensors,
+which are slow). ``apply_`` zeroes the dropped entries of a delta chunk in place; magnitude
+masks do that with one fused ``hardshrink`` per threshold (keep ``|d| > thr``), patching
+back the few kept elements that equal the threshold.
 """
 
 from __future__ import annotations
@@ -85,22 +88,14 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def magnitude_ranks(delta: Tensor) -> Tensor:
-    """Negated magnitude ranks (``-rank``; rank 0 = largest |delta|, ties by lower index), flat.
+def sorted_magnitudes(delta: Tensor) -> Tensor:
+    """|delta| flattened and sorted ascending, float32: the k-th largest is ``out[n - k]``.
 
-    Stored negated so that ``keep = clamp(k - rank, 0, 1)`` is one add and one clamp.
     Sorting the int32 bit patterns of |delta| (same order as the floats, non-negative)
     uses torch's radix sort, several times faster than sorting floats.
     """
-    absd = _abs_f32(delta)
-    n = absd.numel()
-    idx_dtype = _index_dtype(n)
-    keys = absd.view(torch.int32).neg()  # ascending -bits = descending |delta|
-    order = torch.sort(keys, stable=True).indices
-    del keys
-    ranks = torch.empty(n, dtype=idx_dtype)
-    ranks[order] = -torch.arange(n, dtype=idx_dtype)
-    return ranks
+    bits = _abs_f32(delta).view(torch.int32)
+    return torch.sort(bits).values.view(torch.float32)
 
 
 def row_ranks(delta: Tensor) -> Tensor:
@@ -143,6 +138,10 @@ class Mask:
     def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        """Zero the dropped entries of the flat chunk ``delta`` in place and return it."""
+        return delta.mul_(self.keep(start, stop, delta))
+
     def full(self, delta: Tensor) -> Tensor:
         """The whole mask at once (tests, small tensors): float32 0/1 of delta's shape."""
         flat = delta.reshape(-1)
@@ -170,29 +169,30 @@ def _band(numel: int, lo: int, hi: int) -> tuple[int, int] | Mask:
     return lo, hi
 
 
-class RankBandMask(Mask):
-    """Keep ``lo <= rank < hi`` from cached negated ranks: two adds and clamps per element."""
-
-    def __init__(self, neg_ranks: Tensor, lo: int, hi: int):
-        super().__init__()
-        self.neg_ranks, self.lo, self.hi = neg_ranks, lo, hi
-
-    def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
-        nr = self.neg_ranks[start:stop]
-        out = self._buf("hi", stop - start, nr.dtype)
-        torch.add(nr, self.hi, out=out).clamp_(0, 1)
-        if self.lo > 0:
-            below = self._buf("lo", stop - start, nr.dtype)
-            torch.add(nr, self.lo, out=below).clamp_(0, 1)
-            out.sub_(below)
-        return out
-
-
 class _Top:
-    """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and index < cut."""
+    """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and index < cut.
 
-    def __init__(self, thr: float, cut: int):
-        self.thr, self.cut = thr, cut
+    ``ties`` holds the (ascending) flat indices of the kept elements equal to ``thr`` when
+    only some of them are kept, else None.
+    """
+
+    def __init__(self, thr: float, cut: int, ties: Tensor | None = None):
+        self.thr, self.cut, self.ties = thr, cut, ties
+        # hardshrink keeps |d| > lam: all ties kept -> lam is the float32 just below thr
+        if ties is None and thr >= 0:
+            t = torch.tensor(thr, dtype=torch.float32)
+            self.lam = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=torch.float32)))
+        else:
+            self.lam = thr
+
+
+def _top_from_counts(absd_fn: Callable[[], Tensor], thr_t: Tensor, k: int, n_gt: int, n_ge: int, n: int) -> _Top:
+    thr = float(thr_t)
+    if n_ge == k:
+        return _Top(thr, n)
+    need = k - n_gt  # keep the first `need` elements equal to thr, by index
+    inside = torch.nonzero(absd_fn() == thr_t).view(-1)[:need].contiguous()
+    return _Top(thr, int(inside[need - 1]) + 1, inside)
 
 
 def select_top(absd: Tensor, k: int) -> _Top:
@@ -205,12 +205,19 @@ def select_top(absd: Tensor, k: int) -> _Top:
         n_ge = int(torch.count_nonzero(absd >= thr_t))
     else:
         thr_t, n_gt, n_ge = _bracket_select(absd, bits, k)
-    thr = float(thr_t)
-    if n_ge == k:
-        return _Top(thr, n)
-    need = k - n_gt  # keep the first `need` elements equal to thr, by index
-    inside = torch.nonzero(absd == thr_t).view(-1)
-    return _Top(thr, int(inside[need - 1]) + 1)
+    return _top_from_counts(lambda: absd, thr_t, k, n_gt, n_ge, n)
+
+
+def lookup_top(ascending: Tensor, k: int, absd_fn: Callable[[], Tensor]) -> _Top:
+    """Like :func:`select_top` from sorted magnitudes: a lookup, plus one O(N) pass over
+    ``absd_fn()`` only when the k-th largest value is tied with the (k+1)-th."""
+    n = ascending.numel()
+    thr_t = ascending[n - k]
+    if float(ascending[n - k - 1]) < float(thr_t):
+        return _Top(float(thr_t), n)
+    n_ge = n - int(torch.searchsorted(ascending, thr_t, side="left"))
+    n_gt = n - int(torch.searchsorted(ascending, thr_t, side="right"))
+    return _top_from_counts(absd_fn, thr_t, k, n_gt, n_ge, n)
 
 
 def _bracket_select(absd: Tensor, bits: Tensor, k: int) -> tuple[Tensor, int, int]:
@@ -284,6 +291,28 @@ class ThresholdBandMask(Mask):
         if self.lo is not None:
             out.sub_(self._top(self.lo, start, stop, absd, "lo"))
         return out
+
+    def _shrink(self, top: _Top, start: int, stop: int, delta: Tensor, out: Tensor) -> Tensor:
+        """``out`` = delta where kept by ``top`` else 0: one fused hardshrink plus tie fix-ups."""
+        if top.lam < 0:  # everything is kept
+            return out.copy_(delta)
+        torch.hardshrink(delta, top.lam, out=out)
+        if top.ties is not None and start < top.cut:
+            ties = top.ties
+            a, b = (int(i) for i in torch.searchsorted(ties, torch.tensor([start, stop], dtype=ties.dtype)))
+            if b > a:
+                idx = ties[a:b] - start
+                out.index_copy_(0, idx, delta.index_select(0, idx))
+        return out
+
+    def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
+        # The thresholds are float32 magnitudes: exact for fp32/fp16/bf16 chunks only.
+        if delta.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return super().apply_(start, stop, delta)
+        kept = self._shrink(self.hi, start, stop, delta, self._buf("kept", stop - start, delta.dtype))
+        if self.lo is not None:
+            kept.sub_(self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype)))
+        return delta.copy_(kept)
 
 
 class NoiseMask(Mask):
@@ -391,16 +420,18 @@ class OneShotSparsifier:
 
 
 class CachedSparsifier:
-    """Precomputes ranks and noise once per key; a candidate's mask is then O(N) and sort-free.
+    """Precomputes sorted magnitudes, row ranks and noise once per key; a candidate's mask is
+    then a threshold lookup and O(N) elementwise work, sort-free.
 
-    ``rank_computations`` / ``row_rank_computations`` / ``noise_generations`` count the
-    expensive steps (tests check that a second candidate triggers none). ``nbytes()`` says
-    how much memory the cache holds; ``clear()`` drops it. Thread-safe.
+    ``rank_computations`` (sorted magnitudes) / ``row_rank_computations`` / ``noise_generations``
+    count the expensive steps (tests check that a second candidate triggers none). ``nbytes()``
+    says how much memory the cache holds; ``clear()`` drops it. Thread-safe: the expensive
+    steps run outside the lock, so threads merging different tensors do not wait on each other.
     """
 
     def __init__(self, noise_seeds: int = 2):
         self.noise_seeds = max(1, noise_seeds)
-        self._ranks: dict[Hashable, Tensor] = {}
+        self._ranks: dict[Hashable, Tensor] = {}  # sorted |delta| (ascending) per source key
         self._row_ranks: dict[Hashable, Tensor] = {}
         self._noise: OrderedDict[int, dict[NoiseId, Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -411,12 +442,16 @@ class CachedSparsifier:
     def _cached(self, store: dict, key: Hashable, make: Callable[[], Tensor], counter: str) -> Tensor:
         with self._lock:
             hit = store.get(key)
-            if hit is not None:
+        if hit is not None:
+            return hit
+        value = make()
+        with self._lock:
+            hit = store.get(key)
+            if hit is not None:  # another thread made it meanwhile
                 return hit
-            value = make()
             store[key] = value
             setattr(self, counter, getattr(self, counter) + 1)
-            return value
+        return value
 
     def noise(self, noise_id: NoiseId, numel: int) -> Tensor:
         seed = noise_id[0]
@@ -429,17 +464,30 @@ class CachedSparsifier:
             else:
                 self._noise.move_to_end(seed)
             hit = by_id.get(noise_id)
-            if hit is None or hit.numel() != numel:
-                hit = by_id[noise_id] = make_noise(noise_id, numel)
-                self.noise_generations += 1
+        if hit is not None and hit.numel() == numel:
             return hit
+        hit = make_noise(noise_id, numel)
+        with self._lock:
+            by_id[noise_id] = hit
+            self.noise_generations += 1
+        return hit
 
     def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
         band = _band(numel, lo, hi)
         if isinstance(band, Mask):
             return band
-        ranks = self._cached(self._ranks, key, lambda: magnitude_ranks(delta()), "rank_computations")
-        return RankBandMask(ranks, *band)
+        lo, hi = band
+        ascending = self._cached(self._ranks, key, lambda: sorted_magnitudes(delta()), "rank_computations")
+        absd: list[Tensor] = []
+
+        def absd_fn() -> Tensor:  # only needed to place ties at a threshold; computed at most once
+            if not absd:
+                absd.append(_abs_f32(delta()))
+            return absd[0]
+
+        top_hi = lookup_top(ascending, hi, absd_fn) if hi < numel else _Top(-1.0, numel)
+        top_lo = lookup_top(ascending, lo, absd_fn) if lo > 0 else None
+        return ThresholdBandMask(top_hi, top_lo)
 
     def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
         if p >= 1:
