@@ -94,11 +94,12 @@ class Run:
             refs += [(f"stages[{i}].models[{j}]", r) for j, r in enumerate(stage.models or [])]
             if stage.base:
                 refs.append((f"stages[{i}].base", stage.base))
-        presets = dict.fromkeys(ref[len("zoo:"):].split("/")[0] for _, ref in refs if ref.startswith("zoo:"))
-        for preset in presets:  # a first build takes minutes: say what is going on
-            from evomerge.zoo import PRESETS, build_zoo
+        from evomerge.zoo import PRESETS, build_zoo, list_zoo_models
 
-            if preset in PRESETS:
+        zoo_refs = [ref[len("zoo:"):].partition("/") for _, ref in refs if ref.startswith("zoo:")]
+        # A first build takes minutes: say what is going on (a bad name fails below, unbuilt).
+        if all(p in PRESETS and name in list_zoo_models(p) for p, _, name in zoo_refs):
+            for preset in dict.fromkeys(p for p, _, _ in zoo_refs):
                 build_zoo(preset, progress=self.echo)
         for field, ref in refs:
             if ref.startswith(("stage:", "archive:")):
