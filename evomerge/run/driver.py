@@ -314,6 +314,10 @@ class Run:
         save_checkpoint(self.run_dir, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq()})
         score_holdout(plan, scheduler, ledger, fitness)
         best = stage_best(ledger, stage.name)
+        if best is None and any(f"stage:{stage.name}" in self._refs(s) for s in self.exp.stages[index + 1 :]):
+            from evomerge.run.scheduler import RunStopped
+
+            raise RunStopped(f"stage '{stage.name}' has no successful evaluation, and a later stage uses stage:{stage.name}")
         if best is not None:
             self._finish_stage(index, best, pool)
             holdout = "-" if best["holdout_score"] is None else f"{best['holdout_score']:.4f}"
@@ -325,9 +329,7 @@ class Run:
     def _finish_stage(self, index: int, best: dict[str, Any], pool: WorkerPool) -> None:
         name = self.exp.stages[index].name
         later = self.exp.stages[index + 1 :]
-        needed = any(
-            f"stage:{name}" in [*self.exp.stage_models(s), *([self.exp.stage_base(s)] if self.exp.stage_base(s) else [])] for s in later
-        )
+        needed = any(f"stage:{name}" in self._refs(s) for s in later)
         if needed:
             from evomerge.merge.writer import write_model
 
@@ -338,6 +340,10 @@ class Run:
             pool.add_source(f"stage:{name}", str(out))
             self._pool_sources[f"stage:{name}"] = str(out)
         write_best(self.run_dir, best, self.sources)
+
+    def _refs(self, stage: StageSpec) -> list[str]:
+        base = self.exp.stage_base(stage)
+        return [*self.exp.stage_models(stage), *([base] if base else [])]
 
     def _register_stage_models(self) -> None:
         for stage in self.exp.stages:
