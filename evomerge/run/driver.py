@@ -457,7 +457,9 @@ def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
     """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far."""
     recipe = Recipe.from_string(best["recipe_yaml"])
     recipe = portable_recipe(recipe, pool)
+    exp = read_experiment(run_dir)
     recipe = recipe.with_evomerge(
+        run={"name": exp.name, "seed": exp.seed, "dir": str(Path(run_dir).resolve())},
         stage=best["stage"],
         candidate_id=best["candidate_id"],
         recipe_hash=best["recipe_hash"],
