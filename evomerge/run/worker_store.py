@@ -74,10 +74,18 @@ class NodeSharedSparsifier(CachedSparsifier):
 
     store: the node's store actor; identity: maps a source ref to what it stands for (its
     directory), so that a ref re-pointed by `add_source` never finds another model's ranks.
+    release: called after each table is handed over (gives freed heap back to the system).
     """
 
-    def __init__(self, store: Any, identity: Callable[[str], str], noise_seeds: int = 2):
+    def __init__(
+        self,
+        store: Any,
+        identity: Callable[[str], str],
+        noise_seeds: int = 2,
+        release: Callable[[], None] = lambda: None,
+    ):
         super().__init__(noise_seeds)
+        self._release = release
         self._store = store
         self._identity = identity
         self._shared_lock = threading.Lock()
@@ -102,6 +110,7 @@ class NodeSharedSparsifier(CachedSparsifier):
                 setattr(self, counter, getattr(self, counter) + 1)
                 found = ray.get(self._store.put_table.remote(node_key, table.numpy()))
                 del table  # the store's copy replaces ours
+                self._release()  # the sort's temporaries, before the next table's
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # read-only on purpose
                 value = torch.from_numpy(ray.get(found[0]))

@@ -179,7 +179,7 @@ class _WorkerActor:
 
         try:
             tensors = {ref: self._fetch(store, ref, path) for ref, path in sources.items()}
-            sparsifier = NodeSharedSparsifier(store, self._identity)
+            sparsifier = NodeSharedSparsifier(store, self._identity, release=_release_free_memory)
             self.core = WorkerCore(
                 sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
             )
@@ -213,13 +213,16 @@ class _WorkerActor:
             result = EvalResult.failure(self.setup_error or "worker is not set up", {})
         else:
             result = self.core.run(job)
+            _release_free_memory()
         return result, started, time.time(), f"ray-w{self.slot}@{self.node_id[:8]}:{os.getpid()}"
 
     def stats(self) -> dict:
         """Memory of this worker process (for tests and benchmarks)."""
         import psutil
 
-        info = psutil.Process().memory_full_info()
+        process = psutil.Process()
+        info = process.memory_full_info()
+        cpu = process.cpu_times()
         private, private_peak = _private_memory()
         return {
             "pid": os.getpid(),
@@ -229,6 +232,7 @@ class _WorkerActor:
             "private": private,
             "private_peak": private_peak,
             "private_base": self._private_base,
+            "cpu_seconds": cpu.user + cpu.system,
             "model_bytes": self.core.model_bytes() if self.core else 0,
             "models_built": self.core.models_built if self.core else 0,
             "sparsifier_bytes": self.core.sparsifier.nbytes() if self.core else 0,  # incl. shared views
@@ -557,6 +561,26 @@ class RayWorkerPool:
         fresh = self._new_slot(slot.index)
         slot.actor, slot.ready, slot.pending_run = fresh.actor, fresh.ready, None
         slot.node_id = slot.pid = None
+
+
+def _release_free_memory() -> None:
+    """Give memory freed during a job back to the system (glibc keeps freed heap pages, so
+    the temporaries of one merge would otherwise stay resident in every worker)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _private_memory() -> tuple[int, int]:

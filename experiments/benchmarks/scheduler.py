@@ -1,0 +1,226 @@
+"""Scheduler + Ray workers: busy fraction, 1 vs 2 worker throughput, memory of a second worker.
+
+Four Llama checkpoints (a random base and three perturbed fine-tunes; hidden 256, 4 layers,
+vocab 4096, fp32, ~5.4M parameters each) are merged with TIES (by default) under a random
+search over the `ps_ties` space, driven by the real `Scheduler` and `RayWorkerPool` on a local
+Ray instance with workers of one CPU each. Candidates have uneven evaluation times: the
+evaluator runs 1 to 4 forward passes of a fixed batch, the number derived from the merged
+weights. Each configuration starts its own Ray (num_cpus = workers).
+
+Figures:
+  - worker_busy_fraction (2 workers): the sum of the workers' job times (materialize +
+    evaluate, timed by the workers) over workers x the wall time from the first job's start
+    to the last job's end, i.e. after the sources are loaded. Goal >= 0.9.
+  - speedup_2_workers: evaluations per second with 2 workers over 1. Goal >= 1.6. Printed
+    beside it: the CPU the workers actually got (CPU seconds / wall seconds), which bounds the
+    speedup on a shared machine.
+  - second_worker_extra_bytes: node memory with 2 workers minus with 1, where node memory is
+    the sources in the object store (shared, counted once) plus each worker's private memory
+    growth over its own baseline (interpreter, libraries, evaluator): peak resident size less
+    file-backed and shared pages. Goal: at most merged_model_bytes (one merged model). TIES's
+    magnitude ranks (4 bytes per source element) live in the object store, once per node. The
+    peak includes the evaluation's working set (activations, logits) and the first
+    candidate's merge temporaries; the steady-state figure after the run is printed beside it.
+The machine's load (`uptime`) is printed beside each run: the cores are shared.
+
+    .venv/bin/python experiments/benchmarks/scheduler.py [--evaluations 24] [--method ties]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evomerge.evaluate.result import EvalResult
+
+HIDDEN, LAYERS, VOCAB, INTERMEDIATE, HEADS = 256, 4, 4096, 768, 4
+BATCH, SEQ = 8, 64
+
+
+class UnevenForward:
+    """Scores a fixed batch; runs 1-4 forward passes, the count a function of the weights."""
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+
+    def objective_directions(self) -> dict[str, bool]:
+        return {"score": True}
+
+    def evaluate(self, model, tokenizer, split, subset=None, shard=None) -> EvalResult:
+        start = time.perf_counter()
+        probe = model.get_input_embeddings().weight[0, :8].double().abs().sum().item()
+        passes = 1 + int(probe * 1e4) % 4
+        for _ in range(passes):
+            logits = model(self.ids).logits
+        score = float(logits[:, -1].log_softmax(-1)[:, 0].mean())
+        return EvalResult({"score": score}, {"score": True}, seconds=time.perf_counter() - start)
+
+
+def build_sources(root: Path) -> dict[str, str]:
+    """base + a, b, c (seeded); written once into `root`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
+        max_position_embeddings=SEQ, tie_word_embeddings=False,
+    )  # fmt: skip
+    paths = {}
+    base_state = None
+    for i, name in enumerate(("base", "a", "b", "c")):
+        path = root / name
+        paths[name] = str(path)
+        if (path / "model.safetensors").is_file():
+            continue
+        gen = torch.Generator().manual_seed(i)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                noise = torch.randn(param.shape, generator=gen)
+                param.copy_(0.02 * noise if base_state is None else base_state[pname] + 0.005 * noise)
+        if base_state is None:
+            base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.save_pretrained(path)
+    return paths
+
+
+class RecordingPool:
+    """Passes everything to the pool and keeps each outcome's worker-side timings."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.spans: list[tuple[str, float, float]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.pool, name)
+
+    @property
+    def size(self) -> int:
+        return self.pool.size
+
+    def wait(self, timeout: float | None = None):
+        outcomes = self.pool.wait(timeout)
+        self.spans += [(o.worker, o.started, o.finished) for o in outcomes]
+        return outcomes
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def run_config(workers: int, sources: dict[str, str], method: str, evaluations: int, work: Path) -> dict:
+    """One search on `workers` one-CPU Ray workers; returns timings and memory figures."""
+    from evomerge.merge.sources import SourcePool
+    from evomerge.optim import make_optimizer
+    from evomerge.run.ledger import Ledger
+    from evomerge.run.scheduler import Scheduler
+    from evomerge.run.workers import RayWorkerPool
+    from evomerge.spaces import build_space
+
+    space = build_space(f"ps_{method}", models=["a", "b", "c"], base="base", pool=SourcePool(aliases=sources))
+    optimizer = make_optimizer(
+        "random", dim=space.dim, bounds=space.bounds, x0=space.x0, seed=0,
+        objectives={"score": True}, max_evals=evaluations,
+    )  # fmt: skip
+    load = uptime()
+    pool = RayWorkerPool(workers=workers, num_cpus_per_worker=1)
+    t0 = time.perf_counter()
+    pool.start(sources, UnevenForward, allow_pickle=False, dtype=None)
+    start_seconds = time.perf_counter() - t0
+    ledger_path = work / f"ledger-{workers}.sqlite"
+    ledger_path.unlink(missing_ok=True)
+    ledger = Ledger.open(ledger_path)
+    recording = RecordingPool(pool)
+    try:
+        cpu_before = sum(s["cpu_seconds"] for s in pool.worker_stats())
+        scheduler = Scheduler(
+            stage="bench", optimizer=optimizer, pool=recording, ledger=ledger,
+            decode=lambda cand: space.decode(cand.genome), subset_for=lambda gen: (None, "all"),
+            fitness=lambda r: None if r.failed else r.objectives["score"], on_tell=lambda counters: None,
+            shardable=False,
+        )  # fmt: skip
+        scheduler.run()
+        stats = pool.worker_stats()
+        cpu = sum(s["cpu_seconds"] for s in stats) - cpu_before
+        stores = pool.store_bytes(tables=True)
+    finally:
+        ledger.close()
+        pool.shutdown()
+    with sqlite3.connect(ledger_path) as conn:
+        statuses = [r[0] for r in conn.execute("SELECT status FROM evaluations WHERE split = 'search'")]
+    assert statuses == ["ok"] * evaluations, statuses
+    spans = recording.spans
+    first, last = min(s[1] for s in spans), max(s[2] for s in spans)
+    wall = last - first
+    busy = sum(s[2] - s[1] for s in spans)
+    private_growth = [s["private_peak"] - s["private_base"] for s in stats]
+    steady_growth = [s["private"] - s["private_base"] for s in stats]
+    return {
+        "workers": workers,
+        "load": load,
+        "start_seconds": start_seconds,
+        "wall_seconds": wall,
+        "evaluations": len(spans),
+        "per_second": len(spans) / wall,
+        "busy_fraction": busy / (workers * wall),
+        "cpu_share": cpu / wall,  # cores the workers actually got (the machine is shared)
+        "jobs_per_worker": {w: sum(1 for s in spans if s[0] == w) for w in sorted({s[0] for s in spans})},
+        "store_bytes": sum(stores.values()),
+        "private_growth": private_growth,
+        "node_bytes": sum(stores.values()) + sum(private_growth),
+        "steady_growth": steady_growth,
+        "node_bytes_steady": sum(stores.values()) + sum(steady_growth),
+        "merged_model_bytes": max(s["model_bytes"] for s in stats),
+        "sparsifier_bytes": [s["sparsifier_bytes"] for s in stats],
+        "worker_uss": [s["uss"] for s in stats],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--evaluations", type=int, default=24)
+    parser.add_argument("--method", default="ties", choices=["ties", "linear", "task_arithmetic", "dare_ties"])
+    parser.add_argument("--work", type=Path, default=None, help="where sources and ledgers go (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = args.work or Path(tempfile.mkdtemp(prefix="evomerge-bench-scheduler-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sources = build_sources(work / "sources")
+    print(f"sources: {work / 'sources'} (4 x {HIDDEN}-hidden {LAYERS}-layer Llama), method {args.method}, "
+          f"{args.evaluations} evaluations per configuration")  # fmt: skip
+    results = {}
+    for workers in (1, 2):
+        result = run_config(workers, sources, args.method, args.evaluations, work)
+        results[workers] = result
+        print(json.dumps(result, indent=1, default=str))
+    one, two = results[1], results[2]
+    speedup = two["per_second"] / one["per_second"]
+    extra = two["node_bytes"] - one["node_bytes"]
+    merged = two["merged_model_bytes"]
+    print(f"load during the runs: 1 worker [{one['load']}], 2 workers [{two['load']}]")
+    print(f"evaluations/s: 1 worker {one['per_second']:.2f}, 2 workers {two['per_second']:.2f}; "
+          f"cores the workers got: {one['cpu_share']:.2f} vs {two['cpu_share']:.2f} "
+          f"(per core: {one['per_second'] / one['cpu_share']:.2f} vs {two['per_second'] / two['cpu_share']:.2f})")  # fmt: skip
+    print(f"object store (sources + shared rank tables, once per node): {two['store_bytes']} bytes; "
+          f"private memory growth per worker: 1 worker {one['private_growth']}, 2 workers {two['private_growth']}")  # fmt: skip
+    print(f"after the run (steady state, not peak): private growth per worker: 1 worker {one['steady_growth']}, "
+          f"2 workers {two['steady_growth']}; second worker adds {two['node_bytes_steady'] - one['node_bytes_steady']} bytes")  # fmt: skip
+    print(f"worker_busy_fraction: {two['busy_fraction']:.3f}")
+    print(f"speedup_2_workers: {speedup:.2f}")
+    print(f"second_worker_extra_bytes: {extra}")
+    print(f"merged_model_bytes: {merged}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
