@@ -85,6 +85,11 @@ LABELS = {
     "cmaes_csa": "CMA-ES, covariance frozen (CSA-ES)",
     "slerp": "brute-force SLERP (grid, 1 gene)",
 }
+PRIORITY = [
+    ("scratch", "m2n2"), ("scratch", "cmaes"), ("pretrained", "m2n2"), ("scratch", "m2n2_no_attraction"),
+    ("scratch", "ga"), ("pretrained", "m2n2_no_attraction"), ("pretrained", "ga"), ("pretrained", "slerp"),
+    ("scratch", "cmaes_csa"),
+]  # fmt: skip
 M2N2_VARIANTS = {
     "m2n2": {"alpha": 1.0, "attraction": True},
     "m2n2_no_attraction": {"alpha": 1.0, "attraction": False},
@@ -334,6 +339,8 @@ def main() -> None:
                         help="pre-trained experts: the zoo's (default) or trained like the reference's (weaker)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (timed inside it)")
+    parser.add_argument("--deadline-minutes", type=float, default=0.0,
+                        help="start no run after this long (0: none); the summary covers the runs done")  # fmt: skip
     parser.add_argument("--trace", type=int, default=0, help="print the best member every N passes (0: never)")
     parser.add_argument("--quick", action="store_true", help="budgets / 25 and one seed: a smoke run")
     args = parser.parse_args()
@@ -370,14 +377,28 @@ def main() -> None:
         print(f"[{setting}] {LABELS[run.method]:40s} seed {run.seed}: test {run.test_acc:.4f}  train {run.train_acc:.4f}  "
               f"{run.seconds:6.1f} s  {run.passes} passes ({run.passes / run.seconds:.0f}/s)  {load()}  {run.note}", flush=True)  # fmt: skip
 
+    # The runs behind the headline lines first, so a deadline cuts the extras.
+    tasks.sort(key=lambda t: PRIORITY.index((t[0], t[1])))
+    started = time.perf_counter()
+    deadline = started + 60 * args.deadline_minutes if args.deadline_minutes else math.inf
+    done = 0
     if args.jobs == 1:
         for task in tasks:
+            if time.perf_counter() > deadline:
+                break
             report(task[0], _execute(task))
+            done += 1
     else:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(args.jobs, initializer=_init_worker, initargs=(args, experts)) as pool:
             for task, run in zip(tasks, pool.imap(_execute, tasks), strict=True):
                 report(task[0], run)
+                done += 1
+                if time.perf_counter() > deadline:
+                    break  # leaving the block terminates the runs in flight
+    if done < len(tasks):
+        print(f"deadline of {args.deadline_minutes:g} min reached: {len(tasks) - done} of {len(tasks)} runs not done")
+    print(f"all runs: {time.perf_counter() - started:.0f} s wall with {args.jobs} at a time")
     for setting, runs in results.items():
         budget = args.scratch_passes if setting == "scratch" else args.pretrained_passes
         print(f"\n{setting}: {budget:,} forward passes over the training split, mean +- std over seeds")
