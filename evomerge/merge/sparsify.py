@@ -170,29 +170,51 @@ def _band(numel: int, lo: int, hi: int) -> tuple[int, int] | Mask:
 
 
 class _Top:
-    """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and index < cut.
+    """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and among the
+    first ``need`` such elements by index (``need`` is None when every element equal to
+    ``thr`` is kept).
 
-    ``ties`` holds the (ascending) flat indices of the kept elements equal to ``thr`` when
-    only some of them are kept, else None.
+    ``ties`` holds the (ascending) flat indices of the kept elements equal to ``thr`` once
+    known; ``absd_fn`` computes the full |delta| to find them when asked (``cut``). Chunked
+    application finds them on the fly instead, in one ascending pass (see ``ThresholdBandMask``).
     """
 
-    def __init__(self, thr: float, cut: int, ties: Tensor | None = None):
-        self.thr, self.cut, self.ties = thr, cut, ties
-        # hardshrink keeps |d| > lam: all ties kept -> lam is the float32 just below thr
-        if ties is None and thr >= 0:
+    def __init__(self, thr: float, n: int, need: int | None = None, ties: Tensor | None = None,
+                 absd_fn: Callable[[], Tensor] | None = None):
+        self.thr, self.n, self.need, self.ties, self.absd_fn = thr, n, need, ties, absd_fn
+        self.seen = 0  # ties met so far in the current ascending pass (chunked application)
+        self.next_start = 0
+        # hardshrink keeps |d| > lam: with every tie kept, lam is the float32 just below thr
+        if need is None and thr >= 0:
             t = torch.tensor(thr, dtype=torch.float32)
             self.lam = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=torch.float32)))
         else:
             self.lam = thr
 
+    def tie_positions(self) -> Tensor:
+        if self.ties is None:
+            assert self.need is not None and self.absd_fn is not None
+            absd = self.absd_fn()
+            self.ties = torch.nonzero(absd == self.thr).view(-1)[: self.need].contiguous()
+        return self.ties
 
-def _top_from_counts(absd_fn: Callable[[], Tensor], thr_t: Tensor, k: int, n_gt: int, n_ge: int, n: int) -> _Top:
+    @property
+    def cut(self) -> int:
+        """Ties at indices below ``cut`` are kept."""
+        if self.need is None:
+            return self.n
+        return int(self.tie_positions()[self.need - 1]) + 1
+
+
+def _top_from_counts(absd_fn: Callable[[], Tensor], thr_t: Tensor, k: int, n_gt: int, n_ge: int, n: int,
+                     *, resolve: bool) -> _Top:
     thr = float(thr_t)
     if n_ge == k:
         return _Top(thr, n)
-    need = k - n_gt  # keep the first `need` elements equal to thr, by index
-    inside = torch.nonzero(absd_fn() == thr_t).view(-1)[:need].contiguous()
-    return _Top(thr, int(inside[need - 1]) + 1, inside)
+    top = _Top(thr, n, need=k - n_gt, absd_fn=absd_fn)
+    if resolve:
+        top.tie_positions()
+    return top
 
 
 def select_top(absd: Tensor, k: int) -> _Top:
@@ -205,19 +227,20 @@ def select_top(absd: Tensor, k: int) -> _Top:
         n_ge = int(torch.count_nonzero(absd >= thr_t))
     else:
         thr_t, n_gt, n_ge = _bracket_select(absd, bits, k)
-    return _top_from_counts(lambda: absd, thr_t, k, n_gt, n_ge, n)
+    return _top_from_counts(lambda: absd, thr_t, k, n_gt, n_ge, n, resolve=True)
 
 
 def lookup_top(ascending: Tensor, k: int, absd_fn: Callable[[], Tensor]) -> _Top:
-    """Like :func:`select_top` from sorted magnitudes: a lookup, plus one O(N) pass over
-    ``absd_fn()`` only when the k-th largest value is tied with the (k+1)-th."""
+    """Like :func:`select_top` from sorted magnitudes: a lookup. When the k-th largest value
+    is tied with the (k+1)-th, which of the ties are kept is found later (while applying the
+    mask, or from ``absd_fn()``)."""
     n = ascending.numel()
     thr_t = ascending[n - k]
     if float(ascending[n - k - 1]) < float(thr_t):
         return _Top(float(thr_t), n)
     n_ge = n - int(torch.searchsorted(ascending, thr_t, side="left"))
     n_gt = n - int(torch.searchsorted(ascending, thr_t, side="right"))
-    return _top_from_counts(absd_fn, thr_t, k, n_gt, n_ge, n)
+    return _top_from_counts(absd_fn, thr_t, k, n_gt, n_ge, n, resolve=False)
 
 
 def _bracket_select(absd: Tensor, bits: Tensor, k: int) -> tuple[Tensor, int, int]:
@@ -293,27 +316,38 @@ class ThresholdBandMask(Mask):
         return out
 
     def _shrink(self, top: _Top, start: int, stop: int, delta: Tensor, out: Tensor) -> Tensor:
-        """``out`` = delta where kept by ``top`` else 0: one fused hardshrink plus tie fix-ups."""
+        """``out`` = delta where kept by ``top`` else 0 (``out`` may be ``delta``): one fused
+        hardshrink, plus putting back the kept elements equal to the threshold."""
         if top.lam < 0:  # everything is kept
-            return out.copy_(delta)
-        torch.hardshrink(delta, top.lam, out=out)
-        if top.ties is not None and start < top.cut:
-            ties = top.ties
-            a, b = (int(i) for i in torch.searchsorted(ties, torch.tensor([start, stop], dtype=ties.dtype)))
-            if b > a:
-                idx = ties[a:b] - start
-                out.index_copy_(0, idx, delta.index_select(0, idx))
-        return out
+            return out if out is delta else out.copy_(delta)
+        idx = None
+        if top.need is not None:
+            if start == 0:
+                top.seen = 0
+            if top.ties is None and start != top.next_start:  # not one ascending pass: locate ties
+                top.tie_positions()
+            top.next_start = stop
+            if top.ties is not None:
+                if start < top.cut:
+                    ties = top.ties
+                    a, b = (int(i) for i in torch.searchsorted(ties, torch.tensor([start, stop], dtype=ties.dtype)))
+                    idx = ties[a:b] - start
+            elif top.seen < top.need:  # keep the first ties of this pass, in index order
+                idx = torch.nonzero(delta.abs() == top.thr).view(-1)[: top.need - top.seen]
+                top.seen += idx.numel()
+        if idx is None or idx.numel() == 0:
+            return torch.hardshrink(delta, top.lam, out=out)
+        values = delta.index_select(0, idx)
+        return torch.hardshrink(delta, top.lam, out=out).index_copy_(0, idx, values)
 
     def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
         # The thresholds are float32 magnitudes: exact for fp32/fp16/bf16 chunks only.
         if delta.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return super().apply_(start, stop, delta)
-        kept = self._shrink(self.hi, start, stop, delta, self._buf("kept", stop - start, delta.dtype))
-        if self.lo is not None:
-            kept.sub_(self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype)))
-        return delta.copy_(kept)
-
+        if self.lo is None:
+            return self._shrink(self.hi, start, stop, delta, delta)
+        top = self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype))
+        return self._shrink(self.hi, start, stop, delta, delta).sub_(top)
 
 class NoiseMask(Mask):
     """DARE: keep when ``u < p`` (written as clamp(sign(p - u), 0, 1))."""
