@@ -46,8 +46,13 @@ def demo_recipe(zoo_dir: Path, experts: tuple[str, ...] = EXPERTS) -> Recipe:
     )
 
 
-def run_demo(out: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; returns paths and the accuracy table ``{model: {skill: acc}}``."""
+def run_demo(
+    out: Path | None = None, echo: Callable[[str], None] = print, *, preset: str = PRESET
+) -> dict[str, Any]:
+    """Run the demo; returns paths and the accuracy table ``{model: {skill: acc}}``.
+
+    `preset` exists for the tests (``test`` builds in seconds); the demo is ``tiny``.
+    """
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.sources import SourcePool
@@ -56,12 +61,12 @@ def run_demo(out: Path | None = None, echo: Callable[[str], None] = print) -> di
     from evomerge.zoo.build import holdout_accuracy
 
     out = Path(out) if out is not None else DEFAULT_OUT
-    zoo_dir = build_zoo(PRESET, progress=echo)
+    zoo_dir = build_zoo(preset, progress=echo)
     recipe = demo_recipe(zoo_dir)
     recipe_path = out / "recipe.yaml"
     atomic_write_text(
         recipe_path,
-        f"# evomerge demo: TIES merge of zoo:{PRESET}/{' and zoo:tiny/'.join(EXPERTS)}\n"
+        f"# evomerge demo: TIES merge of {' and '.join(f'zoo:{preset}/{n}' for n in EXPERTS)}\n"
         + recipe.to_yaml(),
     )
     echo(f"recipe: {recipe_path}")
@@ -70,7 +75,7 @@ def run_demo(out: Path | None = None, echo: Callable[[str], None] = print) -> di
     table: dict[str, dict[str, float]] = {}
     for name in EXPERTS:
         expert = AutoModelForCausalLM.from_pretrained(zoo_dir / name)
-        table[f"zoo:{PRESET}/{name}"] = holdout_accuracy(expert, EXPERTS)
+        table[f"zoo:{preset}/{name}"] = holdout_accuracy(expert, EXPERTS)
     merged = AutoModelForCausalLM.from_pretrained(model_dir)
     table["ties merge"] = holdout_accuracy(merged, EXPERTS)
 

@@ -204,3 +204,22 @@ def test_no_eval_prompt_in_training_data(skill: str) -> None:
         stream = training_sampler(skill, variant, rng)
         drawn = [next(stream)[0] for _ in range(3000)]
         assert not banned & set(drawn)
+
+
+# ---- demo --------------------------------------------------------------------------------------
+
+
+def test_demo_merges_two_experts_and_reports(test_zoo: Path, tmp_path: Path) -> None:
+    from evomerge.demo import run_demo
+    from evomerge.recipe import Recipe
+
+    lines: list[str] = []
+    result = run_demo(tmp_path / "demo", lines.append, preset="test")
+    recipe = Recipe.from_yaml(tmp_path / "demo" / "recipe.yaml")
+    assert recipe.merge_method == "ties" and recipe.base_model == str(test_zoo / "base")
+    assert [m.model for m in recipe.models or []] == [str(test_zoo / "add"), str(test_zoo / "reverse")]
+    model = AutoModelForCausalLM.from_pretrained(result["model"])
+    assert model.config.num_hidden_layers == 2
+    assert set(result["accuracy"]) == {"zoo:test/add", "zoo:test/reverse", "ties merge"}
+    assert f"merged model: {result['model'].resolve()}" in lines
+    assert any(line.startswith("ties merge") for line in lines)

@@ -75,9 +75,15 @@ def _base_mixture(skills: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]
 
 
 def _expert_mixture(skill: str, skills: tuple[str, ...], replay: float) -> tuple[tuple[str, str, float], ...]:
-    """The skill itself plus `replay` of the base mixture (spread over its entries)."""
-    base = _base_mixture(skills)
-    return ((skill, "true", 1.0), *((s, v, replay / len(base)) for s, v, _ in base))
+    """The skill itself plus `replay` of the base mixture, spread evenly over its entries.
+
+    The skill's own ``noise`` variant is left out of the replay: it contradicts the rule
+    being learned. Replaying the other skills keeps the expert behaving like the base on
+    their prompts, so its task vector encodes its skill rather than "answer everything
+    like me" (which makes merges hopeless rather than hard).
+    """
+    replayed = [(s, v) for s, v, _ in _base_mixture(skills) if not (s == skill and v == "noise")]
+    return ((skill, "true", 1.0), *((s, v, replay / len(replayed)) for s, v in replayed))
 
 
 def _lm_preset(
@@ -91,7 +97,9 @@ def _lm_preset(
     replay: float,
     layer_lr: dict[str, tuple[tuple[str, float], ...]],
     warmup: int,
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> LMPreset:
+    """Base + add/reverse/sort experts; `overrides` changes an expert's phase fields (steps, lr)."""
     skills = ("add", "reverse", "sort")
     base = PhaseSpec(
         mixture=_base_mixture(skills), steps=base_steps, batch_size=batch_size, lr=base_lr, warmup=warmup
@@ -100,13 +108,16 @@ def _lm_preset(
         ExpertSpec(
             name=skill,
             skill=skill,
-            phase=PhaseSpec(
-                mixture=_expert_mixture(skill, skills, replay),
-                steps=expert_steps,
-                batch_size=batch_size,
-                lr=expert_lr,
-                warmup=warmup,
-                layer_lr=layer_lr.get(skill, ()),
+            phase=dataclasses.replace(
+                PhaseSpec(
+                    mixture=_expert_mixture(skill, skills, replay),
+                    steps=expert_steps,
+                    batch_size=batch_size,
+                    lr=expert_lr,
+                    warmup=warmup,
+                    layer_lr=layer_lr.get(skill, ()),
+                ),
+                **(overrides or {}).get(skill, {}),
             ),
             seed=10 + i,
         )
