@@ -200,3 +200,13 @@ def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path
     assert outcome.result.error is None
     model_bytes = max(s["model_bytes"] for s in pool.worker_stats())
     assert model_bytes >= 0.95 * size
+
+
+def test_a_pool_the_cluster_cannot_hold_fails_at_once(ray_session, sources):
+    from evomerge.errors import ConfigError
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="num_gpus_per_worker"):
+        RayWorkerPool(workers=2, num_gpus_per_worker=1).start(sources, _probe, allow_pickle=False, dtype=None)
+    assert time.monotonic() - started < 30
+    assert ray_session.is_initialized()  # the session's Ray is not this pool's to stop

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.run.jobs import MAX_ATTEMPTS, Job, JobOutcome
 
@@ -341,6 +342,7 @@ class RayWorkerPool:
         self._started = True
         self._actor_cls = ray.remote(_WorkerActor)
         self._store_cls = ray.remote(_StoreActor)
+        self._check_resources(ray.cluster_resources())
         self._slots = [self._new_slot(i) for i in range(self.workers)]
         deadline = time.monotonic() + self.start_timeout
         setups = []
@@ -450,6 +452,20 @@ class RayWorkerPool:
     def _check_started(self) -> None:
         if not self._started:
             raise RuntimeError("start() the pool first")
+
+    def _check_resources(self, cluster: Mapping[str, float]) -> None:
+        """Fail now, not after the start timeout, when the cluster cannot hold the workers."""
+        wanted = {"CPU": self.num_cpus_per_worker, "GPU": self.num_gpus_per_worker, **self.resources_per_worker}
+        fields = {"CPU": "num_cpus_per_worker", "GPU": "num_gpus_per_worker"}
+        for name, each in wanted.items():
+            have = float(cluster.get(name, 0.0))
+            if each > 0 and self.workers * each > have + 1e-9:
+                self.shutdown()
+                raise ConfigError(
+                    f"{self.workers} workers x {each:g} {name} each need {self.workers * each:g} {name}, "
+                    f"the Ray cluster has {have:g}: lower ray.workers or ray.{fields.get(name, 'resources_per_worker')}",
+                    field=f"ray.{fields.get(name, 'resources_per_worker')}",
+                )
 
     def _new_slot(self, index: int) -> _Slot:
         options: dict[str, Any] = {
