@@ -1,9 +1,11 @@
-"""Source weights packed for the Ray object store: one flat byte buffer per source.
+"""Source weights in the Ray object store, once per node, and rank tables shared the same way.
 
-A node's store actor reads a checkpoint once and `ray.put`s `{"index": ..., "buffer": uint8
-array}`. Every worker on that node `ray.get`s it: numpy arrays come back as read-only views of
+A node's store actor reads a checkpoint once, tensor by tensor, and `ray.put`s each tensor's
+bytes as a numpy array (so reading a source never holds more than one tensor outside the
+store), then one small object with the index (names, dtypes, shapes) and the tensors' object
+refs. Every worker on that node `ray.get`s them: numpy arrays come back as read-only views of
 the node's shared memory (no copy), and `unpack` wraps them as tensors without copying either,
-so N workers on a node hold each source once. Tensors are stored as raw bytes, so dtypes numpy
+so N workers on a node hold each source once. Tensors travel as raw bytes, so dtypes numpy
 lacks (bfloat16) travel too. The views are read-only memory: the merge engine must never write
 into a source tensor (it does not: methods build new tensors).
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +24,32 @@ import torch
 from evomerge.merge.sources import Source
 from evomerge.merge.sparsify import CachedSparsifier
 
-ALIGN = 64  # bytes; every tensor starts on a cache-line boundary (and its own element size)
 
-
-def pack_source(ref: str, path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """Read every tensor of the checkpoint at `path` into one buffer with an index."""
+def pack_source(
+    ref: str, path: str | Path, put: Callable[[np.ndarray], Any], *, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Read the checkpoint at `path` one tensor at a time, `put` each tensor's bytes (e.g.
+    `ray.put`), and return the index: names, dtypes, shapes, what `put` returned, total bytes."""
     source = Source(ref, Path(path), allow_pickle=allow_pickle)
-    entries = []
-    offset = 0
+    index, objects, total = [], [], 0
     for name in source.names:
-        tensor = source.get(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        entries.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, nbytes))
-        offset += -(-nbytes // ALIGN) * ALIGN
-    buffer = np.empty(offset, dtype=np.uint8)
-    for name, _, _, start, nbytes in entries:
-        if nbytes:
-            flat = source.get(name).contiguous().reshape(-1).view(torch.uint8)
-            buffer[start : start + nbytes] = flat.numpy()
-    return {"ref": ref, "path": str(path), "index": entries, "buffer": buffer}
+        tensor = source.get(name).contiguous()
+        index.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)))
+        objects.append(put(tensor.reshape(-1).view(torch.uint8).numpy()))
+        total += tensor.numel() * tensor.element_size()
+        del tensor
+    return {"ref": ref, "path": str(path), "index": index, "objects": objects, "nbytes": total}
 
 
-def unpack(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors viewing `packed["buffer"]` (no copy; read-only when it came from the store)."""
-    buffer = packed["buffer"]
+def unpack(index: Sequence[tuple[str, str, tuple[int, ...]]], arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Tensors viewing `arrays` (no copy; read-only when they came from the object store)."""
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
-        # torch warns that the store's buffer is not writable: it is shared and read-only on purpose
+        # torch warns that the store's arrays are not writable: shared and read-only on purpose
         warnings.simplefilter("ignore", UserWarning)
-        whole = torch.from_numpy(buffer)
-    for name, dtype, shape, start, nbytes in packed["index"]:
-        torch_dtype = getattr(torch, dtype)
-        tensors[name] = whole[start : start + nbytes].view(torch_dtype).reshape(shape)
+        for (name, dtype, shape), array in zip(index, arrays, strict=True):
+            tensors[name] = torch.from_numpy(array).view(getattr(torch, dtype)).reshape(shape)
     return tensors
-
-
-def packed_nbytes(packed: dict[str, Any]) -> int:
-    return int(packed["buffer"].nbytes)
 
 
 class NodeSharedSparsifier(CachedSparsifier):

@@ -122,6 +122,7 @@ class _StoreActor:
     def __init__(self, allow_pickle: bool):
         self.allow_pickle = allow_pickle
         self._objects: dict[tuple[str, str], Any] = {}
+        self._nbytes: dict[tuple[str, str], int] = {}
         self._tables: dict[str, Any] = {}
 
     def load(self, ref: str, path: str) -> list:
@@ -132,7 +133,9 @@ class _StoreActor:
 
         key = (ref, path)
         if key not in self._objects:
-            self._objects[key] = ray.put(pack_source(ref, path, allow_pickle=self.allow_pickle))
+            packed = pack_source(ref, path, ray.put, allow_pickle=self.allow_pickle)
+            self._nbytes[key] = packed["nbytes"]
+            self._objects[key] = ray.put(packed)  # its nested refs keep the tensors alive
         return [self._objects[key]]
 
     def get_table(self, key: str) -> list | None:
@@ -152,7 +155,7 @@ class _StoreActor:
         """Bytes this node's store holds: packed sources and shared rank tables."""
         import ray
 
-        sources = sum(int(ray.get(obj)["buffer"].nbytes) for obj in self._objects.values())
+        sources = sum(self._nbytes.values())
         tables = sum(int(ray.get(obj).nbytes) for obj in self._tables.values())
         return {"sources": sources, "tables": tables}
 
@@ -167,7 +170,7 @@ class _WorkerActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.core = None
         self.setup_error: str | None = None
-        self._shared: dict[str, Any] = {}  # ref -> packed object (keeps the zero-copy views alive)
+        self._shared: dict[str, Any] = {}  # ref -> its arrays (the zero-copy views of the store's)
         self._private_base = 0
 
     def where(self) -> tuple[str, int]:
@@ -205,8 +208,9 @@ class _WorkerActor:
         from evomerge.run.worker_store import unpack
 
         packed = ray.get(ray.get(store.load.remote(ref, path))[0])
-        self._shared[ref] = packed
-        return unpack(packed)
+        arrays = ray.get(packed["objects"])
+        self._shared[ref] = arrays
+        return unpack(packed["index"], arrays)
 
     def run(self, job: Job) -> tuple[EvalResult, float, float, str]:
         started = time.time()
@@ -244,12 +248,11 @@ class _WorkerActor:
     def source_views(self, ref: str) -> dict:
         """How a source is held here: whether its tensors view read-only shared memory, and a
         checksum of its bytes (which reads every page of it)."""
-        buffer = self._shared[ref]["buffer"]
+        arrays = self._shared[ref]
         return {
-            "nbytes": int(buffer.nbytes),
-            "writeable": bool(buffer.flags.writeable),
-            "owndata": bool(buffer.flags.owndata),
-            "checksum": int(buffer.sum(dtype="uint64")),
+            "nbytes": sum(int(a.nbytes) for a in arrays),
+            "shared_nbytes": sum(int(a.nbytes) for a in arrays if not a.flags.writeable and not a.flags.owndata),
+            "checksum": sum(int(a.sum(dtype="uint64")) for a in arrays),
         }
 
 
