@@ -155,7 +155,7 @@ def flatten(model: DigitsMLP) -> np.ndarray:
 def load_experts() -> tuple[dict[str, np.ndarray], str]:
     """The zoo's `low` and `high` digit experts as genomes, and where they came from."""
     try:
-        from evomerge.zoo import resolve_zoo_ref  # type: ignore[attr-defined]
+        from evomerge.zoo import resolve_zoo_ref
 
         paths = {name: resolve_zoo_ref(f"digits/{name}") for name in EXPERT_CLASSES}
         return {n: flatten(DigitsMLP.from_pretrained(p)) for n, p in paths.items()}, f"zoo:digits/{{low,high}} from {paths['low'].parent}"
@@ -176,7 +176,8 @@ def reference_style_experts(scorer: DigitsScorer, seed: int = 42) -> tuple[dict[
     experts = {}
     for name, classes in EXPERT_CLASSES.items():
         mask = torch.isin(y, torch.tensor(classes))
-        model = DigitsMLP(SIZES)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG
+            model = DigitsMLP(SIZES)
         with torch.no_grad():
             for param in model.parameters():
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
