@@ -17,6 +17,7 @@ non-finite objective comes back as `EvalResult.failure` with the message, so the
 from __future__ import annotations
 
 import math
+import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -171,16 +172,40 @@ def _merge(base: dict, overrides: Mapping) -> dict:
     return out
 
 
+_UNION_TAG = re.compile(r"^[A-Z]\w*$|[\[\]]|^(str|int|float|bool|function-after)$")
+
+
 def validation_error(err: ValidationError, *, file: str | None, prefix: str = "") -> ConfigError:
-    """The first pydantic error as a one-line ConfigError naming the field."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in ("function-after",)))
-    field = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+    """The most specific pydantic error as a one-line ConfigError naming the field.
+
+    Union members (``str | TaskSpec``) tag their errors with the member's type; those tags are
+    dropped from the field path, and an error inside a member (an unknown key of a task
+    mapping) wins over "not a string".
+    """
+    errors = err.errors()
+
+    def path(e: dict) -> tuple[list, list]:
+        keep, tags = [], []
+        for p in e["loc"]:
+            (tags if isinstance(p, str) and _UNION_TAG.search(p) else keep).append(p)
+        return keep, tags
+
+    def rank(e: dict) -> tuple[bool, int]:
+        return (e["type"].endswith("_type"), -len(e["loc"]))
+
+    first = min(errors, key=rank)
+    keep, _ = path(first)
+    field = prefix + ".".join(str(p) for p in keep) if keep else (prefix.rstrip(".") or None)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required"
+    elif first["type"].endswith("_type"):
+        same = [e for e in errors if path(e)[0] == keep and e["type"].endswith("_type")]
+        tags = [t for e in same for t in path(e)[1]]
+        if len(tags) > 1:
+            message = f"expected one of: {', '.join(dict.fromkeys(tags))}; got {type(first.get('input')).__name__}"
     return ConfigError(message, file=file, field=field)
 
 
