@@ -251,7 +251,8 @@ def test_shards_combine_to_the_whole(mc_ev, tok):
     assert again.objectives == combined.objectives and again.task_scores == combined.task_scores
 
 
-def test_a_broken_candidate_fails_and_the_evaluator_goes_on(zoo_ev, tok):
+def test_a_broken_candidate_fails_and_the_evaluator_goes_on(tok):
+    zoo_ev = build_evaluator("zoo_all", {"include_defaults": False, "limit": 20})
     model = _model(6)
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("nan"))
