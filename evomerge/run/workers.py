@@ -345,7 +345,8 @@ class RayWorkerPool:
         self._started = True
         self._actor_cls = ray.remote(_WorkerActor)
         self._store_cls = ray.remote(_StoreActor)
-        self._check_resources(ray.cluster_resources())
+        if self.address in (None, "local"):  # nothing joins a local instance: fail now
+            self._check_resources(ray.cluster_resources())
         self._slots = [self._new_slot(i) for i in range(self.workers)]
         deadline = time.monotonic() + self.start_timeout
         setups = []
@@ -457,7 +458,8 @@ class RayWorkerPool:
             raise RuntimeError("start() the pool first")
 
     def _check_resources(self, cluster: Mapping[str, float]) -> None:
-        """Fail now, not after the start timeout, when the cluster cannot hold the workers."""
+        """Fail now, not after the start timeout, when the local Ray cannot hold the workers
+        (a joined cluster may still grow: there the start timeout applies)."""
         wanted = {"CPU": self.num_cpus_per_worker, "GPU": self.num_gpus_per_worker, **self.resources_per_worker}
         fields = {"CPU": "num_cpus_per_worker", "GPU": "num_gpus_per_worker"}
         for name, each in wanted.items():
