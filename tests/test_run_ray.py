@@ -210,3 +210,13 @@ def test_a_pool_the_cluster_cannot_hold_fails_at_once(ray_session, sources):
         RayWorkerPool(workers=2, num_gpus_per_worker=1).start(sources, _probe, allow_pickle=False, dtype=None)
     assert time.monotonic() - started < 30
     assert ray_session.is_initialized()  # the session's Ray is not this pool's to stop
+
+
+def test_an_evaluator_that_cannot_be_built_fails_start_with_its_error(ray_session, sources, pool):
+    from evomerge.errors import ConfigError
+
+    # the module's pool holds both CPUs: give the doomed pool's worker none, it only has to start
+    doomed = RayWorkerPool(workers=1, num_cpus_per_worker=0)
+    with pytest.raises(ConfigError, match="no_such_evaluator"):
+        doomed.start(sources, "no_such_evaluator", allow_pickle=False, dtype=None)
+    assert pool.idle() == 2  # the other pool is untouched

@@ -32,11 +32,11 @@ from evomerge.merge.sparsify import CachedSparsifier
 from evomerge.merge.writer import TOKENIZER_FILES
 from evomerge.run.jobs import Job
 
-EvaluatorSpec = dict | Callable[[], Any]
+EvaluatorSpec = dict | str | Callable[[], Any]
 
 
 def build_evaluator(spec: EvaluatorSpec) -> Any:
-    """The evaluator for a resolved spec dict (`evomerge.evaluate.build_evaluator`); a callable
+    """The evaluator for a resolved spec dict, name or path (`evomerge.evaluate.build_evaluator`); a callable
     spec is a zero-argument factory (tests, benchmarks and embedding applications)."""
     if callable(spec):
         return spec()

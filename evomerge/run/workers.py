@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.result import EvalResult
 from evomerge.run.jobs import MAX_ATTEMPTS, Job, JobOutcome
 
@@ -360,7 +360,13 @@ class RayWorkerPool:
             raise RuntimeError(f"Ray workers did not load their sources within {self.start_timeout:.0f} s") from None
         except ray.exceptions.RayTaskError as exc:
             self.shutdown()
-            raise RuntimeError(f"a Ray worker could not start: {_short(getattr(exc, 'cause', None) or exc)}") from None
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, EvomergeError):  # e.g. a bad evaluator spec: the user's to fix
+                raise cause from None
+            raise RuntimeError(f"a Ray worker could not start: {_short(cause or exc)}") from None
+        except _deaths() as exc:
+            self.shutdown()
+            raise RuntimeError(f"a Ray worker died while loading its sources: {_short(exc)}") from None
         for slot, found in zip(self._slots, directions, strict=True):
             slot.pending_run = None
             self._directions.update(found)
@@ -489,6 +495,9 @@ class RayWorkerPool:
 
         try:
             where = ray.get(slot.ready, timeout=max(1.0, deadline - time.monotonic()))
+        except _deaths() as exc:
+            self.shutdown()
+            raise RuntimeError(f"a Ray worker died while starting: {_short(exc)}") from None
         except ray.exceptions.GetTimeoutError:
             resources = ray.available_resources()
             self.shutdown()
