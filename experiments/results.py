@@ -1,0 +1,442 @@
+"""Regenerate experiments/RESULTS.md (the README's results table) from runs this script performs.
+
+    .venv/bin/python experiments/results.py [--seeds 0] [--out runs/results] [--skip-digits]
+
+What it does, every figure from a run made here (nothing is copied from elsewhere):
+
+1. builds (or reuses) the `tiny` zoo: base + experts add, reverse, sort;
+2. runs `experiments/tiny_ps.yaml` (PS), `tiny_dfs.yaml` (DFS) and `tiny_ps_dfs.yaml` (PS then DFS)
+   through `evomerge run` (in this process: `--local`, same scores as Ray workers), once per seed
+   (`--set seed=N`); a run directory that is already there is carried on, not redone;
+3. scores on the *holdout* split of each zoo skill (add, reverse, sort and the composition
+   add_rev = the sum written reversed, which no expert was trained on) the sources, the hand-set
+   merges at their usual defaults (the `baselines` of tiny_ps.yaml: task arithmetic λ=1 and 0.5,
+   TIES and DARE-TIES at density 0.5) and each run's best recipe (chosen on the search split);
+   one evaluator (lm-eval exact match, `evaluators/tasks/zoo_*`) scores them all;
+4. checks the goal of issue 7: the evolved PS model beats the best hand-set merge by >= 10 points
+   of mean holdout accuracy (mean over add, reverse, sort) and keeps >= 90% of each expert's
+   accuracy on its own skill;
+5. digits (M2N2): `experiments/digits_m2n2_pretrained.yaml` through `evomerge run`, and the
+   from-scratch set-up through `experiments/benchmarks/m2n2_digits.py` (the run path refuses
+   weights spaces today), beside the natural_niches reference figures;
+6. writes experiments/RESULTS.md (atomically) and prints it.
+
+`--front RUN_DIR` instead writes the Pareto front of a multi-objective run (tiny_pareto) as
+mergekit configs to RUN_DIR/front/ and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SKILLS = ("add", "reverse", "sort")
+COMPOSITION = "add_rev"
+EXPERIMENTS = {"PS": ("tiny_ps", None), "DFS": ("tiny_dfs", None), "PS+DFS": ("tiny_ps_dfs", None)}
+GOAL_MARGIN = 0.10
+GOAL_KEEP = 0.90
+# natural_niches (JAX reference, seed 42) measured on these machines, see ../shared/DESIGN.md
+REFERENCE = {
+    "scratch": {"test_acc": 0.8667, "passes": 50_000, "seconds": 591.0},
+    "pretrained": {"test_acc": 0.6889, "passes": 10_000, "seconds": 99.0},
+}
+HOLDOUT_EVALUATOR: dict[str, Any] = {
+    "kind": "lm_eval",
+    "description": "zoo skills and the composition add_rev, exact match",
+    "tasks": [{"task": f"zoo_{s}", "metric": "acc"} for s in (*SKILLS, COMPOSITION)],
+    "objectives": {
+        "mean_acc": [f"zoo_{s}" for s in SKILLS],
+        **{s: [f"zoo_{s}"] for s in (*SKILLS, COMPOSITION)},
+    },
+    "primary": "mean_acc",
+    "batch_size": 128,
+}
+
+
+@dataclass
+class Scored:
+    """A model of the table: label, kind, recipe, holdout accuracy per skill (per seed)."""
+
+    label: str
+    kind: str
+    recipes: list[Any] = field(default_factory=list)
+    holdout: list[dict[str, float]] = field(default_factory=list)
+    search_mean: list[float] = field(default_factory=list)
+
+    def mean(self, key: str) -> float:
+        values = [h[key] for h in self.holdout if key in h]
+        return statistics.fmean(values) if values else float("nan")
+
+    def spread(self, key: str) -> float:
+        values = [h[key] for h in self.holdout if key in h]
+        return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+def run_experiment(name: str | Path, run_dir: Path, seed: int, sets: list[str], local: bool) -> Path:
+    """Start (or carry on) an experiment run (a built-in name or a file); returns its directory."""
+    from evomerge.run.driver import is_run_dir, resume_run, start_run
+
+    if is_run_dir(run_dir):
+        resume_run(run_dir, local=local, echo=say)
+    else:
+        start_run(name, out=run_dir, sets=(f"seed={seed}", *sets), local=local, echo=say)
+    return run_dir
+
+
+def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
+    """The best recipe of a run (of `stage`, default the last stage that has one), made portable
+    (run-internal refs replaced by directories), and its search fitness."""
+    from evomerge.recipe import Recipe
+    from evomerge.run.driver import LEDGER_FILE, portable_recipe, read_experiment
+    from evomerge.run.export import run_sources
+    from evomerge.run.ledger import Ledger
+    from evomerge.run.stages import stage_best
+
+    exp = read_experiment(run_dir)
+    names = [stage] if stage else [s.name for s in reversed(exp.stages)]
+    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+        for name in names:
+            best = stage_best(ledger, name)
+            if best is not None:
+                recipe = portable_recipe(Recipe.from_string(best["recipe_yaml"]), run_sources(run_dir))
+                return recipe, float(best["score"])
+    raise SystemExit(f"{run_dir}: no successful evaluation to take a best from")
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+
+def holdout_scorer(limit: int | None = None) -> Any:
+    """One in-process worker (the runs' own WorkerCore) with the 4-skill holdout evaluator."""
+    from evomerge.run.stages import evaluator_spec
+    from evomerge.run.worker_core import WorkerCore
+
+    overrides = {"holdout_limit": limit} if limit else {}
+    return WorkerCore({}, evaluator_spec(dict(HOLDOUT_EVALUATOR), overrides), device="cpu")
+
+
+def score_holdout(core: Any, recipe: Any) -> dict[str, float]:
+    from evomerge.run.jobs import Job
+
+    result = core.run(Job("results", recipe, "holdout"))
+    if result.failed:
+        raise SystemExit(f"scoring failed: {result.error}")
+    return {k: float(v) for k, v in result.objectives.items()}
+
+
+def source_recipe(ref: str) -> Any:
+    from evomerge.recipe import Recipe
+
+    return Recipe.parse({"merge_method": "passthrough", "models": [{"model": ref}]})
+
+
+def experiment_file(name: str, preset: str, out: Path) -> Path:
+    """experiments/NAME.yaml, or for another zoo preset a copy of it with its models swapped."""
+    from evomerge.resources import find_yaml
+
+    path = find_yaml("experiments", name)
+    if preset == "tiny":
+        return path
+    copy = out / "experiments" / path.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(path.read_text().replace("zoo:tiny/", f"zoo:{preset}/"))
+    return copy
+
+
+def quick_sets(path: Path) -> list[str]:
+    """--quick: every stage 4 evaluations of 4 candidates, 16 documents per task."""
+    from evomerge.config import load_experiment
+
+    out = []
+    for stage in load_experiment(path).stages:
+        out += [f"stages.{stage.name}.budget.evaluations=4", f"stages.{stage.name}.evaluator_overrides={{limit: 16, holdout_limit: 16}}"]
+        if "popsize" in stage.optimizer.options:
+            out.append(f"stages.{stage.name}.optimizer.popsize=4")
+    return out
+
+
+def handset_recipes(path: Path) -> list[tuple[str, Any]]:
+    """The hand-set baselines of an experiment file (name, recipe)."""
+    from evomerge.config import load_experiment
+    from evomerge.recipe import Recipe
+
+    exp = load_experiment(path)
+    return [(b.name, Recipe.parse(b.recipe) if isinstance(b.recipe, dict) else Recipe.from_yaml(b.recipe)) for b in exp.baselines]
+
+
+# ---- digits -------------------------------------------------------------------------------------
+
+
+def digits_pretrained(out: Path, seed: int, local: bool) -> dict[str, Any]:
+    from evomerge.run.driver import LEDGER_FILE
+    from evomerge.run.ledger import Ledger
+    from evomerge.run.stages import stage_best
+
+    run_dir = out / f"digits_m2n2_pretrained-seed{seed}"
+    start = time.perf_counter()
+    run_experiment("digits_m2n2_pretrained", run_dir, seed, [], local)
+    seconds = time.perf_counter() - start
+    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+        best = stage_best(ledger, "m2n2")
+        passes = ledger.count(stage="m2n2", split="search")
+    holdout = (best or {}).get("holdout") or {}
+    return {
+        "test_acc": float(next(iter(holdout.values()))) if holdout else float("nan"),
+        "train_acc": float(best["score"]) if best else float("nan"),
+        "passes": passes,
+        "seconds": seconds,
+        "run_dir": str(run_dir),
+    }
+
+
+def digits_scratch(passes: int, seed: int) -> dict[str, Any]:
+    """The from-scratch M2N2 figure from the benchmark script (M2N2 only, one seed)."""
+    cmd = [
+        sys.executable, str(ROOT / "experiments" / "benchmarks" / "m2n2_digits.py"),
+        "--seeds", str(seed), "--methods", "m2n2", "--settings", "scratch", "--scratch-passes", str(passes),
+    ]  # fmt: skip
+    say("running: " + " ".join(cmd[1:]))
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    lines = dict(re.findall(r"^(m2n2_scratch_\w+): (\S+)$", done.stdout, flags=re.M))
+    return {
+        "test_acc": float(lines.get("m2n2_scratch_test_acc", "nan")),
+        "seconds": float(lines.get("m2n2_scratch_seconds", "nan")),
+        "passes": passes,
+    }
+
+
+# ---- the page -----------------------------------------------------------------------------------
+
+
+def pct(value: float) -> str:
+    return "–" if value != value else f"{100 * value:.1f}"
+
+
+def cell(model: Scored, key: str) -> str:
+    text = pct(model.mean(key))
+    spread = model.spread(key)
+    return f"{text} ± {100 * spread:.1f}" if spread else text
+
+
+def render(models: list[Scored], seeds: list[int], digits: dict[str, Any], facts: dict[str, Any]) -> str:
+    cols = [*SKILLS, "mean_acc", COMPOSITION]
+    lines = [
+        "# Results",
+        "",
+        "Generated by `python experiments/results.py"
+        + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0] else "")
+        + f"` on {facts['date']} ({facts['cores']} CPU cores, load average {facts['load']} at the start;"
+        + f" {facts['minutes']:.0f} min). Seeds: {', '.join(map(str, seeds))}"
+        + (" (figures are means; ± is half the range over seeds)." if len(seeds) > 1 else "."),
+        "",
+        f"## {facts['preset'].capitalize()} zoo: holdout exact-match accuracy (%)",
+        "",
+        f"Zoo `{facts['preset']}` (`{facts['zoo']}`). Each skill's holdout split: 400 documents, disjoint from the"
+        " search split the evolution saw. `mean` = mean over add, reverse, sort (the search fitness is the"
+        " same mean on the search split). `add_rev` (the sum written reversed) is a composition no expert"
+        " was trained on; nothing searched on it.",
+        "",
+        "| model | kind | " + " | ".join("mean" if c == "mean_acc" else c for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for m in models:
+        lines.append(f"| {m.label} | {m.kind} | " + " | ".join(cell(m, c) for c in cols) + " |")
+    lines += ["", "### Goal (issue 7)", ""]
+    lines += [f"- {line}" for line in facts["goal"]]
+    lines += ["", "### Composition skill add_rev", ""]
+    lines += [f"- {line}" for line in facts["composition"]]
+    lines += ["", "## Digits: M2N2 test accuracy (%)", ""]
+    if not digits:
+        lines.append("Not run this time (`--skip-digits`).")
+    else:
+        lines += [
+            "| set-up | evomerge | forward passes | seconds | natural_niches reference (seed 42) | source of our figure |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        for setting, how in (("pretrained", "`evomerge run experiments/digits_m2n2_pretrained.yaml`"), ("scratch", "`experiments/benchmarks/m2n2_digits.py --methods m2n2 --settings scratch`")):
+            got = digits.get(setting)
+            ref = REFERENCE[setting]
+            ref_text = f"{pct(ref['test_acc'])} in {ref['passes']:,} passes, {ref['seconds']:.0f} s"
+            if got is None:
+                lines.append(f"| {setting} | not run | | | {ref_text} | |")
+            elif "error" in got:
+                lines.append(f"| {setting} | failed: {got['error']} | | | {ref_text} | {how} |")
+            else:
+                lines.append(f"| {setting} | {pct(got['test_acc'])} | {got['passes']:,} | {got['seconds']:.0f} | {ref_text} | {how} |")
+        lines += [
+            "",
+            "The zoo's digits experts (`low`: 0-4, `high`: 5-9) are trained more than the reference's"
+            " (10 full-batch Adam steps) and the split is a stratified 80/20 of scikit-learn's digits, not"
+            " the reference's file order, so the pre-trained figures are not like for like;"
+            " `m2n2_digits.py --data reference --experts reference` runs the reference's own set-up.",
+        ]
+    lines += ["", "## How the evolved models were found", ""]
+    lines += [f"- {line}" for line in facts["runs"]]
+    return "\n".join(lines) + "\n"
+
+
+def goal_lines(models: dict[str, Scored], preset: str = "tiny") -> tuple[list[str], bool]:
+    ps = models["PS"]
+    handset = [m for m in models.values() if m.kind == "hand-set"]
+    best_hand = max(handset, key=lambda m: m.mean("mean_acc"))
+    margin = ps.mean("mean_acc") - best_hand.mean("mean_acc")
+    ok_margin = margin >= GOAL_MARGIN
+    lines = [
+        f"Evolved PS mean {pct(ps.mean('mean_acc'))} vs best hand-set ({best_hand.label}) {pct(best_hand.mean('mean_acc'))}:"
+        f" {100 * margin:+.1f} points (goal >= +{100 * GOAL_MARGIN:.0f}): {'met' if ok_margin else 'NOT met'}."
+    ]
+    ok_keep = True
+    for skill in SKILLS:
+        expert = models[f"zoo:{preset}/{skill}"].mean(skill)
+        kept = ps.mean(skill) / expert if expert > 0 else float("nan")
+        ok = kept >= GOAL_KEEP
+        ok_keep &= ok
+        lines.append(
+            f"{skill}: PS {pct(ps.mean(skill))} vs expert {pct(expert)} = {100 * kept:.0f}% kept (goal >= {100 * GOAL_KEEP:.0f}%): {'met' if ok else 'NOT met'}."
+        )
+    return lines, ok_margin and ok_keep
+
+
+def composition_lines(models: dict[str, Scored]) -> list[str]:
+    experts = [m for m in models.values() if m.kind in ("source", "base")]
+    best_expert = max(experts, key=lambda m: m.mean(COMPOSITION))
+    lines = [f"Best source on add_rev: {best_expert.label} {pct(best_expert.mean(COMPOSITION))}."]
+    for label in ("PS", "DFS", "PS+DFS"):
+        m = models[label]
+        beats = m.mean(COMPOSITION) > best_expert.mean(COMPOSITION)
+        lines.append(f"{label}: {pct(m.mean(COMPOSITION))} — {'beats' if beats else 'does not beat'} every source.")
+    return lines
+
+
+# ---- Pareto front export -----------------------------------------------------------------------
+
+
+def export_front(run_dir: Path) -> list[Path]:
+    """The non-dominated recipes of each multi-objective stage, as mergekit configs in RUN_DIR/front/."""
+    from evomerge.fsutil import atomic_write_text
+    from evomerge.recipe import Recipe
+    from evomerge.report_data import load_run
+    from evomerge.run.driver import portable_recipe
+    from evomerge.run.export import run_sources
+
+    view = load_run(run_dir)
+    pool = run_sources(run_dir)
+    written = []
+    for stage in view.stages:
+        if not stage.multi:
+            continue
+        for i, row in enumerate(stage.front()):
+            recipe = portable_recipe(Recipe.from_string(row.recipe_yaml), pool)
+            recipe = recipe.with_evomerge(stage=stage.name, recipe_hash=row.recipe_hash, scores={"search": dict(row.objectives)})
+            path = run_dir / "front" / f"{stage.name}-{i:02d}.yaml"
+            atomic_write_text(path, recipe.to_yaml())
+            written.append(path)
+    return written
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "results", help="where the runs go")
+    parser.add_argument("--md", type=Path, default=ROOT / "experiments" / "RESULTS.md")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every tiny run")
+    parser.add_argument("--ray", action="store_true", help="run on the experiments' Ray workers instead of in-process")
+    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--scratch-passes", type=int, default=50_000)
+    parser.add_argument("--preset", default="tiny", help="zoo preset of the models (test: a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets and 16 documents per task: a smoke run")
+    parser.add_argument("--front", type=Path, default=None, help="export the Pareto front of this run and exit")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if args.front is not None:
+        for path in export_front(args.front):
+            say(str(path))
+        return 0
+
+    from evomerge.fsutil import atomic_write_text
+    from evomerge.zoo import build_zoo
+
+    start = time.perf_counter()
+    load = f"{os.getloadavg()[0]:.1f}"
+    zoo = build_zoo(args.preset, progress=say)
+    local = not args.ray
+    models: dict[str, Scored] = {}
+    for ref in (f"zoo:{args.preset}/{s}" for s in ("base", *SKILLS)):
+        models[ref] = Scored(ref, "base" if ref.endswith("/base") else "source", [source_recipe(ref)])
+    for name, recipe in handset_recipes(experiment_file("tiny_ps", args.preset, args.out)):
+        models[name] = Scored(name, "hand-set", [recipe])
+    run_facts = []
+    for label, (name, stage) in EXPERIMENTS.items():
+        models[label] = Scored(f"evolved {label}", "evolved")
+        file = experiment_file(name, args.preset, args.out)
+        sets = [*(quick_sets(file) if args.quick else []), *args.sets]
+        for seed in args.seeds:
+            run_dir = run_experiment(file, args.out / f"{name}-seed{seed}", seed, sets, local)
+            recipe, search = run_best(run_dir, stage)
+            models[label].recipes.append(recipe)
+            models[label].search_mean.append(search)
+        exp = yaml.safe_load((args.out / f"{name}-seed{args.seeds[0]}" / "experiment.yaml").read_text())
+        stages = "; ".join(
+            f"{s['name']}: {s['space']['kind']}"
+            + (f" {s['space'].get('method')}" if s["space"].get("method") else "")
+            + (f", {s['space'].get('layer_groups')} layer groups" if s["space"].get("layer_groups", 1) > 1 else "")
+            + f", {s['optimizer']['name']} popsize {s['optimizer'].get('popsize')}, {s['budget']['evaluations']} evaluations"
+            for s in exp["stages"]
+        )
+        run_facts.append(f"{label}: `experiments/{name}.yaml` ({stages}); runs in `{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}/{name}-seed*`.")
+
+    say("scoring every model on the holdout splits")
+    core = holdout_scorer(16 if args.quick else None)
+    for m in models.values():
+        m.holdout = [score_holdout(core, r) for r in m.recipes]
+    core = None
+
+    digits: dict[str, Any] = {}
+    if not args.skip_digits:
+        digits["pretrained"] = digits_pretrained(args.out, 42, local=True)
+        digits["scratch"] = digits_scratch(args.scratch_passes, 42)
+
+    goal, met = goal_lines(models, args.preset)
+    facts = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cores": os.cpu_count(),
+        "load": load,
+        "minutes": (time.perf_counter() - start) / 60,
+        "zoo": Path(zoo).name,
+        "preset": args.preset,
+        "goal": goal,
+        "composition": composition_lines(models),
+        "runs": run_facts,
+    }
+    text = render(list(models.values()), args.seeds, digits, facts)
+    atomic_write_text(args.md, text)
+    say(text)
+    say(f"wrote {args.md} (goal {'met' if met else 'not met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
