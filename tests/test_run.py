@@ -120,6 +120,8 @@ def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path
     code, out = cli("run", write_exp(tmp_path / "exp.yaml", exp), "--out", run_dir)
     assert code == 0, out
     assert (run_dir / "experiment.yaml").is_file() and (run_dir / "checkpoint" / "state.json").is_file()
+    code, out = cli("run", tmp_path / "exp.yaml", "--out", run_dir)
+    assert code == 2 and "already holds a run; continue it with `evomerge resume" in out
     frozen = yaml.safe_load((run_dir / "experiment.yaml").read_text())
     assert frozen["stages"][0]["space"]["kind"] == "ps"  # the space spec is inlined
 
