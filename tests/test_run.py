@@ -9,14 +9,19 @@ import time
 import numpy as np
 
 
-def score(model, tokenizer, split, subset=None, shard=None, delay: float = 0.0, raise_every: int = 0):
+def score(model, tokenizer, split, subset=None, shard=None, delay: float = 0.0, raise_every: int = 0, interrupt_at: int = 0):
     """Per-sample scores in (0, 1) from the model's logits on fixed random token sequences
     (search and holdout draw different sequences). `delay` slows every call (kill tests);
-    `raise_every` makes every n-th call of this process raise (failure tests)."""
+    `raise_every` makes every n-th call of this process raise (failure tests); `interrupt_at`
+    stops the whole driver at that call of the process, like a crash (resume tests)."""
     import torch
 
     from evomerge.evaluate.subset import shard_slice
 
+    if interrupt_at:
+        score.interrupt_calls = getattr(score, "interrupt_calls", 0) + 1
+        if score.interrupt_calls == interrupt_at:
+            raise KeyboardInterrupt
     if raise_every:
         score.calls = getattr(score, "calls", 0) + 1
         if score.calls % raise_every == 0:
@@ -434,3 +439,28 @@ def test_a_run_on_ray_workers_matches_the_in_process_run(ray_session, llama_fami
     on_ray, local = rows(tmp_path / "ray"), rows(tmp_path / "local")
     assert [r.comparable() for r in on_ray] == [r.comparable() for r in local]
     assert {r.worker for r in on_ray if r.split == "search"} != {"local-0"}
+
+
+def test_m2n2_model_mode_resumes_after_a_crash_with_the_same_ledger(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """The archive members written before the crash are taken up again; the resumed run tells
+    the optimizer exactly what the uninterrupted one did."""
+    from evomerge.run.driver import resume_run, start_run
+
+    stage = {
+        "name": "m2n2",
+        "evaluator": dict(EVALUATOR),
+        "optimizer": {"name": "m2n2", "mode": "model", "archive_size": 3},
+        "budget": {"evaluations": 7},
+    }
+    exp = experiment(llama_family, stages=[stage])
+    exp["models"] = {"sources": [str(llama_family[k]) for k in "abc"]}
+    start_run(write_exp(tmp_path / "ref.yaml", exp), out=tmp_path / "reference", echo=lambda _: None)
+    score.interrupt_calls = 0
+    stage["evaluator"] = {**EVALUATOR, "args": {"interrupt_at": 5}}  # during the first child
+    with pytest.raises(KeyboardInterrupt):
+        start_run(write_exp(tmp_path / "crash.yaml", exp), out=tmp_path / "crashed", echo=lambda _: None)
+    assert len(rows(tmp_path / "crashed")) == 4 and (tmp_path / "crashed" / "archive" / "m2n2" / "2").is_dir()
+    resume_run(tmp_path / "crashed", echo=lambda _: None)
+    assert [r.comparable() for r in rows(tmp_path / "crashed")] == [r.comparable() for r in rows(tmp_path / "reference")]
+    best = [json.loads((tmp_path / d / "best" / "scores.json").read_text()) for d in ("crashed", "reference")]
+    assert best[0] == best[1]
