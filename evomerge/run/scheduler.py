@@ -62,7 +62,6 @@ class Evaluation:
     started: float = 0.0
     finished: float = 0.0
     reused_from: int | None = None
-    submitted: bool = False
 
     @property
     def done(self) -> bool:
@@ -285,7 +284,7 @@ class Scheduler:
             base, extra = divmod(free, len(queued))
             shards = [base + (1 if i < extra else 0) for i in range(len(queued))]
         for ev, n in zip(queued, shards, strict=True):
-            ev.n_parts, ev.started, ev.submitted = n, time.time(), True
+            ev.n_parts, ev.started = n, time.time()
             for i in range(n):
                 self._job_counter += 1
                 job_id = f"{ev.key}|{i}/{n}|{self._job_counter}"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.evaluate.result import EvalResult
 from evomerge.merge.sources import SourcePool
 from evomerge.optim import make_optimizer
 from evomerge.optim.base import Candidate, Optimizer
@@ -280,12 +279,6 @@ def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def result_of(row: LedgerRow) -> EvalResult:
-    from evomerge.run.scheduler import result_from_row
-
-    return result_from_row(row)
 
 
 def write_json(path: Path, data: Any) -> None:
