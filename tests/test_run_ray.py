@@ -201,6 +201,12 @@ def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path
     model_bytes = max(s["model_bytes"] for s in pool.worker_stats())
     assert model_bytes >= 0.95 * size
 
+    # a source that cannot be loaded fails the jobs that use it, with the reason
+    pool.add_source("stage:gone", str(tmp_path / "gone"))
+    pool.submit(Job("gone", Recipe.from_string(RECIPES["linear"].replace("model: b", "model: stage:gone")), "search"))
+    gone = _collect(pool, 1)["gone"]
+    assert "stage:gone" in gone.result.error and "could not be loaded" in gone.result.error
+
 
 def test_a_pool_the_cluster_cannot_hold_fails_at_once(ray_session, sources):
     from evomerge.errors import ConfigError

@@ -149,6 +149,11 @@ class WorkerCore:
         return model, self._tokenizer(recipe, plan)
 
     @property
+    def directions(self) -> dict[str, bool]:
+        """objective -> higher is better, as far as known (from the evaluator or a result)."""
+        return dict(self._directions)
+
+    @property
     def model(self) -> torch.nn.Module | None:
         """The resident model (None before the first job)."""
         return self._model

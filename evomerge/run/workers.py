@@ -172,6 +172,7 @@ class _WorkerActor:
         self.setup_error: str | None = None
         self._shared: dict[str, Any] = {}  # ref -> its arrays (the zero-copy views of the store's)
         self._private_base = 0
+        self._source_errors: dict[str, str] = {}
 
     def where(self) -> tuple[str, int]:
         return self.node_id, os.getpid()
@@ -191,7 +192,7 @@ class _WorkerActor:
         except Exception as exc:
             self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"
             raise
-        return dict(self.core._directions)
+        return self.core.directions
 
     def _identity(self, ref: str) -> str:
         """What a source ref stands for on this worker (ref and directory)."""
@@ -199,8 +200,14 @@ class _WorkerActor:
         return f"{ref}={aliases[ref]}" if ref in aliases else ref
 
     def add_source(self, store, ref: str, path: str) -> None:
-        if self.core is not None:
+        """Nobody waits for this call: a failure is kept and reported by the jobs that use `ref`."""
+        if self.core is None:
+            return
+        try:
             self.core.add_source(ref, path, self._fetch(store, ref, path))
+            self._source_errors.pop(ref, None)
+        except Exception as exc:
+            self._source_errors[ref] = f"source '{ref}' ({path}) could not be loaded: {type(exc).__name__}: {exc}"
 
     def _fetch(self, store, ref: str, path: str):
         import ray
@@ -214,8 +221,11 @@ class _WorkerActor:
 
     def run(self, job: Job) -> tuple[EvalResult, float, float, str]:
         started = time.time()
+        broken = [self._source_errors[r] for r in job.recipe.model_refs() if r in self._source_errors]
         if self.core is None:
             result = EvalResult.failure(self.setup_error or "worker is not set up", {})
+        elif broken:
+            result = EvalResult.failure(broken[0], self.core.directions)
         else:
             result = self.core.run(job)
             _release_free_memory()
