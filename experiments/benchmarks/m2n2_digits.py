@@ -52,6 +52,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -344,7 +345,11 @@ def main() -> None:
                         help="start no run after this long (0: none); the summary covers the runs done")  # fmt: skip
     parser.add_argument("--trace", type=int, default=0, help="print the best member every N passes (0: never)")
     parser.add_argument("--quick", action="store_true", help="budgets / 25 and one seed: a smoke run")
+    parser.add_argument("--from-logs", nargs="+", metavar="LOG", help="run nothing: summarize the run lines of earlier outputs")
     args = parser.parse_args()
+    if args.from_logs:
+        summarize(runs_from_logs(args.from_logs), args.scratch_passes, args.pretrained_passes)
+        return
     if args.quick:
         args.scratch_passes //= 25
         args.pretrained_passes //= 25
@@ -400,8 +405,13 @@ def main() -> None:
     if done < len(tasks):
         print(f"deadline of {args.deadline_minutes:g} min reached: {len(tasks) - done} of {len(tasks)} runs not done")
     print(f"all runs: {time.perf_counter() - started:.0f} s wall with {args.jobs} at a time")
+    summarize(results, args.scratch_passes, args.pretrained_passes)
+
+
+def summarize(results: dict[str, list[Run]], scratch_passes: int, pretrained_passes: int) -> None:
+    """The side-by-side tables and the headline lines."""
     for setting, runs in results.items():
-        budget = args.scratch_passes if setting == "scratch" else args.pretrained_passes
+        budget = scratch_passes if setting == "scratch" else pretrained_passes
         print(f"\n{setting}: {budget:,} forward passes over the training split, mean +- std over seeds")
         table(setting, runs, list(LABELS))
     print("CMA-ES here is separable (pycma CMA_diagonal); the reference's figure is full-covariance CMA-ES, which at")
@@ -417,6 +427,40 @@ def main() -> None:
     print(f"m2n2_pretrained_test_acc: {headline('pretrained', 'm2n2', 'test_acc')}")
     print(f"m2n2_scratch_seconds: {headline('scratch', 'm2n2', 'seconds')}")
 
+
+CONFIG = re.compile(r"(archive \d+).*?(data \w+, pixel scale [0-9.]+)")
+RUN_LINE = re.compile(
+    r"^\[(scratch|pretrained)\] (.+?)\s+seed (\d+): test ([0-9.]+)\s+train ([0-9.]+)\s+([0-9.]+) s\s+(\d+) passes.*?(load average [0-9. ]+?)\s{2}(.*)$"
+)
+
+
+def runs_from_logs(paths: list[str]) -> dict[str, list[Run]]:
+    """The per-run lines of earlier invocations' output (runs split over several processes), for
+    one summary over all of them; a (setting, method, seed) seen twice keeps its first line."""
+    by_label = {label: method for method, label in LABELS.items()}
+    results: dict[str, list[Run]] = {}
+    seen: set[tuple[str, str, int]] = set()
+    settings: dict[str, str] = {}
+    for path in paths:
+        for line in open(path, encoding="utf-8"):
+            header = CONFIG.search(line) if line.startswith("M2N2 on digits:") else None
+            if header:
+                settings[path] = header.group(1) + ", " + header.group(2)
+            match = RUN_LINE.match(line.rstrip("\n"))
+            if not match:
+                continue
+            setting, label, seed, test, train, seconds, passes, _, note = match.groups()
+            if len(set(settings.values())) > 1:
+                raise SystemExit(f"the logs ran different set-ups, not one experiment: {settings}")
+            key = (setting, by_label[label.strip()], int(seed))
+            if key in seen:
+                continue
+            seen.add(key)
+            print(line.rstrip("\n"), f"  <- {path}")
+            results.setdefault(setting, []).append(
+                Run(key[1], int(seed), float(test), float(train), float(seconds), int(passes), note.strip())
+            )
+    return results
 
 if __name__ == "__main__":
     main()
