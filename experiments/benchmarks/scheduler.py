@@ -1,11 +1,13 @@
 """Scheduler + Ray workers: busy fraction, 1 vs 2 worker throughput, memory of a second worker.
 
 Four Llama checkpoints (a random base and three perturbed fine-tunes; hidden 256, 4 layers,
-vocab 4096, fp32, ~5.4M parameters each) are merged with TIES (by default) under a random
-search over the `ps_ties` space, driven by the real `Scheduler` and `RayWorkerPool` on a local
-Ray instance with workers of one CPU each. Candidates have uneven evaluation times: the
-evaluator runs 1 to 4 forward passes of a fixed batch, the number derived from the merged
-weights. Each configuration starts its own Ray (num_cpus = workers).
+vocab 4096, fp32, ~5.4M parameters each) are merged with TIES (by default) under CMA-ES
+(generations of 6; at a generation's end the scheduler splits a candidate across idle workers
+by document shards) or random search over the `ps_ties` space, driven by the real `Scheduler`
+and `RayWorkerPool` on a local Ray instance with workers of one CPU each. Candidates have
+uneven evaluation times: the evaluator runs 1 to 4 forward passes over 16 fixed sequences, the
+number derived from the merged weights. Each configuration starts its own Ray (num_cpus =
+workers).
 
 Figures:
   - worker_busy_fraction (2 workers): the sum of the workers' job times (materialize +
@@ -23,7 +25,7 @@ Figures:
     candidate's merge temporaries; the steady-state figure after the run is printed beside it.
 The machine's load (`uptime`) is printed beside each run: the cores are shared.
 
-    .venv/bin/python experiments/benchmarks/scheduler.py [--evaluations 24] [--method ties]
+    .venv/bin/python experiments/benchmarks/scheduler.py [--evaluations 24] [--method ties] [--optimizer cmaes]
 """
 
 from __future__ import annotations
@@ -38,32 +40,45 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from evomerge.evaluate.result import EvalResult
 
 HIDDEN, LAYERS, VOCAB, INTERMEDIATE, HEADS = 256, 4, 4096, 768, 4
-BATCH, SEQ = 8, 64
+DOCS, BATCH, SEQ = 16, 8, 64
 
 
 class UnevenForward:
-    """Scores a fixed batch; runs 1-4 forward passes, the count a function of the weights."""
+    """Scores DOCS fixed sequences with 1-4 forward passes each (the count a function of the
+    merged weights, so candidates take uneven times); shards are contiguous blocks of docs."""
 
     def __init__(self) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        self.ids = torch.randint(0, VOCAB, (DOCS, SEQ), generator=gen)
 
     def objective_directions(self) -> dict[str, bool]:
         return {"score": True}
 
     def evaluate(self, model, tokenizer, split, subset=None, shard=None) -> EvalResult:
         start = time.perf_counter()
+        i, n = shard or (0, 1)
+        docs = list(range(DOCS * i // n, DOCS * (i + 1) // n))
         probe = model.get_input_embeddings().weight[0, :8].double().abs().sum().item()
         passes = 1 + int(probe * 1e4) % 4
-        for _ in range(passes):
-            logits = model(self.ids).logits
-        score = float(logits[:, -1].log_softmax(-1)[:, 0].mean())
-        return EvalResult({"score": score}, {"score": True}, seconds=time.perf_counter() - start)
+        scores = []
+        for lo in range(0, len(docs), BATCH):
+            batch = self.ids[docs[lo : lo + BATCH]]
+            for _ in range(passes):
+                logits = model(batch).logits
+            scores += logits[:, -1].log_softmax(-1)[:, 0].tolist()
+        per_doc = np.asarray(scores, dtype=np.float64)
+        return EvalResult(
+            {"score": float(per_doc.mean())}, {"score": True},
+            per_sample={"probe": per_doc}, doc_ids={"probe": docs}, counts={"probe": len(docs)},
+            seconds=time.perf_counter() - start,
+            task_scores={"probe": float(per_doc.mean())}, objective_weights={"score": {"probe": 1.0}},
+        )  # fmt: skip
 
 
 def build_sources(root: Path) -> dict[str, str]:
@@ -118,7 +133,9 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def run_config(workers: int, sources: dict[str, str], method: str, evaluations: int, work: Path) -> dict:
+def run_config(
+    workers: int, sources: dict[str, str], method: str, optimizer_name: str, evaluations: int, work: Path
+) -> dict:
     """One search on `workers` one-CPU Ray workers; returns timings and memory figures."""
     from evomerge.merge.sources import SourcePool
     from evomerge.optim import make_optimizer
@@ -128,9 +145,10 @@ def run_config(workers: int, sources: dict[str, str], method: str, evaluations: 
     from evomerge.spaces import build_space
 
     space = build_space(f"ps_{method}", models=["a", "b", "c"], base="base", pool=SourcePool(aliases=sources))
+    options = {"popsize": 6} if optimizer_name == "cmaes" else {}
     optimizer = make_optimizer(
-        "random", dim=space.dim, bounds=space.bounds, x0=space.x0, seed=0,
-        objectives={"score": True}, max_evals=evaluations,
+        optimizer_name, dim=space.dim, bounds=space.bounds, x0=space.x0, seed=0,
+        objectives={"score": True}, max_evals=evaluations, **options,
     )  # fmt: skip
     load = uptime()
     pool = RayWorkerPool(workers=workers, num_cpus_per_worker=1)
@@ -147,7 +165,7 @@ def run_config(workers: int, sources: dict[str, str], method: str, evaluations: 
             stage="bench", optimizer=optimizer, pool=recording, ledger=ledger,
             decode=lambda cand: space.decode(cand.genome), subset_for=lambda gen: (None, "all"),
             fitness=lambda r: None if r.failed else r.objectives["score"], on_tell=lambda counters: None,
-            shardable=False,
+            shardable=True,
         )  # fmt: skip
         scheduler.run()
         stats = pool.worker_stats()
@@ -170,8 +188,9 @@ def run_config(workers: int, sources: dict[str, str], method: str, evaluations: 
         "load": load,
         "start_seconds": start_seconds,
         "wall_seconds": wall,
-        "evaluations": len(spans),
-        "per_second": len(spans) / wall,
+        "evaluations": len(statuses),
+        "jobs": len(spans),  # more than evaluations when candidates were split into shards
+        "per_second": len(statuses) / wall,
         "busy_fraction": busy / (workers * wall),
         "cpu_share": cpu / wall,  # cores the workers actually got (the machine is shared)
         "jobs_per_worker": {w: sum(1 for s in spans if s[0] == w) for w in sorted({s[0] for s in spans})},
@@ -190,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evaluations", type=int, default=24)
     parser.add_argument("--method", default="ties", choices=["ties", "linear", "task_arithmetic", "dare_ties"])
+    parser.add_argument("--optimizer", default="cmaes", choices=["cmaes", "random"], help="cmaes: generations of 6")
     parser.add_argument("--work", type=Path, default=None, help="where sources and ledgers go (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -198,10 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     sources = build_sources(work / "sources")
     print(f"sources: {work / 'sources'} (4 x {HIDDEN}-hidden {LAYERS}-layer Llama), method {args.method}, "
-          f"{args.evaluations} evaluations per configuration")  # fmt: skip
+          f"optimizer {args.optimizer}, {args.evaluations} evaluations per configuration")  # fmt: skip
     results = {}
     for workers in (1, 2):
-        result = run_config(workers, sources, args.method, args.evaluations, work)
+        result = run_config(workers, sources, args.method, args.optimizer, args.evaluations, work)
         results[workers] = result
         print(json.dumps(result, indent=1, default=str))
     one, two = results[1], results[2]
