@@ -83,7 +83,8 @@ def init_ray(
 
     address None/"local": a new local instance on 127.0.0.1, dashboard off, with `num_cpus`
     (default: all cores) and `num_gpus`. "auto", "HOST:PORT" or "ray://HOST:PORT": join that
-    cluster (its resources are its own).
+    cluster (its resources are its own). Worker output is not echoed to this process (errors
+    come back in the results); set EVOMERGE_RAY_LOGS=1 to see it.
     """
     with _loopback_only() if address in (None, "local") else _nothing():
         import ray
