@@ -7,7 +7,12 @@ Layout on a cluster:
   long as the pool does;
 - one *worker* actor per worker (`num_cpus`/`num_gpus` from the experiment's `ray:` section)
   asks its node's store for the sources, maps them zero-copy and runs a `WorkerCore` (resident
-  model skeleton + evaluator, built once).
+  model skeleton + evaluator, built once);
+- TIES/DELLA magnitude ranks are shared per node the same way (`NodeSharedSparsifier`).
+
+Each node reads the sources from the paths the driver gives (`stage:` and `archive:` models are
+written in the run directory): on a multi-machine cluster those paths must be readable on every
+node (a shared filesystem, or the same layout everywhere).
 
 The driver hands each worker one job at a time and dispatches the next pending job the moment
 an outcome arrives, so workers only wait for the scheduler when it has nothing queued. A worker
