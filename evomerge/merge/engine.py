@@ -2,8 +2,8 @@
 
 Planning reads only checkpoint headers; it checks shapes and resolves every parameter to a
 plain number per tensor, following mergekit (per-model parameters: slice source, `models:`,
-slice, top level; gradients interpolated at t = layer index / (layers in slice - 1), t = 0 for
-embeddings and t = 1 for the final norm and head). Execution runs the method's pure tensor
+slice, top level; gradients interpolated at t = layer index / (layers in slice - 1), and at
+t = 0 for the embeddings and for the final norm and head, as mergekit 0.1.5 does). Execution runs the method's pure tensor
 function per task. `materialize` keeps the result in memory (or copies it into a resident HF
 model); `evomerge.merge.writer` streams it to a Hugging Face directory.
 """
@@ -81,10 +81,10 @@ def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
     if ref_layers and layer_prefix is None:
         raise SourceError(f"model '{reference}': could not find its numbered layers among the tensor names")
 
-    # As in mergekit, embeddings merge over the first slice's sources (with its parameters, at
-    # t = 0) and the final norm / head over the last slice's (t = 1).
+    # As in mergekit, embeddings merge over the first slice's sources (with its parameters) and
+    # the final norm / head over the last slice's (as many as the first slice has), both at t = 0.
     first_models = [s.model for s in slices[0].sources]
-    last_models = [s.model for s in slices[-1].sources]
+    last_models = [s.model for s in slices[-1].sources][: len(first_models)]
     tasks: list[TensorTask] = []
     for name, place in places:
         if place.kind == "pre":
@@ -101,7 +101,7 @@ def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
             out_index += 1
     for name, place in places:
         if place.kind == "post":
-            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in last_models], 1.0, slices[-1]))
+            tasks.append(_task(recipe, method, pool, name, [(m, name) for m in last_models], 0.0, slices[-1]))
 
     compute_dtype = TORCH_DTYPES.get(recipe.dtype) if recipe.dtype else None
     out_dtype = TORCH_DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
@@ -154,9 +154,8 @@ def _task(
         base_name = by_model.get(base_model, out_name) if base_model else out_name
         base = TensorRef(base_model, base_name)
         inputs = [TensorRef(m, n) for m, n in sources if m != base_model]
-    else:
-        listed = {m.model for m in recipe.models} if recipe.models is not None else set(by_model)
-        inputs = [TensorRef(m, n) for m, n in sources if m in listed]
+    else:  # e.g. linear: a base_model not listed under models: is one more input, as in mergekit
+        inputs = [TensorRef(m, n) for m, n in sources]
         base = None
 
     for ref in [*inputs, *([base] if base else [])]:

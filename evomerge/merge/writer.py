@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from evomerge.merge.engine import MergePlan, iter_merged, plan_merge
 from evomerge.merge.sources import SourcePool
@@ -71,6 +71,57 @@ def write_model(
     return out_dir
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class _ShardWriter:
+    """Streams tensors into one safetensors file as they are merged (no second copy in memory).
+
+    The header goes in front of the data but is only known at the end, so ``header_room``
+    bytes are reserved for it (an upper bound from the plan) and the header is padded with
+    spaces to fill them, as the format allows.
+    """
+
+    def __init__(self, path: Path, header_room: int):
+        self.path = path
+        self.room = header_room
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.file.seek(8 + header_room)
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        start, self.offset = self.offset, self.offset + data.nbytes
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [start, self.offset]}
+        return data.nbytes
+
+    def finish(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) > self.room:  # cannot happen with the plan's bound; fail loudly rather than corrupt
+            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the {self.room} reserved")
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.room) + header + b" " * (self.room - len(header)))
+        self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+def _header_room(plan: MergePlan) -> int:
+    """Upper bound on the JSON header of any shard: every tensor with 20-digit offsets."""
+    per_entry = len('"":{"dtype":"BOOL","shape":[],"data_offsets":[,]},') + 2 * 20
+    total = len('{"__metadata__":{"format":"pt"},}') + 64
+    for task in plan.tasks:
+        total += per_entry + len(json.dumps(task.name)) + 21 * 8  # up to 8 dims of 20 digits
+    return (total + 7) // 8 * 8  # data stays 8-byte aligned
+
+
 def _write_weights(
     plan: MergePlan,
     pool: SourcePool,
@@ -79,30 +130,38 @@ def _write_weights(
     max_shard_bytes: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Stream merged tensors into shards of at most `max_shard_bytes` (one file when it fits)."""
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
+    """Stream merged tensors into shards of at most `max_shard_bytes` (one file when it fits).
+
+    Each tensor is written as soon as it is merged, while the engine's threads merge the next
+    ones, so writing overlaps merging and memory holds only a few merged tensors at a time.
+    """
+    room = _header_room(plan)
     shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+    writer: _ShardWriter | None = None
     total_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"shard-{len(shards):05d}.tmp"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        shards.append((name, list(shard)))
-        shard, shard_bytes = {}, 0
-
-    for done, (name, tensor) in enumerate(iter_merged(plan, pool, sparsifier), start=1):
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-        shard[name] = tensor.contiguous()
-        shard_bytes += size
-        total_bytes += size
-        if progress:
-            progress(done, len(plan.tasks))
-    if shard or not shards:
-        flush()
+    try:
+        for done, (name, tensor) in enumerate(iter_merged(plan, pool, sparsifier), start=1):
+            size = tensor.numel() * tensor.element_size()
+            if writer is not None and writer.entries and writer.offset + size > max_shard_bytes:
+                writer.finish()
+                writer = None
+            if writer is None:
+                tmp_name = f"shard-{len(shards):05d}.tmp"
+                writer = _ShardWriter(out / tmp_name, room)
+                shards.append((tmp_name, []))
+            total_bytes += writer.add(name, tensor)
+            shards[-1][1].append(name)
+            del tensor
+            if progress:
+                progress(done, len(plan.tasks))
+        if writer is None:  # nothing to merge: an empty, valid file
+            writer = _ShardWriter(out / "shard-00000.tmp", room)
+            shards.append(("shard-00000.tmp", []))
+        writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
 
     if len(shards) == 1:
         (out / shards[0][0]).rename(out / "model.safetensors")
