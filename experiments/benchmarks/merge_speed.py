@@ -7,7 +7,9 @@ and ties (weights 0.5/0.3/0.4, densities 0.5/0.7/0.4). Prints, from one run, sid
     first use into a cached venv, see mergekit_venv.py);
   - an in-memory candidate with the sources already resident and magnitude ranks precomputed
     (what every candidate of a search costs), with fresh densities each time;
-  - the largest relative difference between evomerge's and mergekit's tensors.
+  - how far evomerge's tensors are from mergekit's (largest difference, and how many elements
+    fall outside rtol 1e-5: only magnitude ties at a TIES threshold, see compare_outputs);
+  - CPU seconds beside every wall time, and the load average: the 2 cores are shared.
 Ends with the headline lines `task_arithmetic_speedup_vs_mergekit`, `ties_speedup_vs_mergekit`,
 `ties_in_memory_seconds`.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -107,37 +110,58 @@ def recipe_yaml(method: str, models: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
+def load_average() -> str:
+    """The 1-minute load average: the cores are shared, so every figure comes with it."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+system) of a command run to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:2])} failed:\n{result.stderr[-3000:]}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
-def max_rel_diff(a_dir: Path, b_dir: Path) -> float:
-    def files(d: Path) -> list[Path]:
-        return sorted(d.glob("*.safetensors"))
+def compare_outputs(a_dir: Path, b_dir: Path) -> tuple[float, int, int]:
+    """(max |a - b|, elements outside rtol 1e-5 / atol 1e-7, elements) over every tensor.
 
-    worst = 0.0
-    b_tensors = {}
-    for f in files(b_dir):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                b_tensors[k] = (f, k)
-    for f in files(a_dir):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                a = h.get_tensor(k).float()
-                with safe_open(str(b_tensors[k][0]), framework="pt") as hb:
-                    b = hb.get_tensor(k).float()
-                worst = max(worst, ((a - b).abs() / b.abs().clamp_min(1e-6)).max().item())
-    return worst
+    With 134M fp32 elements, task vectors have many exactly equal magnitudes; at a TIES
+    density threshold mergekit keeps whichever its unstable sort puts first, evomerge the
+    lower indices, so a handful of elements may differ (by a whole task-vector entry).
+    """
+    def index(d: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update(dict.fromkeys(h.keys(), f))
+        return out
+
+    a_index, b_index = index(a_dir), index(b_dir)
+    if set(a_index) != set(b_index):
+        raise SystemExit(f"tensor names differ: {sorted(set(a_index) ^ set(b_index))[:5]}")
+    worst, bad, total = 0.0, 0, 0
+    for key, file in a_index.items():
+        with safe_open(str(file), framework="pt") as ha, safe_open(str(b_index[key]), framework="pt") as hb:
+            a, b = ha.get_tensor(key).float(), hb.get_tensor(key).float()
+        diff = (a - b).abs()
+        worst = max(worst, float(diff.max()))
+        bad += int((diff > 1e-7 + 1e-5 * b.abs()).sum())
+        total += diff.numel()
+    return worst, bad, total
 
 
-def in_memory_seconds(method: str, models: dict[str, Path], repeats: int) -> tuple[float, float]:
-    """(first candidate incl. precomputation, mean of later candidates with new densities)."""
+def in_memory_seconds(method: str, models: dict[str, Path], repeats: int) -> tuple[float, float, float]:
+    """(first candidate incl. precomputation, mean wall and mean CPU seconds of later candidates
+    with new densities), sources resident, on torch's default thread count."""
     from evomerge.merge.engine import iter_merged, plan_merge
     from evomerge.merge.sources import SourcePool
     from evomerge.merge.sparsify import CachedSparsifier
@@ -148,19 +172,21 @@ def in_memory_seconds(method: str, models: dict[str, Path], repeats: int) -> tup
         pool.get(str(ref)).load_all()
     sparsifier = CachedSparsifier()
     gen = torch.Generator().manual_seed(1)
-    times = []
+    times, cpus = [], []
     for i in range(repeats + 1):
         text = recipe_yaml(method, models)
         if i:
-            for d in DENSITIES:  # a new candidate: new densities and weights
+            for d in DENSITIES:  # a new candidate: new densities
                 text = text.replace(f"density: {d}", f"density: {float(torch.rand(1, generator=gen)) * 0.8 + 0.1:.4f}", 1)
         recipe = Recipe.from_string(text)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         plan = plan_merge(recipe, pool)
         for _name, _tensor in iter_merged(plan, pool, sparsifier):
             pass
         times.append(time.perf_counter() - start)
-    return times[0], sum(times[1:]) / max(1, len(times) - 1)
+        cpus.append(time.process_time() - cpu)
+    later = max(1, len(times) - 1)
+    return times[0], sum(times[1:]) / later, sum(cpus[1:]) / later
 
 
 def main() -> None:
@@ -178,6 +204,7 @@ def main() -> None:
 
         mergekit_bin = ensure_mergekit()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    print(f"load average at start: {load_average()} (2 cores shared; wall times stretch with it, CPU times much less)", flush=True)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_path = Path(tmp)
@@ -187,25 +214,37 @@ def main() -> None:
             row: dict[str, float] = {}
             # warm the page cache and the hash cache once, so both tools read from memory
             timed([*evomerge_bin, "merge", str(recipe), "--out", str(tmp_path / "warm")])
-            row["evomerge"] = timed([*evomerge_bin, "merge", str(recipe), "--out", str(tmp_path / f"evo-{method}")])
+            row["load_evomerge"] = float(load_average()) if load_average() != "n/a" else float("nan")
+            row["evomerge"], row["evomerge_cpu"] = timed([*evomerge_bin, "merge", str(recipe), "--out", str(tmp_path / f"evo-{method}")])
             if mergekit_bin:
-                row["mergekit"] = timed([str(mergekit_bin), str(recipe), str(tmp_path / f"mk-{method}"), "--lazy-unpickle"], env=env)
-                row["max_rel_diff"] = max_rel_diff(tmp_path / f"evo-{method}", tmp_path / f"mk-{method}")
-            first, later = in_memory_seconds(method, models, args.repeats)
-            row["in_memory_first"], row["in_memory"] = first, later
+                row["load_mergekit"] = float(load_average()) if load_average() != "n/a" else float("nan")
+                row["mergekit"], row["mergekit_cpu"] = timed(
+                    [str(mergekit_bin), str(recipe), str(tmp_path / f"mk-{method}"), "--lazy-unpickle", "--quiet"], env=env
+                )
+                row["max_abs_diff"], mismatched, total = compare_outputs(tmp_path / f"evo-{method}", tmp_path / f"mk-{method}")
+                row["mismatched"], row["elements"] = float(mismatched), float(total)
+            first, later, later_cpu = in_memory_seconds(method, models, args.repeats)
+            row["in_memory_first"], row["in_memory"], row["in_memory_cpu"] = first, later, later_cpu
             results[method] = row
             print(f"{method}: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
 
     print()
-    print(f"{'method':<16} {'mergekit-yaml':>14} {'evomerge merge':>15} {'speed-up':>9} {'in-memory':>10} {'max rel diff':>13}")
+    print(f"{'method':<16} {'mergekit-yaml':>14} {'evomerge merge':>15} {'speed-up':>9} {'in-memory':>10} {'max abs diff':>13} {'mismatched':>11}")
     for method, row in results.items():
         mk = row.get("mergekit")
         print(
             f"{method:<16} {mk if mk else float('nan'):>13.1f}s {row['evomerge']:>14.1f}s "
-            f"{(mk / row['evomerge']) if mk else float('nan'):>8.1f}x {row['in_memory']:>9.2f}s {row.get('max_rel_diff', float('nan')):>13.2e}"
+            f"{(mk / row['evomerge']) if mk else float('nan'):>8.1f}x {row['in_memory']:>9.2f}s "
+            f"{row.get('max_abs_diff', float('nan')):>13.2e} {int(row.get('mismatched', -1)):>11d}"
         )
-    print("(in-memory: a candidate with new densities, sources resident, ranks precomputed; "
-          f"the first candidate, which precomputes, took {results['ties']['in_memory_first']:.1f} s for ties)")
+        print(
+            f"{'  CPU seconds':<16} {row.get('mergekit_cpu', float('nan')):>13.1f}s {row['evomerge_cpu']:>14.1f}s "
+            f"{(row['mergekit_cpu'] / row['evomerge_cpu']) if mk else float('nan'):>8.1f}x {row['in_memory_cpu']:>9.2f}s"
+        )
+    print("(in-memory: a candidate with new densities, sources resident, magnitudes presorted; "
+          f"the first candidate, which presorts, took {results['ties']['in_memory_first']:.1f} s for ties; "
+          f"mismatched: elements outside rtol 1e-5 of mergekit's, of {int(results['ties'].get('elements', 0))})")
+    print(f"load average at end: {load_average()}")
     print()
     if mergekit_bin:
         for method in ("task_arithmetic", "ties"):
