@@ -79,6 +79,26 @@ def test_builds_are_deterministic(test_zoo: Path, tmp_path: Path) -> None:
     assert any(not torch.equal(base[k], add[k]) for k in base)
 
 
+def test_two_processes_building_at_once_share_one_build(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "from evomerge.zoo import build_zoo; print('DIR', build_zoo('test', progress=print))"
+    env = {**os.environ, "EVOMERGE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    dirs = {line for out in outputs for line in out.splitlines() if line.startswith("DIR ")}
+    assert len(dirs) == 1
+    # One of them trained, the other waited for the lock and reused the finished build.
+    assert sorted("building into" in out for out in outputs) == [False, True]
+    assert [p.name for p in (tmp_path / "zoo").iterdir() if not p.name.endswith(".lock")] == [
+        f"test-{zoo_hash('test')}"
+    ]
+
+
 def test_out_dir_that_is_not_a_zoo_is_refused(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a zoo directory"):

@@ -7,9 +7,10 @@ generator seeded by the preset's spec, so two builds give identical tensors.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,32 @@ def _state(model: torch.nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the previous setting.
+
+    The zoo's matrices are too small to gain from intra-op threads, and on a busy machine
+    OpenMP workers waiting on each other made two threads several times slower than one.
+    One thread also fixes the order of floating-point reductions, so a build gives the
+    same tensors on machines with different core counts.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_lm(preset: LMPreset, out: Path, progress: Progress) -> dict[str, Any]:
     """Train the base and the experts into ``out/<name>/``; returns the manifest's measured part."""
+    with single_thread():
+        return _build_lm(preset, out, progress)
+
+
+def _build_lm(preset: LMPreset, out: Path, progress: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     model = lm.new_model(preset.model, torch.Generator().manual_seed(preset.init_seed))
     progress(f"base: pre-training {preset.base.steps} steps")
     lm.train(model, preset.base, np.random.default_rng(preset.base_seed), log=lambda m: progress(f"  base {m}"))
@@ -85,12 +109,14 @@ def build_lm(preset: LMPreset, out: Path, progress: Progress) -> dict[str, Any]:
         models[expert.name] = {"path": expert.name, "skill": expert.skill, "holdout_accuracy": acc}
         progress(f"{expert.name}: holdout accuracy {acc}")
     train_seconds = time.perf_counter() - t0
+    train_cpu_seconds = time.process_time() - cpu0
     merges = task_arithmetic_figures(model, states, preset, progress)
     model.load_state_dict(base)
     return {
         "models": models,
         "task_arithmetic": merges,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),
     }
 
 
@@ -120,6 +146,11 @@ def task_arithmetic_figures(
 
 def build_digits(preset: DigitsPreset, out: Path, progress: Progress) -> dict[str, Any]:
     """Train each digits expert into ``out/<name>/``; returns the manifest's measured part."""
+    with single_thread():
+        return _build_digits(preset, out, progress)
+
+
+def _build_digits(preset: DigitsPreset, out: Path, progress: Progress) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for i, (name, classes) in enumerate(preset.experts):
         progress(f"{name}: training on digits {list(classes)}")

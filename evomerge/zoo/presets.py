@@ -126,8 +126,19 @@ def _lm_preset(
     return LMPreset(model=model, base=base, experts=experts)
 
 
-# Per-layer learning-rate profiles of the tiny experts (regex on parameter names -> factor).
-_TINY_LAYER_LR: dict[str, tuple[tuple[str, float], ...]] = {}
+# Per-layer learning-rate profiles of the experts (regex on parameter names -> factor, first
+# match wins): each expert mostly moves its own pair of layers (add 0-1, sort 1-2, reverse
+# 2-3) and everything else, embeddings and head included, at 0.15 of its learning rate.
+_LAYER_LR: dict[str, tuple[tuple[str, float], ...]] = {
+    "add": ((r"layers\.[01]\.", 1.0), (r".", 0.15)),
+    "reverse": ((r"layers\.[23]\.", 1.0), (r".", 0.15)),
+    "sort": ((r"layers\.[12]\.", 1.0), (r".", 0.15)),
+}
+_TEST_LAYER_LR: dict[str, tuple[tuple[str, float], ...]] = {
+    "add": ((r"layers\.0\.", 1.0), (r".", 0.15)),
+    "reverse": ((r"layers\.1\.", 1.0), (r".", 0.15)),
+    "sort": ((r"layers\.[01]\.", 1.0), (r".", 0.15)),
+}
 
 PRESET_SPECS: dict[str, LMPreset | DigitsPreset] = {
     "test": _lm_preset(
@@ -137,20 +148,22 @@ PRESET_SPECS: dict[str, LMPreset | DigitsPreset] = {
         batch_size=32,
         base_lr=3e-3,
         expert_lr=1e-3,
-        replay=0.2,
-        layer_lr=_TINY_LAYER_LR,
+        replay=0.3,
+        layer_lr=_TEST_LAYER_LR,
         warmup=5,
     ),
+    # Addition needs the most change: twice the learning rate and steps of the others.
     "tiny": _lm_preset(
         ModelSpec(hidden=64, layers=4, heads=4, intermediate=256),
         base_steps=400,
-        expert_steps=400,
+        expert_steps=250,
         batch_size=128,
         base_lr=3e-3,
         expert_lr=1e-3,
-        replay=0.2,
-        layer_lr=_TINY_LAYER_LR,
+        replay=0.3,
+        layer_lr=_LAYER_LR,
         warmup=50,
+        overrides={"add": {"steps": 500, "lr": 2e-3}},
     ),
     "digits": DigitsPreset(experts=(("low", (0, 1, 2, 3, 4)), ("high", (5, 6, 7, 8, 9)))),
 }
