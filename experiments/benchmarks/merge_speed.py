@@ -14,6 +14,19 @@ Ends with the headline lines `task_arithmetic_speedup_vs_mergekit`, `ties_speedu
 `ties_in_memory_seconds`.
 
     .venv/bin/python experiments/benchmarks/merge_speed.py [--skip-mergekit] [--repeats 2]
+
+Measured 2026-11-23 12:00-12:08 UTC on the shared 2-core machine at load average 17-21
+(six engineers' jobs), one run:
+
+    method            mergekit-yaml  evomerge merge  speed-up  in-memory
+    task_arithmetic           57.6s           22.1s      2.6x      1.72s   (CPU s: 16.7 vs 4.3)
+    ties                     262.7s           18.7s     14.0x      2.89s   (CPU s: 101.2 vs 9.3)
+
+At that load most of a to-disk run is starting Python and importing torch (`import torch`
+alone: 12.6 s wall, 2.7 s CPU; mergekit's imports: 46 s wall), which is why task_arithmetic,
+whose merge is one multiply-add per element, stays under 5x here; evomerge's write_model
+itself took 5.6 s wall / 1.5 s CPU. TIES differs in 55 of 134M elements: magnitude ties at
+the density threshold, which mergekit's unstable sort breaks arbitrarily.
 """
 
 from __future__ import annotations
