@@ -322,8 +322,8 @@ class ThresholdBandMask(Mask):
             return out if out is delta else out.copy_(delta)
         idx = None
         if top.need is not None:
-            if start == 0:
-                top.seen = 0
+            if start == 0:  # a new ascending pass (e.g. the rescale pass, then the merge)
+                top.seen, top.next_start = 0, 0
             if top.ties is None and start != top.next_start:  # not one ascending pass: locate ties
                 top.tie_positions()
             top.next_start = stop
