@@ -596,3 +596,21 @@ def test_every_method_is_registered_with_its_mergekit_defaults() -> None:
     model_defaults = {s.name: s.default for s in METHODS["breadcrumbs"].model_params}
     assert model_defaults["gamma"] == 0.01 and model_defaults["density"] == 1.0
     assert {s.name: s.default for s in METHODS["della"].model_params}["epsilon"] == 0.15
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_rescaled_magnitude_masks_agree_across_two_chunked_passes(method: str) -> None:
+    """With rescale the kernel walks each mask twice (L1 sums, then the merge); ties at the
+    threshold, found on the fly by the cached sparsifier, must be the same ones both times."""
+    rng = np.random.default_rng(90)
+    shape = (400, 400)  # several kernel chunks
+    base = torch.zeros(shape, dtype=torch.float32)
+    xs = [torch.tensor(rng.integers(-6, 7, size=shape), dtype=torch.float32) / 4 for _ in range(2)]
+    mp = [{"weight": 0.6, "density": 0.33}, {"weight": 0.4, "density": 0.71}]
+    if method == "breadcrumbs_ties":
+        mp = [{**mp[0], "gamma": 0.02}, {**mp[1], "gamma": 0.01}]
+    params = {"rescale": True}
+    one = run(method, base, xs, mp, params, sparsifier=OneShotSparsifier())
+    cached = CachedSparsifier()
+    for _ in range(2):  # a fresh candidate from the cache, twice
+        torch.testing.assert_close(run(method, base, xs, mp, params, sparsifier=cached), one, rtol=0, atol=0)
