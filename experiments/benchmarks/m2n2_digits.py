@@ -201,6 +201,7 @@ class Run:
     seconds: float
     passes: int
     note: str = ""
+    cpu_seconds: float = math.nan  # CPU time of the process that ran it: what load does not inflate
 
 
 def _result(hits: np.ndarray) -> EvalResult:
@@ -289,7 +290,7 @@ def load() -> str:
 
 
 def table(setting: str, runs: list[Run], methods: list[str]) -> None:
-    print(f"{'method':40s} {'test acc':>17s} {'train acc':>17s} {'seconds':>15s}  {'seeds':>5s}  reference test acc")
+    print(f"{'method':40s} {'test acc':>17s} {'train acc':>17s} {'seconds':>15s} {'cpu s':>7s}  {'seeds':>5s}  reference test acc")
     for method in methods:
         mine = [r for r in runs if r.method == method]
         if not mine:
@@ -299,7 +300,9 @@ def table(setting: str, runs: list[Run], methods: list[str]) -> None:
         ref_text = f"{ref:.3f}" if ref is not None else "-"
         if method == "m2n2":
             ref_text += f" in {REFERENCE_SECONDS[setting]:.0f} s (JAX, seed 42)"
-        print(f"{LABELS[method]:40s} {ta:.4f} +- {ts:.4f}   {ra:.4f} +- {rs:.4f}   {sa:6.1f} +- {ss:5.1f}  {len(mine):5d}  {ref_text}")
+        cpu = [r.cpu_seconds for r in mine if not math.isnan(r.cpu_seconds)]
+        cpu_text = f"{statistics.fmean(cpu):7.1f}" if cpu else f"{'-':>7s}"
+        print(f"{LABELS[method]:40s} {ta:.4f} +- {ts:.4f}   {ra:.4f} +- {rs:.4f}   {sa:6.1f} +- {ss:5.1f} {cpu_text}  {len(mine):5d}  {ref_text}")
 
 
 _WORKER: dict = {}
@@ -316,11 +319,15 @@ def _execute(task: tuple[str, str, int]) -> Run:
     setting, method, seed = task
     args, scorer, experts = _WORKER["args"], _WORKER["scorer"], _WORKER["experts"]
     budget = args.scratch_passes if setting == "scratch" else args.pretrained_passes
+    cpu = time.process_time()
     if method in ("cmaes", "cmaes_csa"):
-        return run_cmaes(scorer, seed, budget, args, frozen=method == "cmaes_csa")
-    if method == "slerp":
-        return run_slerp(scorer, budget, experts)
-    return run_m2n2(scorer, method, seed, budget, args, experts if setting == "pretrained" else None)
+        run = run_cmaes(scorer, seed, budget, args, frozen=method == "cmaes_csa")
+    elif method == "slerp":
+        run = run_slerp(scorer, budget, experts)
+    else:
+        run = run_m2n2(scorer, method, seed, budget, args, experts if setting == "pretrained" else None)
+    run.cpu_seconds = time.process_time() - cpu
+    return run
 
 
 def main() -> None:
@@ -381,7 +388,7 @@ def main() -> None:
     def report(setting: str, run: Run) -> None:
         results.setdefault(setting, []).append(run)
         print(f"[{setting}] {LABELS[run.method]:40s} seed {run.seed}: test {run.test_acc:.4f}  train {run.train_acc:.4f}  "
-              f"{run.seconds:6.1f} s  {run.passes} passes ({run.passes / run.seconds:.0f}/s)  {load()}  {run.note}", flush=True)  # fmt: skip
+              f"{run.seconds:6.1f} s  {run.passes} passes ({run.passes / run.seconds:.0f}/s)  cpu {run.cpu_seconds:.1f} s  {load()}  {run.note}", flush=True)  # fmt: skip
 
     # The runs behind the headline lines first, so a deadline cuts the extras.
     tasks.sort(key=lambda t: PRIORITY.index((t[0], t[1])))
@@ -430,7 +437,7 @@ def summarize(results: dict[str, list[Run]], scratch_passes: int, pretrained_pas
 
 CONFIG = re.compile(r"(archive \d+).*?(data \w+, pixel scale [0-9.]+)")
 RUN_LINE = re.compile(
-    r"^\[(scratch|pretrained)\] (.+?)\s+seed (\d+): test ([0-9.]+)\s+train ([0-9.]+)\s+([0-9.]+) s\s+(\d+) passes.*?(load average [0-9. ]+?)\s{2}(.*)$"
+    r"^\[(scratch|pretrained)\] (.+?)\s+seed (\d+): test ([0-9.]+)\s+train ([0-9.]+)\s+([0-9.]+) s\s+(\d+) passes \(\d+/s\)(?:\s+cpu ([0-9.]+) s)?\s+(load average [0-9. ]+?)\s{2}(.*)$"
 )
 
 
@@ -449,7 +456,7 @@ def runs_from_logs(paths: list[str]) -> dict[str, list[Run]]:
             match = RUN_LINE.match(line.rstrip("\n"))
             if not match:
                 continue
-            setting, label, seed, test, train, seconds, passes, _, note = match.groups()
+            setting, label, seed, test, train, seconds, passes, cpu, _, note = match.groups()
             if len(set(settings.values())) > 1:
                 raise SystemExit(f"the logs ran different set-ups, not one experiment: {settings}")
             key = (setting, by_label[label.strip()], int(seed))
@@ -458,7 +465,7 @@ def runs_from_logs(paths: list[str]) -> dict[str, list[Run]]:
             seen.add(key)
             print(line.rstrip("\n"), f"  <- {path}")
             results.setdefault(setting, []).append(
-                Run(key[1], int(seed), float(test), float(train), float(seconds), int(passes), note.strip())
+                Run(key[1], int(seed), float(test), float(train), float(seconds), int(passes), note.strip(), float(cpu or "nan"))
             )
     return results
 
