@@ -17,6 +17,12 @@ LM presets (``tiny``, ``test``) train in two phases:
   vectors are concentrated in somewhat different layers: they overlap (and interfere when
   simply added) without being hopeless to combine. The profiles are a design choice for
   the merge searches that use the zoo, not a property the searches are told about.
+
+Measured on ``tiny`` (holdout exact match; ``python -m evomerge.zoo.merges``): base
+0.01/0.04/0.12 on add/reverse/sort; experts 0.998/0.993/1.000 on their own skill and at
+base level on the others. Plain task arithmetic of add + reverse: lambda 1 -> 0.77/0.16,
+lambda 0.5 -> 0.08/0.40; all three at lambda 1 -> 0.37/0.06/0.09. Without replay the merges
+were hopeless (every skill near 0); without the per-layer profiles, addition swamped the rest.
 """
 
 from __future__ import annotations
