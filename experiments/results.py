@@ -241,8 +241,8 @@ def render(models: list[Scored], seeds: list[int], digits: dict[str, Any], facts
         "",
         f"## {facts['preset'].capitalize()} zoo: holdout exact-match accuracy (%)",
         "",
-        f"Zoo `{facts['preset']}` (`{facts['zoo']}`). Each skill's holdout split: 400 documents, disjoint from the"
-        " search split the evolution saw. `mean` = mean over add, reverse, sort (the search fitness is the"
+        f"Zoo `{facts['preset']}` (`{facts['zoo']}`). Each skill's holdout split: {facts['holdout_docs']} documents,"
+        f" disjoint from the search split the evolution saw ({facts['search_docs']} documents per skill). `mean` = mean over add, reverse, sort (the search fitness is the"
         " same mean on the search split). `add_rev` (the sum written reversed) is a composition no expert"
         " was trained on; nothing searched on it.",
         "",
@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": (time.perf_counter() - start) / 60,
         "zoo": str(zoo) if args.models else Path(zoo).name,
         "preset": args.preset,
+        "holdout_docs": f"the first {args.holdout_limit} of 400" if args.holdout_limit else "all 400",
+        "search_docs": f"searched on the first {args.limit} of 400" if args.limit else "searched on each experiment's own setting",
         "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
         "goal": goal,
         "composition": composition_lines(models),
