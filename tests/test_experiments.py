@@ -140,3 +140,37 @@ def test_demo_search_end_to_end_on_the_test_zoo(test_zoo: Path, tmp_path: Path) 
     # a second call carries on the finished run: nothing is evaluated again
     again = run_demo_search(tmp_path / "demo", echo=lines.append, experiment=exp, sets=sets, local=True)
     assert [(r.name, r.holdout) for r in again["table"]] == [(r.name, r.holdout) for r in out["table"]]
+
+
+def _results_module():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("experiments_results", ROOT / "experiments" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_budget_overrides_and_goal_check() -> None:
+    results = _results_module()
+    sets = results.budget_sets(ROOT / "experiments" / "tiny_ps_dfs.yaml", 4, 16, 32)
+    assert "stages.ps.budget.evaluations=4" in sets and "stages.dfs.optimizer.popsize=4" in sets
+    assert "stages.dfs.evaluator_overrides={limit: 16, holdout_limit: 32}" in sets
+    load_experiment(ROOT / "experiments" / "tiny_ps_dfs.yaml", sets)  # the overrides are valid
+
+    def scored(label: str, kind: str, add: float, reverse: float, sort: float) -> object:
+        mean = (add + reverse + sort) / 3
+        return results.Scored(label, kind, holdout=[{"add": add, "reverse": reverse, "sort": sort, "mean_acc": mean, "add_rev": 0.0}])
+
+    models = {
+        **{f"zoo:tiny/{s}": scored(f"zoo:tiny/{s}", "source", *(1.0 if t == s else 0.0 for t in results.SKILLS)) for s in results.SKILLS},
+        "ta": scored("ta", "hand-set", 0.3, 0.3, 0.3),
+        "PS": scored("evolved PS", "evolved", 0.95, 0.9, 0.92),
+    }
+    lines, met = results.goal_lines(models)
+    assert met and "+62.3 points" in lines[0]
+    models["PS"] = scored("evolved PS", "evolved", 0.1, 0.9, 0.92)
+    lines, met = results.goal_lines(models)
+    assert not met and any(line.startswith("add:") and "NOT met" in line for line in lines)
