@@ -96,12 +96,20 @@ def zoo_list(preset: str) -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where the demo writes (default: runs/demo).")
-def demo(out_dir: Path | None) -> None:
-    """The main job of `make run`: build the tiny zoo, merge two experts, print where and how well."""
-    from evomerge.demo import run_demo
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where the demo writes (default: runs/<experiment name>; runs/demo with --merge-only).")
+@click.option("--merge-only", is_flag=True, help="Skip the search: one hand-set TIES merge of two experts (seconds).")
+def demo(out_dir: Path | None, merge_only: bool) -> None:
+    """The main job of `make run`: build the tiny zoo, evolve a PS+DFS merge of its experts on
+    local Ray workers (experiments/tiny_ps_dfs.yaml), export the best model, write the report and
+    print the results table."""
+    if merge_only:
+        from evomerge.demo import run_demo
 
-    run_demo(out_dir, echo=click.echo)
+        run_demo(out_dir, echo=click.echo)
+        return
+    from evomerge.demo_search import run_demo_search
+
+    run_demo_search(out_dir, echo=click.echo)
 
 
 # --- run, resume, status, export (orchestration) ---------------------------------------------
