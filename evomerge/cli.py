@@ -96,7 +96,7 @@ def zoo_list(preset: str) -> None:
 
 
 @main.command()
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where the demo writes (default: runs/<experiment name>; runs/demo with --merge-only).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where the demo writes (default: runs/demo).")
 @click.option("--merge-only", is_flag=True, help="Skip the search: one hand-set TIES merge of two experts (seconds).")
 def demo(out_dir: Path | None, merge_only: bool) -> None:
     """The main job of `make run`: build the tiny zoo, evolve a PS+DFS merge of its experts on
