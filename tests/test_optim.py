@@ -303,3 +303,15 @@ def test_time_budget_counts_across_a_resume() -> None:
     assert len(fresh.ask()) == 4 and not fresh.stopped
     time.sleep(0.1)
     assert fresh.ask() == [] and "time budget spent" in fresh.stopped
+
+
+def test_budget_counts_candidates_handed_out_not_a_generations_ids() -> None:
+    # A scheduler with one free worker asks one candidate at a time; CMA-ES draws a whole
+    # generation at once, but only what it hands out may count against max_evals.
+    opt = make_optimizer("cmaes", dim=2, bounds=([-1, -1], [1, 1]), x0=[0.5, 0.5], seed=0, objectives=LOSS, popsize=4, max_evals=6)
+    asked = 0
+    while (cands := opt.ask(1)):
+        asked += 1
+        opt.tell(cands, [EvalResult({"loss": sphere(c.genome)}, dict(LOSS)) for c in cands])
+    assert asked == 6 and opt.n_asked == 6
+    assert "budget" in (opt.stopped or "")

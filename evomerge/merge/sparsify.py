@@ -169,6 +169,15 @@ def _band(numel: int, lo: int, hi: int) -> tuple[int, int] | Mask:
     return lo, hi
 
 
+def _trivial(keep: float) -> Mask | None:
+    """The mask every sparsifier returns for a keep fraction of 1 or more (all) or 0 or less (none)."""
+    if keep >= 1:
+        return KeepAll()
+    if keep <= 0:
+        return KeepNone()
+    return None
+
+
 class _Top:
     """The k largest by the rank convention: ``|d| > thr``, or ``|d| == thr`` and among the
     first ``need`` such elements by index (``need`` is None when every element equal to
@@ -433,20 +442,16 @@ class OneShotSparsifier:
         return ThresholdBandMask(top_hi, top_lo)
 
     def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
-        if p >= 1:
-            return KeepAll()
-        if p <= 0:
-            return KeepNone()
+        if (trivial := _trivial(p)) is not None:
+            return trivial
         return NoiseMask(make_noise(noise_id, numel), p)
 
     def della(
         self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
         density: float, epsilon: float,
     ) -> Mask:
-        if density >= 1:
-            return KeepAll()
-        if density <= 0:
-            return KeepNone()
+        if (trivial := _trivial(density)) is not None:
+            return trivial
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
         d = delta()
@@ -524,20 +529,16 @@ class CachedSparsifier:
         return ThresholdBandMask(top_hi, top_lo)
 
     def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
-        if p >= 1:
-            return KeepAll()
-        if p <= 0:
-            return KeepNone()
+        if (trivial := _trivial(p)) is not None:
+            return trivial
         return NoiseMask(self.noise(noise_id, numel), p)
 
     def della(
         self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
         density: float, epsilon: float,
     ) -> Mask:
-        if density >= 1:
-            return KeepAll()
-        if density <= 0:
-            return KeepNone()
+        if (trivial := _trivial(density)) is not None:
+            return trivial
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
         ranks = self._cached(self._row_ranks, key, lambda: row_ranks(delta()), "row_rank_computations")

@@ -144,6 +144,9 @@ class Optimizer(ABC):
         self.max_evals = None if opts["max_evals"] is None else int(opts["max_evals"])
         self.max_seconds = None if opts["max_seconds"] is None else float(opts["max_seconds"])
         self._next_id = 0
+        # Candidates handed out by ask(); the budget counts these, not ids: a generational
+        # optimizer assigns ids to a whole generation before handing it out piecemeal.
+        self._n_handed = 0
         self._in_flight: dict[int, Candidate] = {}
         self._n_told = 0
         self._elapsed = 0.0
@@ -163,11 +166,12 @@ class Optimizer(ABC):
             return []
         n = self.natural_batch() if n is None else n
         if self.max_evals is not None:
-            n = min(n, self.max_evals - self._next_id)
+            n = min(n, self.max_evals - self._n_handed)
             if n <= 0:
                 self._stop_reason = f"evaluation budget spent ({self.max_evals})"
                 return []
         out = self._propose(n) if n > 0 else []
+        self._n_handed += len(out)
         for cand in out:
             self._in_flight[cand.id] = cand
         return out
@@ -209,7 +213,7 @@ class Optimizer(ABC):
 
     @property
     def n_asked(self) -> int:
-        return self._next_id
+        return self._n_handed
 
     @property
     def n_told(self) -> int:
@@ -227,6 +231,7 @@ class Optimizer(ABC):
             "seed": self.seed,
             "dim": self.dim,
             "next_id": self._next_id,
+            "n_handed": self._n_handed,
             "n_told": self._n_told,
             "elapsed": self._elapsed,
             "stop_reason": self._stop_reason,
@@ -248,6 +253,7 @@ class Optimizer(ABC):
                 field="checkpoint",
             )
         self._next_id = int(state["next_id"])
+        self._n_handed = int(state.get("n_handed", state["next_id"]))
         self._n_told = int(state["n_told"])
         self._elapsed = float(state["elapsed"])
         self._clock = None

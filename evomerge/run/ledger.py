@@ -143,15 +143,9 @@ class Ledger:
     # ---- reading ------------------------------------------------------------------------
     def rows(self, stage: str | None = None, split: str | None = None, *, after_seq: int = 0) -> list[LedgerRow]:
         """Rows in seq order, optionally of one stage and/or one split, after a given seq."""
-        query = "SELECT * FROM evaluations WHERE seq > ?"
-        args: list[Any] = [after_seq]
-        if stage is not None:
-            query += " AND stage = ?"
-            args.append(stage)
-        if split is not None:
-            query += " AND split = ?"
-            args.append(split)
-        return [self._row(r) for r in self._conn.execute(query + " ORDER BY seq", args)]
+        where, args = _where(stage=stage, split=split)
+        query = f"SELECT * FROM evaluations WHERE seq > ?{where} ORDER BY seq"
+        return [self._row(r) for r in self._conn.execute(query, [after_seq, *args])]
 
     def stages(self) -> list[str]:
         """Stage names in the order their first row was written (baseline rows, whose stage is
@@ -167,15 +161,9 @@ class Ledger:
     def find(self, recipe_hash: str, split: str, stage: str | None = None, subset: str | None = None) -> LedgerRow | None:
         """The first successful-or-failed row that scored this recipe on this split (and stage /
         subset when given)."""
-        query = "SELECT * FROM evaluations WHERE recipe_hash = ? AND split = ?"
-        args: list[Any] = [recipe_hash, split]
-        if stage is not None:
-            query += " AND stage = ?"
-            args.append(stage)
-        if subset is not None:
-            query += " AND subset = ?"
-            args.append(subset)
-        cur = self._conn.execute(query + " ORDER BY seq LIMIT 1", args)
+        where, args = _where(stage=stage, subset=subset)
+        query = f"SELECT * FROM evaluations WHERE recipe_hash = ? AND split = ?{where} ORDER BY seq LIMIT 1"
+        cur = self._conn.execute(query, [recipe_hash, split, *args])
         found = cur.fetchone()
         return self._row(found) if found else None
 
@@ -199,3 +187,9 @@ class Ledger:
         data["meta"] = data["meta"] or {}
         data["fitness"] = float("-inf") if data["fitness"] is None else data["fitness"]
         return LedgerRow(**data)
+
+
+def _where(**filters: str | None) -> tuple[str, list[Any]]:
+    """` AND column = ?` for every filter that is set, and its arguments (column names are ours)."""
+    given = {column: value for column, value in filters.items() if value is not None}
+    return "".join(f" AND {column} = ?" for column in given), list(given.values())

@@ -166,8 +166,8 @@ class Scheduler:
         return self.opt.stopped or "the optimizer proposed nothing more"
 
     def _refill(self, outstanding: list[Pending]) -> None:
-        # Ask at least the optimizer's natural batch: a generational optimizer then hands out
-        # its whole generation at once (more candidates queued than workers is fine).
+        # Ask at least the optimizer's natural batch so a generational optimizer hands out its
+        # whole generation at once (more candidates queued than workers is fine).
         if len(outstanding) < self.depth and not self.opt.stopped:
             n = max(self.depth - len(outstanding), self.opt.natural_batch())
             outstanding.extend(self._pending(c) for c in self.opt.ask(n))
