@@ -120,7 +120,7 @@ class Recipe(_Strict):
     # ---- validation ---------------------------------------------------------------------
     def check(self, *, file: str | None = None) -> None:
         """Checks that need the method registry: method name, parameter names, structure."""
-        from evomerge.merge.methods import METHODS
+        from evomerge.merge.specs import METHOD_SPECS as METHODS
 
         def fail(field: str, message: str) -> None:
             raise ConfigError(message, file=file, field=field)

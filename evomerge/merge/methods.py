@@ -45,18 +45,19 @@ import torch
 from torch import Tensor
 
 from evomerge.merge.sparsify import Mask, OneShotSparsifier, Sparsifier
+from evomerge.merge.specs import (
+    _DENSITY,
+    _EPSILON,
+    _GAMMA,
+    METHOD_SPECS,
+    TASK_ARITHMETIC_FAMILY,
+    ParamSpec,
+    UnknownMethodError,
+)
 
 CHUNK = 1 << 17  # elements per chunk: ~512 KiB per fp32 buffer, a few buffers stay in L2/L3
 
 # ---- contract --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    name: str
-    default: float | bool | None = None
-    required: bool = False
-    doc: str = ""  # one short phrase, used in error messages / describe()
 
 
 @dataclass
@@ -82,10 +83,6 @@ class MergeMethod(Protocol):
         params: Mapping[str, Any],
         ctx: MergeContext,
     ) -> Tensor: ...
-
-
-class UnknownMethodError(ValueError):
-    """A merge method name evomerge does not implement."""
 
 
 # ---- shared helpers ------------------------------------------------------------------------
@@ -177,8 +174,8 @@ class Linear(_Method):
 
     name = "linear"
     requires_base = False
-    model_params = (ParamSpec("weight", required=True, doc="mixing weight of this model"),)
-    global_params = (ParamSpec("normalize", True, doc="divide by the sum of the weights"),)
+    model_params = METHOD_SPECS["linear"].model_params
+    global_params = METHOD_SPECS["linear"].global_params
 
     def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102 - see class doc
         if base is not None:
@@ -245,7 +242,7 @@ class Slerp(_Method):
 
     name = "slerp"
     requires_base = True
-    global_params = (ParamSpec("t", required=True, doc="interpolation factor, 0 = base_model"),)
+    global_params = METHOD_SPECS["slerp"].global_params
 
     def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
         if base is None or len(tensors) != 1:
@@ -261,12 +258,6 @@ class Slerp(_Method):
 
 
 # ---- task-arithmetic family ----------------------------------------------------------------
-
-
-_WEIGHT = ParamSpec("weight", required=True, doc="scale of this model's task vector")
-_DENSITY = ParamSpec("density", 1.0, doc="fraction of the task vector kept")
-_GAMMA = ParamSpec("gamma", 0.01, doc="fraction of largest-magnitude entries dropped as outliers")
-_EPSILON = ParamSpec("epsilon", 0.15, doc="spread of keep probabilities around density")
 
 
 class TaskArithmeticFamily(_Method):
@@ -285,18 +276,11 @@ class TaskArithmeticFamily(_Method):
 
     requires_base = True
 
-    def __init__(self, name: str, *, consensus: bool, sparsify: str | None, normalize: bool, rescale: bool):
+    def __init__(self, name: str):
         self.name = name
-        self.consensus = consensus
-        self.sparsify = sparsify
-        extra = {"outliers": (_GAMMA,), "della": (_EPSILON,)}.get(sparsify or "", ())
-        self.model_params = (_WEIGHT, _DENSITY, *extra)
-        self.global_params = (
-            ParamSpec("int8_mask", False, doc="store masks as int8 (no numerical effect)"),
-            ParamSpec("normalize", normalize, doc="divide by the sum of contributing weights"),
-            ParamSpec("rescale", rescale, doc="rescale kept entries to preserve the L1 norm"),
-            ParamSpec("lambda", 1.0, doc="scale of the merged task vector"),
-        )
+        self.sparsify, self.consensus = TASK_ARITHMETIC_FAMILY[name][:2]
+        self.model_params = METHOD_SPECS[name].model_params
+        self.global_params = METHOD_SPECS[name].global_params
 
     # -- masks
     def _mask(self, i: int, base: Tensor, t: Tensor, values: Mapping[str, Any], ctx: MergeContext,
@@ -552,7 +536,7 @@ class ModelStock(_Method):
 
     name = "model_stock"
     requires_base = True
-    global_params = (ParamSpec("filter_wise", False, doc="one interpolation factor per output row"),)
+    global_params = METHOD_SPECS["model_stock"].global_params
 
     def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
         if base is None or len(tensors) < 2:
@@ -599,7 +583,7 @@ class Passthrough(_Method):
 
     name = "passthrough"
     requires_base = False
-    model_params = (ParamSpec("scale", None, doc="multiply the tensor by this factor"),)
+    model_params = METHOD_SPECS["passthrough"].model_params
 
     def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
         inputs = list(tensors) if base is None else [base, *tensors]
@@ -620,22 +604,9 @@ class Passthrough(_Method):
 
 
 def _registry() -> dict[str, MergeMethod]:
-    family = [
-        # name, consensus, sparsify, normalize default, rescale default (mergekit's table)
-        ("task_arithmetic", False, None, False, False),
-        ("ties", True, "magnitude", True, False),
-        ("dare_ties", True, "random", False, True),
-        ("dare_linear", False, "random", False, True),
-        ("breadcrumbs", False, "outliers", False, False),
-        ("breadcrumbs_ties", True, "outliers", False, False),
-        ("della", True, "della", True, True),
-        ("della_linear", False, "della", False, True),
-    ]
+    # Names, parameters and defaults (mergekit's table) come from evomerge.merge.specs.
     methods: list[MergeMethod] = [Linear(), Slerp(), ModelStock(), Passthrough()]
-    methods += [
-        TaskArithmeticFamily(name, consensus=c, sparsify=sp, normalize=nz, rescale=rs)
-        for name, c, sp, nz, rs in family
-    ]
+    methods += [TaskArithmeticFamily(name) for name in TASK_ARITHMETIC_FAMILY]
     return {m.name: m for m in methods}
 
 

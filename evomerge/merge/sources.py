@@ -4,7 +4,8 @@ A model reference is a local directory, a Hugging Face repo id (resolved through
 cache, or downloaded when the hub is reachable), `zoo:PRESET/NAME`, or a name the caller
 registers (`stage:NAME`, `archive:ID` during a run). Tensors are read on demand; a pool made with
 `resident=True` keeps every tensor it has read, for search where the same sources are merged
-again and again.
+again and again. Names, shapes and dtypes come from the safetensors headers, so opening sources
+and planning a merge import no torch (`entry` tells a torch-free executor where the bytes are).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
-from safetensors import safe_open
 
 from evomerge.errors import SourceError
 from evomerge.fsutil import atomic_write_text, cache_dir
+from evomerge.merge.stfile import TensorEntry, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
@@ -38,7 +42,8 @@ class Source:
         self.resident = resident
         config_file = path / "config.json"
         self.config: dict = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self._files = _weight_files(ref, path, allow_pickle)
+        self._entries: dict[str, TensorEntry] = {}
+        self._files = _weight_files(ref, path, allow_pickle, self._entries)
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._cache: dict[str, torch.Tensor] = {}
@@ -56,7 +61,25 @@ class Source:
         name = self._stored_name(name)
         if name in self._cache or self._files[name].suffix != ".safetensors":
             return tuple(self.get(name).shape)
-        return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+        return self.entry(name).shape
+
+    def entry(self, name: str) -> TensorEntry:
+        """Where a (safetensors-stored) tensor's bytes are, with its dtype and shape; tied
+        names resolve to the tensor they share."""
+        name = self._stored_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            file = self._files[name]
+            if file.suffix != ".safetensors":
+                raise SourceError(f"model '{self.ref}': tensor '{name}' is not stored in a safetensors file")
+            self._entries.update(read_header(file))
+            entry = self._entries[name]
+        return entry
+
+    @property
+    def in_files(self) -> bool:
+        """True when every tensor is read from safetensors files (none adopted, none pickled)."""
+        return not self._cache and self._pickled is None and all(f.suffix == ".safetensors" for f in self._files.values())
 
     def get(self, name: str) -> torch.Tensor:
         name = self._stored_name(name)
@@ -111,11 +134,15 @@ class Source:
     def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
+            from safetensors import safe_open
+
             handle = self._handles[file] = safe_open(str(file), framework="pt")
         return handle
 
     def _load_pickled(self) -> dict[str, torch.Tensor]:
         if self._pickled is None:
+            import torch
+
             state: dict[str, torch.Tensor] = {}
             for file in dict.fromkeys(self._files.values()):
                 # weights_only: even when pickles are allowed, never run arbitrary code.
@@ -205,8 +232,8 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _weight_files(ref: str, path: Path, allow_pickle: bool) -> dict[str, Path]:
-    """Map every tensor name to the file that stores it."""
+def _weight_files(ref: str, path: Path, allow_pickle: bool, entries: dict[str, TensorEntry]) -> dict[str, Path]:
+    """Map every tensor name to the file that stores it (headers read on the way go to `entries`)."""
     index = path / WEIGHT_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -215,8 +242,12 @@ def _weight_files(ref: str, path: Path, allow_pickle: bool) -> dict[str, Path]:
     if singles:
         files: dict[str, Path] = {}
         for file in singles:
-            with safe_open(str(file), framework="pt") as handle:
-                files.update(dict.fromkeys(handle.keys(), file))
+            try:
+                header = read_header(file)
+            except (OSError, ValueError) as exc:
+                raise SourceError(f"model '{ref}': cannot read {file.name} ({exc})") from None
+            entries.update(header)
+            files.update(dict.fromkeys(header, file))
         return files
     pickles = [path / name for name in PICKLE_NAMES if (path / name).is_file()]
     if pickles:
@@ -230,6 +261,8 @@ def _weight_files(ref: str, path: Path, allow_pickle: bool) -> dict[str, Path]:
 
 
 def _pickle_files(first: Path) -> dict[str, Path]:
+    import torch
+
     if first.name.endswith(".index.json"):
         weight_map = json.loads(first.read_text())["weight_map"]
         return {name: first.parent / file for name, file in weight_map.items()}

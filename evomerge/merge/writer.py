@@ -5,23 +5,28 @@ Layout: `config.json` (layer count set for slices), `model.safetensors` or shard
 (or the base / first model), `generation_config.json` when the reference has one, the recipe as
 `mergekit_config.yml`, and a README model card. The directory appears whole or not at all: it is
 written beside the target and renamed into place.
+
+The tensors come from the torch engine, or, for plans it reproduces exactly (linear and
+task_arithmetic on float16/float32 safetensors sources), from the numpy executor in
+`evomerge.merge.fast`: then `evomerge merge` never imports torch, which alone costs seconds.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from evomerge.merge.engine import MergePlan, iter_merged, plan_merge
+from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool
-from evomerge.merge.sparsify import Sparsifier
+from evomerge.merge.stfile import SafetensorsWriter, header_room
 from evomerge.recipe import Recipe
+
+if TYPE_CHECKING:
+    from evomerge.merge.sparsify import Sparsifier
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
@@ -47,17 +52,23 @@ def write_model(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     scores: dict[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    engine: str = "auto",
 ) -> Path:
     """Merge and write; returns the model directory. Raises before writing anything if the
-    recipe does not fit its sources."""
+    recipe does not fit its sources.
+
+    ``engine``: "torch", "numpy" (`evomerge.merge.fast`; ValueError when it does not cover the
+    plan) or "auto" (numpy where it covers the plan, else torch; both give the same tensors).
+    """
     out_dir = Path(out_dir).resolve()
     plan = plan_merge(recipe, pool)
+    tensors = _executor(plan, pool, sparsifier, engine)
     hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
     recipe = recipe.with_evomerge(source_hashes=hashes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_weights(plan, pool, tmp, sparsifier, max_shard_bytes, progress)
+        _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
@@ -71,62 +82,28 @@ def write_model(
     return out_dir
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, engine: str) -> Iterator[tuple[str, Any]]:
+    """The merged tensors of ``plan``, in plan order, from the engine asked for (lazily: nothing
+    is merged before the caller iterates)."""
+    if engine not in ("auto", "torch", "numpy"):
+        raise ValueError(f"engine must be 'auto', 'torch' or 'numpy', got {engine!r}")
+    if engine != "torch":
+        from evomerge.merge import fast
 
+        reason = fast.unsupported_reason(plan, pool)
+        if reason is None:
+            return fast.iter_merged(plan, pool)
+        if engine == "numpy":
+            raise ValueError(f"the numpy executor does not cover this merge: {reason}")
+    from evomerge.merge.engine import iter_merged
 
-class _ShardWriter:
-    """Streams tensors into one safetensors file as they are merged (no second copy in memory).
-
-    The header goes in front of the data but is only known at the end, so ``header_room``
-    bytes are reserved for it (an upper bound from the plan) and the header is padded with
-    spaces to fill them, as the format allows.
-    """
-
-    def __init__(self, path: Path, header_room: int):
-        self.path = path
-        self.room = header_room
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()
-        self.file.seek(8 + header_room)
-        self.entries: dict[str, dict] = {}
-        self.offset = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> int:
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.file.write(memoryview(data))
-        start, self.offset = self.offset, self.offset + data.nbytes
-        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [start, self.offset]}
-        return data.nbytes
-
-    def finish(self) -> None:
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        if len(header) > self.room:  # cannot happen with the plan's bound; fail loudly rather than corrupt
-            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the {self.room} reserved")
-        self.file.seek(0)
-        self.file.write(struct.pack("<Q", self.room) + header + b" " * (self.room - len(header)))
-        self.file.close()
-
-    def abort(self) -> None:
-        self.file.close()
-
-
-def _header_room(plan: MergePlan) -> int:
-    """Upper bound on the JSON header of any shard: every tensor with 20-digit offsets."""
-    per_entry = len('"":{"dtype":"BOOL","shape":[],"data_offsets":[,]},') + 2 * 20
-    total = len('{"__metadata__":{"format":"pt"},}') + 64
-    for task in plan.tasks:
-        total += per_entry + len(json.dumps(task.name)) + 21 * 8  # up to 8 dims of 20 digits
-    return (total + 7) // 8 * 8  # data stays 8-byte aligned
+    return iter_merged(plan, pool, sparsifier)
 
 
 def _write_weights(
     plan: MergePlan,
-    pool: SourcePool,
+    tensors: Iterator[tuple[str, Any]],
     out: Path,
-    sparsifier: Sparsifier | None,
     max_shard_bytes: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
@@ -135,19 +112,19 @@ def _write_weights(
     Each tensor is written as soon as it is merged, while the engine's threads merge the next
     ones, so writing overlaps merging and memory holds only a few merged tensors at a time.
     """
-    room = _header_room(plan)
+    room = header_room([task.name for task in plan.tasks])
     shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-    writer: _ShardWriter | None = None
+    writer: SafetensorsWriter | None = None
     total_bytes = 0
     try:
-        for done, (name, tensor) in enumerate(iter_merged(plan, pool, sparsifier), start=1):
-            size = tensor.numel() * tensor.element_size()
+        for done, (name, tensor) in enumerate(tensors, start=1):
+            size = tensor.nbytes
             if writer is not None and writer.entries and writer.offset + size > max_shard_bytes:
                 writer.finish()
                 writer = None
             if writer is None:
                 tmp_name = f"shard-{len(shards):05d}.tmp"
-                writer = _ShardWriter(out / tmp_name, room)
+                writer = SafetensorsWriter(out / tmp_name, room)
                 shards.append((tmp_name, []))
             total_bytes += writer.add(name, tensor)
             shards[-1][1].append(name)
@@ -155,7 +132,7 @@ def _write_weights(
             if progress:
                 progress(done, len(plan.tasks))
         if writer is None:  # nothing to merge: an empty, valid file
-            writer = _ShardWriter(out / "shard-00000.tmp", room)
+            writer = SafetensorsWriter(out / "shard-00000.tmp", room)
             shards.append(("shard-00000.tmp", []))
         writer.finish()
     except BaseException:

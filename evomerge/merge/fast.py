@@ -1,0 +1,263 @@
+"""A torch-free executor of merge plans for the element-wise methods (`linear`, `task_arithmetic`).
+
+`evomerge merge` of such a recipe spends most of its time importing torch (seconds) for work
+that is one weighted sum per element. This executor runs the *same* plan as the torch engine
+(`evomerge.merge.plan.plan_merge`: same tasks, same per-tensor parameters from gradients and
+filters, same tied-embedding resolution) with numpy, on read-only views of the memory-mapped
+safetensors files, and yields the same tensors, bit for bit: the torch kernels' order of
+operations is followed, their fused multiply-adds (`add(x, y, alpha=w)` is one FMA, a single
+rounding) are computed exactly in float64 and rounded once to float32, weights are rounded to
+float32 as torch holds them, and results are cast to `out_dtype` with the same
+round-to-nearest-even.
+
+It covers only what it reproduces exactly: float32 work (float16/float32 sources; linear also
+accumulates float16 inputs in float32), float16/float32 output, safetensors sources read from
+files, and parameter values the torch methods accept. `unsupported_reason` says why a plan
+is not covered; callers then use the torch engine, which also raises the errors (weights
+summing to 0, densities out of range, ...).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.merge.plan import MergePlan, TensorRef, TensorTask
+from evomerge.merge.sources import SourcePool
+
+FAST_METHODS = ("linear", "task_arithmetic")
+CHUNK = 1 << 16  # elements per chunk: the float64 temporaries stay in a core's L2
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_STORED = {"float32": np.float32, "float16": np.float16}
+
+
+def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
+    """None when this executor reproduces the torch engine's result for ``plan``; otherwise why not."""
+    method = plan.method.name
+    if method not in FAST_METHODS:
+        return f"method '{method}' needs torch"
+    if plan.compute_dtype_name not in (None, *_STORED):
+        return f"dtype '{plan.compute_dtype_name}'"
+    if plan.out_dtype_name not in (None, *_STORED):
+        return f"out_dtype '{plan.out_dtype_name}'"
+    for ref in dict.fromkeys(r.model for task in plan.tasks for r in _refs(task)):
+        if not pool.get(ref).in_files:
+            return f"model '{ref}' is not read from safetensors files"
+    for task in plan.tasks:
+        dtypes = {_loaded_dtype(plan, pool, ref) for ref in _refs(task)}
+        if not dtypes <= set(_STORED):
+            return f"tensor '{task.name}' has dtypes {sorted(dtypes)}"
+        if method == "task_arithmetic" and task.inputs and "float32" not in dtypes:
+            return f"tensor '{task.name}' would be merged in float16"
+        try:
+            _check_params(plan, task)
+        except (TypeError, ValueError) as exc:
+            return f"tensor '{task.name}': {exc}"
+    return None
+
+
+def _refs(task: TensorTask) -> list[TensorRef]:
+    return [*([task.base] if task.base else []), *task.inputs]
+
+
+def _loaded_dtype(plan: MergePlan, pool: SourcePool, ref: TensorRef) -> str:
+    return plan.compute_dtype_name or pool.get(ref.model).entry(ref.name).dtype
+
+
+def _check_params(plan: MergePlan, task: TensorTask) -> None:
+    """Raise ValueError for values the torch method would refuse (it then reports them)."""
+    weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
+    if plan.method.name == "linear":
+        if bool(task.params["normalize"]) and _sum32(weights) == 0:
+            raise ValueError("weights sum to 0")
+        return
+    for p in task.model_params:
+        if not 0 <= float(p["density"]) <= 1:
+            raise ValueError("density out of [0, 1]")
+    float(task.params["lambda"])
+
+
+def _sum32(values: np.ndarray) -> float:
+    """Sum in float32, left to right, as torch sums a short float32 tensor."""
+    total = np.float32(0)
+    for v in values:
+        total = np.float32(total + v)
+    return float(total)
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Read-only numpy views of tensors in memory-mapped safetensors files (one map per file)."""
+
+    def __init__(self, pool: SourcePool):
+        self.pool = pool
+        self.maps: dict[Path, mmap.mmap] = {}
+
+    def view(self, ref: TensorRef) -> np.ndarray:
+        entry = self.pool.get(ref.model).entry(ref.name)
+        mapped = self.maps.get(entry.file)
+        if mapped is None:
+            with open(entry.file, "rb") as handle:
+                mapped = self.maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        dtype = np.dtype(_STORED[entry.dtype]).newbyteorder("<")
+        count = (entry.end - entry.begin) // dtype.itemsize
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=entry.begin)
+
+    def close(self) -> None:
+        self.maps.clear()  # numpy views keep their map alive until they are gone
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """Per-chunk buffers of one kernel call: float32 and float64 (kept exact copies of float32
+    values, so a fused multiply-add is one float64 multiply-add and a rounding to float32)."""
+
+    def __init__(self, n: int):
+        c = min(CHUNK, n)
+        self.d, self.a32 = np.empty(c, _F32), np.empty(c, _F32)
+        self.a64, self.t64 = np.empty(c, _F64), np.empty(c, _F64)
+
+    def fma_(self, w: float, m: int) -> None:
+        """``a = round32(a + w * d)`` with one rounding, as torch's ``a.add_(d, alpha=w)`` (an
+        FMA): ``w * d`` of two float32 numbers is exact in float64, and so is their sum but
+        in the rarest cases (then the float64 rounding is still correct to float32)."""
+        d, a32, a64, t64 = self.d[:m], self.a32[:m], self.a64[:m], self.t64[:m]
+        np.copyto(t64, d)
+        np.multiply(t64, w, out=t64)
+        np.add(t64, a64, out=t64)
+        np.copyto(a32, t64, casting="same_kind")
+        np.copyto(a64, a32)
+
+
+def _task_arithmetic(base: np.ndarray, inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
+    """methods.task_arithmetic_kernel without masks: base + lam / divisor * sum_i w_i (x_i - base)."""
+    weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
+    live = [(x, float(w)) for x, w in zip(inputs, weights, strict=True) if w != 0]
+    divisor = _sum32(weights) if bool(task.params["normalize"]) else 1.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    alpha = float(np.float32(float(task.params["lambda"]) / divisor))  # torch holds alpha in float32
+    n = base.size
+    if not live:
+        np.copyto(out, base, casting="unsafe")
+        return
+    sc = _Scratch(n)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        m = e - s
+        b = base[s:e]
+        for j, (x, w) in enumerate(live):
+            np.subtract(x[s:e], b, out=sc.d[:m])
+            if j == 0:
+                np.multiply(sc.d[:m], np.float32(w), out=sc.a32[:m])
+                np.copyto(sc.a64[:m], sc.a32[:m])
+            else:
+                sc.fma_(w, m)
+        # out = round32(b + alpha * a), torch.add(b, a, alpha=alpha)
+        a64, t64 = sc.a64[:m], sc.t64[:m]
+        np.multiply(a64, alpha, out=a64)
+        np.copyto(t64, b)
+        np.add(a64, t64, out=a64)
+        np.copyto(out[s:e], a64, casting="same_kind")
+
+
+def _linear(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
+    """methods.Linear in float32: sum_i w_i x_i, divided by sum_i w_i when normalizing."""
+    weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
+    divisor = np.float32(_sum32(weights)) if bool(task.params["normalize"]) else None
+    n = inputs[0].size
+    sc = _Scratch(n)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        m = e - s
+        a32 = sc.a32[:m]
+        for j, (x, w) in enumerate(zip(inputs, weights, strict=True)):
+            np.copyto(sc.d[:m], x[s:e], casting="same_kind")
+            if j == 0:  # torch starts from zeros: round32(0 + w * x), and 0 + (-0.0) is +0.0
+                np.multiply(sc.d[:m], w, out=a32)
+                a32 += np.float32(0)
+                np.copyto(sc.a64[:m], a32)
+            else:
+                sc.fma_(float(w), m)
+        if divisor is not None:
+            np.divide(a32, divisor, out=a32)
+        np.copyto(out[s:e], a32, casting="same_kind" if out.dtype.itemsize >= 4 else "unsafe")
+
+
+# ---- execution -----------------------------------------------------------------------------
+
+
+def run_task(task: TensorTask, plan: MergePlan, reader: _Reader) -> np.ndarray:
+    """One output tensor, shaped, in the plan's output dtype."""
+    refs = _refs(task)
+    views = [reader.view(ref) for ref in refs]
+    if plan.compute_dtype_name is not None:  # the torch engine casts what it loads, first
+        compute = np.dtype(_STORED[plan.compute_dtype_name])
+        views = [v if v.dtype == compute else v.astype(compute) for v in views]
+    # The methods return their work dtype: the promoted input dtype (the base alone when
+    # task_arithmetic has no other input); the engine then casts to out_dtype.
+    promoted = views[:1] if plan.method.name == "task_arithmetic" and not task.inputs else views
+    work = np.result_type(*(v.dtype for v in promoted))
+    out = np.empty(views[0].size, work)
+    if plan.method.name == "linear":
+        _linear(views, task, out)
+    else:
+        _task_arithmetic(views[0], views[1:], task, out)
+    if plan.out_dtype_name is not None and work != np.dtype(_STORED[plan.out_dtype_name]):
+        out = out.astype(_STORED[plan.out_dtype_name])
+    return out.reshape(reader.pool.get(refs[0].model).entry(refs[0].name).shape)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def iter_merged(plan: MergePlan, pool: SourcePool, *, workers: int | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, numpy array)`` for every output tensor, in plan order, like
+    `evomerge.merge.engine.iter_merged`; ``workers`` threads merge (numpy releases the GIL),
+    at most ``2 * workers`` results wait to be consumed."""
+    reader = _Reader(pool)
+    n_workers = max(1, workers if workers is not None else default_workers())
+    try:
+        if n_workers == 1 or len(plan.tasks) <= 1:
+            for task in plan.tasks:
+                yield task.name, run_task(task, plan, reader)
+            return
+        with ThreadPoolExecutor(n_workers, thread_name_prefix="evomerge-fast") as executor:
+            tasks = iter(plan.tasks)
+            pending: deque[tuple[str, Future]] = deque()
+
+            def submit() -> None:
+                task = next(tasks, None)
+                if task is not None:
+                    pending.append((task.name, executor.submit(run_task, task, plan, reader)))
+
+            try:
+                for _ in range(2 * n_workers):
+                    submit()
+                while pending:
+                    name, future = pending.popleft()
+                    result = future.result()
+                    submit()
+                    yield name, result
+            finally:
+                for _, future in pending:
+                    future.cancel()
+    finally:
+        reader.close()
