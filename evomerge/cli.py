@@ -130,12 +130,15 @@ def run(experiment: str, out_dir: Path | None, sets: tuple[str, ...], local: boo
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Change a budget, holdout_top_k or ray setting, e.g. stages.ps.budget.evaluations=200 (repeatable; "
+              "seed, models, spaces, evaluators and optimizers are fixed). A raised budget of a finished run's last stage reopens it.")  # fmt: skip
 @click.option("--local", is_flag=True, help="Evaluate in this process instead of on Ray workers.")
-def resume(run_dir: Path, local: bool) -> None:
+def resume(run_dir: Path, sets: tuple[str, ...], local: bool) -> None:
     """Carry on the run in RUN_DIR from its last checkpoint (after a stop, a crash or kill -9)."""
     from evomerge.run.driver import resume_run
 
-    resume_run(run_dir, local=local, echo=click.echo)
+    resume_run(run_dir, sets=sets, local=local, echo=click.echo)
     click.echo(f"done: {run_dir}")
 
 

@@ -71,14 +71,6 @@ def _validate(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
 def test_runnable_experiments_pass_run_validation(path: Path, test_zoo: Path, tmp_path: Path) -> None:
-    if path.stem == "digits_m2n2_scratch":
-        # The run path refuses weights spaces today (driver: "a weights space decodes to raw
-        # weights"); the benchmark runs this set-up. When the driver learns it, this passes.
-        try:
-            _validate(path, tmp_path)
-        except ConfigError as exc:
-            assert "weights space" in str(exc) and "stages[0].space" in str(exc)
-        return
     _validate(_on_test_zoo(path, tmp_path), tmp_path)
 
 

@@ -45,12 +45,14 @@ from evomerge.run.stages import (
     directions_of,
     evaluator_spec,
     make_stage_optimizer,
+    run_best,
     score_holdout,
     stage_best,
     uses_subsamples,
     write_json,
 )
 
+CHECKPOINT_RATIO = 20  # see on_tell in Run._run_stage
 EXPERIMENT_FILE = "experiment.yaml"
 LEDGER_FILE = "ledger.sqlite"
 MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
@@ -157,9 +159,9 @@ class Run:
                 make_stage_optimizer(plan, seed=exp.seed + index, run_dir=None, pool=pool, port=port)
             except EvomergeError as exc:
                 raise exc.located(file=self.file) from None
-            if space is not None:
-                if space.kind == "weights":
-                    raise ConfigError("a weights space decodes to raw weights, not a merge recipe; a run needs a ps or dfs space", file=self.file, field=f"{where}.space")
+            if space is not None and space.kind == "weights":
+                self._check_template(models[0], pool, f"{where}.space")
+            elif space is not None:
                 self._check_recipe(space.decode(space.x0), pool, f"{where}.space")
         return plan
 
@@ -185,6 +187,20 @@ class Run:
             plan_merge(recipe, pool)
         except EvomergeError as exc:
             raise ConfigError(f"the recipe does not fit its models: {exc.message}", file=self.file, field=field) from None
+
+    def _check_template(self, ref: str, pool: SourcePool, field: str) -> None:
+        """A weights space's template must be a model the workers can build: a Hugging Face
+        config or one of the zoo's plain torch models."""
+        from evomerge.run.worker_core import plain_model
+
+        config = pool.get(ref).config
+        if config.get("model_type") is None:
+            try:
+                model = plain_model(config)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"the template '{ref}' cannot be built: {exc}", file=self.file, field=field) from None
+            if model is None:
+                raise ConfigError(f"the template '{ref}' has no model_type or architecture in its config.json", file=self.file, field=field)
 
     def _baseline_recipe(self, index: int) -> Recipe:
         baseline = self.exp.baselines[index]
@@ -236,18 +252,24 @@ class Run:
         ledger = Ledger.open(self.run_dir / LEDGER_FILE)
         try:
             self._register_stage_models()
-            best = None
             for index, stage in enumerate(self.exp.stages):
                 if stage.name in state["stages_done"]:
-                    best = stage_best(ledger, stage.name) or best
                     continue
-                best = self._run_stage(index, ledger, ckpt if ckpt.get("stage") == stage.name else {}, state)
+                self._run_stage(index, ledger, ckpt if ckpt.get("stage") == stage.name else {}, state)
                 ckpt = {}
-            save_checkpoint(self.run_dir, {**state, "stage": None, "finished": True, "ledger_seq": ledger.last_seq()})
+            best = run_best(self.exp.stages, ledger)
+            if best is not None:
+                write_best(self.run_dir, best, self.sources)
+            self._save(ledger, {**state, "stage": None, "finished": True, "ledger_seq": ledger.last_seq()})
             return best
         finally:
             ledger.close()
             self.shutdown()
+
+    def _save(self, ledger: Ledger, state: dict[str, Any]) -> None:
+        """A checkpoint, after the ledger rows it counts are on disk."""
+        ledger.sync()
+        save_checkpoint(self.run_dir, state)
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -265,12 +287,14 @@ class Run:
             for ref, path in port.register_existing():
                 pool.add_source(ref, path)
         opt = make_stage_optimizer(plan, seed=self.exp.seed + index, run_dir=self.run_dir, pool=self.sources, port=port)
+        ledger.keep_genomes(stage.name, plan.holdout_top_k)
         if index == 0 and self.exp.baselines:
             self._score_baselines(plan, pool, ledger, opt)
         after = 0
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
             after = int(ckpt.get("ledger_seq", 0))
+            _reopen_budget(opt)
         replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after)}
         subsampled = uses_subsamples(plan.evaluator_spec)
 
@@ -283,11 +307,22 @@ class Run:
         def fitness(result: EvalResult) -> float | None:
             return opt.objectives.score(result)
 
+        clock = {"last": -float("inf"), "cost": 0.0}
+
         def on_tell(counters: dict) -> None:
-            save_checkpoint(
-                self.run_dir,
+            # A checkpoint after every tell, unless writing it costs more than 1/CHECKPOINT_RATIO
+            # of the time since the last one (an M2N2 archive of 20 raw-weight genomes is MBs of
+            # state, an evaluation ms): then the next tells wait. Nothing is lost either way: a
+            # resume replays the ledger's rows after the checkpoint instead of evaluating them.
+            now = time.perf_counter()
+            if now - clock["last"] < CHECKPOINT_RATIO * clock["cost"]:
+                return
+            self._save(
+                ledger,
                 {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq(), **counters},
             )
+            clock["last"] = time.perf_counter()
+            clock["cost"] = clock["last"] - now
 
         from evomerge.progress import Progress
 
@@ -311,7 +346,7 @@ class Run:
         state["stop_reasons"][stage.name] = reason
         told = ledger.count(stage=stage.name, split="search")
         self.echo(f"stage {stage.name}: {told} evaluations; stopped: {reason}")
-        save_checkpoint(self.run_dir, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq()})
+        self._save(ledger, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq()})
         score_holdout(plan, scheduler, ledger, fitness)
         best = stage_best(ledger, stage.name)
         if best is None and any(f"stage:{stage.name}" in self._refs(s) for s in self.exp.stages[index + 1 :]):
@@ -319,27 +354,28 @@ class Run:
 
             raise RunStopped(f"stage '{stage.name}' has no successful evaluation, and a later stage uses stage:{stage.name}")
         if best is not None:
-            self._finish_stage(index, best, pool)
+            self._finish_stage(index, best, pool, ledger)
             holdout = "-" if best["holdout_score"] is None else f"{best['holdout_score']:.4f}"
             self.echo(f"stage {stage.name}: best search {best['score']:.4f}, holdout {holdout} (candidate {best['candidate_id']})")
         state["stages_done"].append(stage.name)
-        save_checkpoint(self.run_dir, {**state, "stage": None, "ledger_seq": ledger.last_seq()})
+        if index == len(self.exp.stages) - 1:  # kept so that `resume --set` can raise its budget
+            state["final_optimizer"] = {"stage": stage.name, "state": opt.state_dict()}
+        self._save(ledger, {**state, "stage": None, "ledger_seq": ledger.last_seq()})
         return best
 
-    def _finish_stage(self, index: int, best: dict[str, Any], pool: WorkerPool) -> None:
+    def _finish_stage(self, index: int, best: dict[str, Any], pool: WorkerPool, ledger: Ledger) -> None:
         name = self.exp.stages[index].name
         later = self.exp.stages[index + 1 :]
         needed = any(f"stage:{name}" in self._refs(s) for s in later)
         if needed:
-            from evomerge.merge.writer import write_model
-
             out = self.run_dir / "stages" / name / "best_model"
-            recipe = Recipe.from_string(best["recipe_yaml"])
-            write_model(recipe, self.sources, out, scores=_flat_scores(best))
+            write_best_model(best, self.sources, out)
             self.sources.register(f"stage:{name}", out)
             pool.add_source(f"stage:{name}", str(out))
             self._pool_sources[f"stage:{name}"] = str(out)
-        write_best(self.run_dir, best, self.sources)
+        run = run_best(self.exp.stages[: index + 1], ledger)
+        if run is not None:
+            write_best(self.run_dir, run, self.sources)
 
     def _refs(self, stage: StageSpec) -> list[str]:
         base = self.exp.stage_base(stage)
@@ -415,7 +451,8 @@ def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerP
     if local or exp.ray.workers == 0:
         from evomerge.run.local import LocalWorkerPool
 
-        return LocalWorkerPool(evaluator=evaluator, device=device)
+        threads = max(1, round(exp.ray.num_cpus_per_worker)) if exp.ray.num_cpus_per_worker else None
+        return LocalWorkerPool(evaluator=evaluator, device=device, threads=threads)
     from evomerge.run.workers import RayWorkerPool
 
     return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
@@ -453,22 +490,134 @@ def portable_recipe(recipe: Recipe, pool: SourcePool) -> Recipe:
     return out.with_evomerge(sources={path: ref for ref, path in names.items()}) if names else out
 
 
-def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
-    """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far."""
+def best_tensors(best: dict[str, Any], pool: SourcePool) -> tuple[Path, dict[str, Any]] | None:
+    """A weights-space best: (its template's directory, its tensors, rebuilt from the genome its
+    ledger row keeps); None for a merge recipe."""
+    from evomerge.run.weights import (
+        GENOME_PREFIX,
+        is_weights_recipe,
+        template_of,
+        tensors_digest,
+        tensors_from_genome,
+    )
+
     recipe = Recipe.from_string(best["recipe_yaml"])
-    recipe = portable_recipe(recipe, pool)
+    if not is_weights_recipe(recipe):
+        return None
+    if best.get("genome") is None:
+        raise ConfigError(f"the ledger row of candidate {best['candidate_id']} keeps no genome; its weights are lost", field="genome")
+    source = pool.get(template_of(recipe))
+    tensors = tensors_from_genome(best["genome"], source)
+    if GENOME_PREFIX + tensors_digest(tensors) != recipe.model_refs()[0]:
+        raise ConfigError(f"the genome of candidate {best['candidate_id']} does not rebuild the weights it scored (template '{template_of(recipe)}' changed?)", field="genome")
+    return source.path, tensors
+
+
+def write_best_model(best: dict[str, Any], pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "") -> Path:
+    """The best's model as a directory: the merge written by the engine (of `recipe`, default
+    the best's own), or for a weights-space best its evolved tensors beside the template's
+    config.json; the README (model card) says which, with the scores and, in `card_extra`, how
+    the best was chosen."""
+    weights = best_tensors(best, pool)
+    if weights is not None:
+        from evomerge.run.weights import write_weights_model
+
+        template_dir, tensors = weights
+        return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra)
+    from evomerge.merge.writer import write_model
+
+    model_dir = write_model(recipe or Recipe.from_string(best["recipe_yaml"]), pool, out, scores=_flat_scores(best))
+    if card_extra:
+        card = model_dir / "README.md"
+        atomic_write_text(card, card.read_text() + card_extra)
+    return model_dir
+
+
+def weights_card(best: dict[str, Any], template_dir: Path) -> str:
+    """Model card of a weights-space best: evolved raw weights, not a merge of sources."""
+    recipe = Recipe.from_string(best["recipe_yaml"])
+    block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
+    config = json.loads((Path(template_dir) / "config.json").read_text())
+    arch = config.get("architecture") or ", ".join(config.get("architectures") or []) or config.get("model_type", "?")
+    if config.get("architecture") == "DigitsMLP":
+        load = "`evomerge.zoo.digits.DigitsMLP.from_pretrained(DIR)` (a plain torch MLP, not a transformers model)"
+    else:
+        load = "`transformers.AutoModel.from_pretrained(DIR)`"
+    lines = [
+        "---",
+        "tags: [evomerge, evolved-weights]",
+        "---",
+        f"# Evolved {arch} (raw weights, not a merge)",
+        "",
+        f"Made by evomerge from a `weights` search space: the genome is this model's {block.get('genes', '?')} raw",
+        "parameters, evolved by the stage's optimizer (M2N2 in genome mode for the digits set-ups) in the architecture of",
+        f"the template model `{block.get('template', '?')}` (its `config.json` is copied here; its weights are not used",
+        "unless the experiment started from them). Nothing here was trained by gradient descent during the search.",
+        "",
+        f"Load it with {load}.",
+        "",
+        f"- stage: `{best['stage']}`, candidate {best['candidate_id']}, generation {best.get('generation')}",
+        f"- weights id: `{recipe.model_refs()[0]}` (sha256 of the tensors)",
+    ]
+    scores = _flat_scores(best)
+    if scores:
+        lines += ["", "## Scores", "", "| split / objective | score |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
+    return "\n".join(lines) + "\n"
+
+
+def selection_note(best: dict[str, Any]) -> str:
+    """The model card's section on which candidate this is and why."""
+    holdout = "-" if best.get("holdout_score") is None else f"{best['holdout_score']:.4f}"
+    lines = [
+        "",
+        "## Selection",
+        "",
+        f"Stage `{best['stage']}`, candidate {best['candidate_id']}: search fitness {best['score']:.4f}, holdout {holdout}.",
+    ]
+    if best.get("selection"):
+        lines.append(f"Chosen as {best['selection']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
+    """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far.
+    A weights-space best is also written to `best/model/` (its recipe is a passthrough of that
+    directory: the weights exist nowhere else)."""
+    run_dir = Path(run_dir)
+    recipe = Recipe.from_string(best["recipe_yaml"])
+    weights = best_tensors(best, pool)
+    if weights is not None:
+        model_dir = write_best_model(best, pool, run_dir / "best" / "model", card_extra=selection_note(best))
+        block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
+        recipe = Recipe.parse({"merge_method": "passthrough", "models": [{"model": str(model_dir)}]}).with_evomerge(
+            weights=block, sources={str(model_dir): recipe.model_refs()[0]}
+        )
+    else:
+        recipe = portable_recipe(recipe, pool)
     exp = read_experiment(run_dir)
     recipe = recipe.with_evomerge(
-        run={"name": exp.name, "seed": exp.seed, "dir": str(Path(run_dir).resolve())},
+        run={"name": exp.name, "seed": exp.seed, "dir": str(run_dir.resolve())},
         stage=best["stage"],
         candidate_id=best["candidate_id"],
         recipe_hash=best["recipe_hash"],
         scores={"search": best["search"], "holdout": best["holdout"]},
+        **({"selection": best["selection"]} if best.get("selection") else {}),
         **({"lineage": best["lineage"]} if best.get("lineage") else {}),
     )
     atomic_write_text(run_dir / "best" / "recipe.yaml", recipe.to_yaml())
-    write_json(run_dir / "best" / "scores.json", {k: v for k, v in best.items() if k != "recipe_yaml"})
+    write_json(run_dir / "best" / "scores.json", {k: v for k, v in best.items() if k not in ("recipe_yaml", "genome")})
     return recipe
+
+
+def _reopen_budget(opt: Any) -> None:
+    """After a resume whose budget was raised (`resume --set`), an optimizer that had stopped on
+    its old budget goes on."""
+    reason = opt._stop_reason or ""
+    spent = reason.startswith("evaluation budget spent") and (opt.max_evals is None or opt.n_asked < opt.max_evals)
+    timed = reason.startswith("time budget spent") and (opt.max_seconds is None or opt._elapsed < opt.max_seconds)
+    if spent or timed:
+        opt._stop_reason = None
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -500,16 +649,45 @@ def start_run(
     return run
 
 
-def resume_run(run_dir: str | Path, *, local: bool = False, echo: Callable[[str], None] = print, execute: bool = True) -> Run:
-    """Carry on a run from its last checkpoint (nothing told before it is evaluated again)."""
+def resume_run(
+    run_dir: str | Path,
+    *,
+    sets: tuple[str, ...] | list[str] = (),
+    local: bool = False,
+    echo: Callable[[str], None] = print,
+    execute: bool = True,
+) -> Run:
+    """Carry on a run from its last checkpoint (nothing told before it is evaluated again).
+    `sets`: changes that may be made on resume (budgets, holdout_top_k, ray; see
+    `evomerge.run.resume`); a raised budget of a finished run's last stage reopens it."""
+    from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
+
     run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
     exp = read_experiment(run_dir)
-    run = Run(run_dir, exp, file=str(run_dir / EXPERIMENT_FILE), local=local, echo=echo)
     ckpt = load_checkpoint(run_dir)
+    changes: list[str] = []
+    if sets:
+        exp, changes, reopen = resume_changes(run_dir, exp, sets, ckpt)
+        if reopen:
+            assert ckpt is not None
+            ckpt = reopened_checkpoint(ckpt, exp.stages[-1].name)
+    run = Run(run_dir, exp, file=str(run_dir / EXPERIMENT_FILE), local=local, echo=echo)
     if ckpt is not None and ckpt.get("finished"):
+        if changes:
+            echo(f"{run_dir}: the run is finished; nothing to resume, so nothing changed ({'; '.join(changes)})")
+            return run
         echo(f"{run_dir}: the run is finished; nothing to resume")
         return run
     run.validate()
+    if changes:
+        atomic_write_text(run_dir / EXPERIMENT_FILE, exp.to_yaml())
+        log_changes(run_dir, changes)
+        if ckpt is not None and ckpt.get("stage") == exp.stages[-1].name and not ckpt.get("finished"):
+            save_checkpoint(run_dir, ckpt)  # a reopened last stage (or the same checkpoint)
+        for change in changes:
+            echo(f"changed: {change}")
     if execute:
         run.execute()
     return run

@@ -1,11 +1,20 @@
 """`evomerge export DIR [--out MODEL_DIR]`: the run's best recipe, and optionally the merged model.
 
+Which candidate: the run's best (`evomerge.run.stages.run_best`): over all stages by search
+fitness when they share the evaluator (PS then DFS on one task: the DFS stage does not always beat
+the PS stage it started from), otherwise the last stage's best; `best/scores.json`, the recipe's
+`evomerge.selection` and the model card say which stage it came from and why.
+
 `best/recipe.yaml` is a mergekit configuration: references that only mean something inside
 evomerge (`zoo:`, `stage:NAME`, `archive:ID`) are replaced by the local directories they stand
 for (the original names are kept in its `evomerge.sources` block), and its `evomerge` block
 records the stage, candidate, recipe hash and search/holdout scores. With `--out` the merged
 model is written as a Hugging Face directory whose README (model card) lists the sources with
 their content hashes, the method and parameters (the recipe), the seed and the scores.
+
+A weights-space best (evolved raw weights, e.g. the digits M2N2 set-ups) is no merge: its
+tensors are written with the template model's `config.json` to `best/model/` (and to `--out`),
+with a model card saying so, and `best/recipe.yaml` is a passthrough of `best/model/`.
 """
 
 from __future__ import annotations
@@ -14,9 +23,16 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError
 from evomerge.merge.sources import SourcePool
-from evomerge.run.driver import LEDGER_FILE, _flat_scores, is_run_dir, read_experiment, write_best
+from evomerge.run.driver import (
+    LEDGER_FILE,
+    is_run_dir,
+    read_experiment,
+    selection_note,
+    write_best,
+    write_best_model,
+)
 from evomerge.run.ledger import Ledger
-from evomerge.run.stages import stage_best
+from evomerge.run.stages import run_best
 
 
 def run_sources(run_dir: Path, allow_pickle: bool = False) -> SourcePool:
@@ -37,12 +53,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     if not is_run_dir(run_dir):
         raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
     exp = read_experiment(run_dir)
-    best = None
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
-        for stage in reversed(exp.stages):
-            best = stage_best(ledger, stage.name)
-            if best is not None:
-                break
+        best = run_best(exp.stages, ledger)
     if best is None:
         raise ConfigError("the run has no successful evaluation yet; nothing to export", file=str(run_dir))
     pool = run_sources(run_dir, exp.allow_pickle)
@@ -53,7 +65,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     recipe = write_best(run_dir, best, pool)
     model_dir = None
     if out is not None:
-        from evomerge.merge.writer import write_model
-
-        model_dir = write_model(recipe, pool, out, scores=_flat_scores(best))
+        model_dir = write_best_model(best, pool, out, recipe=recipe, card_extra=selection_note(best))
     return run_dir / "best" / "recipe.yaml", model_dir

@@ -3,6 +3,11 @@
 For tests, small experiments (`ray: {workers: 0}` or `--local`) and debugging: jobs run one at a
 time inside `wait()`, through the same `WorkerCore` as the Ray actors, so a run gives the same
 scores either way. Nothing runs in the background: a job submitted and not waited for never runs.
+
+`threads`: torch's intra-op threads while the pool is started (the worker's CPUs, as Ray limits an
+actor to its `num_cpus`; restored at shutdown). On shared, busy cores a multi-threaded forward pass
+of a small model spins: the digits MLP took 31 ms per pass with 2 threads against 2.5-4.5 ms with
+one, measured at load average 3 on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,14 +25,21 @@ class LocalWorkerPool:
     """One in-process worker. `evaluator`: an already built evaluator to use instead of building
     one from the spec given to `start` (the driver built it to validate the experiment)."""
 
-    def __init__(self, *, evaluator: Any | None = None, device: str | None = None):
+    def __init__(self, *, evaluator: Any | None = None, device: str | None = None, threads: int | None = None):
         self._evaluator = evaluator
         self._device = device
+        self._threads = threads
+        self._saved_threads: int | None = None
         self._core: WorkerCore | None = None
         self._queue: deque[Job] = deque()
         self._directions: dict[str, bool] = {}
 
     def start(self, sources: dict[str, str], evaluator: dict, *, allow_pickle: bool, dtype: str | None) -> None:
+        if self._threads is not None and self._saved_threads is None:
+            import torch
+
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, int(self._threads)))
         spec: Any = (lambda: self._evaluator) if self._evaluator is not None else evaluator
         self._core = WorkerCore(dict(sources), spec, allow_pickle, dtype, self._device)
         directions = getattr(self._core.evaluator, "higher_is_better", None)
@@ -62,6 +74,11 @@ class LocalWorkerPool:
     def shutdown(self) -> None:
         self._queue.clear()
         self._core = None
+        if self._saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
 
     def _require(self) -> WorkerCore:
         if self._core is None:

@@ -232,7 +232,7 @@ class Scheduler:
             candidate_id=p.cand.id,
             generation=p.cand.generation,
             split="search",
-            genome=None if p.cand.genome is None else [float(v) for v in np.asarray(p.cand.genome).ravel()],
+            genome=None if p.cand.genome is None else np.asarray(p.cand.genome, dtype=np.float64).ravel().tolist(),
             recipe_hash=p.recipe_hash,
             recipe_yaml=p.recipe.to_yaml() if p.recipe is not None else "",
             objectives={k: float(v) for k, v in result.objectives.items()},

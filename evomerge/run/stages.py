@@ -6,6 +6,15 @@ is written to `<run>/stages/NAME/best_model` with the engine when a later stage 
 registered as a source. The best of a stage is chosen by search fitness (ties: the earlier
 row) and reported with its holdout scores. M2N2 in model mode keeps its archive members under
 `<run>/archive/<stage>/<id>` and registers each as `archive:<id>`.
+
+A weights stage (a `weights` space: the genome is the raw parameters of the stage's first model,
+the template) sends each candidate as a `WeightsRecipe` carrying its tensors
+(`evomerge.run.weights`); `initial_models` in an M2N2 genome-mode stage's optimizer options
+become its initial genomes (each model's parameters, encoded in the space's order).
+
+The run's best (`run_best`): when every stage scores with the same evaluator spec their search
+fitnesses compare, and the best over all stages wins (ties: the earlier stage); otherwise the
+last stage with a result is taken, and the best says so (`selection`).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from evomerge.optim import make_optimizer
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.recipe import Recipe
 from evomerge.run.jobs import WorkerPool
-from evomerge.run.ledger import Ledger, LedgerRow
+from evomerge.run.ledger import LONG_GENOME, Ledger, LedgerRow
 from evomerge.run.scheduler import Evaluation, Scheduler
 
 SHARDABLE_KINDS = ("lm_eval", "classification")
@@ -137,6 +146,19 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
         options["max_seconds"] = plan.budget_seconds
     if plan.optimizer_name == "optuna" and options.get("storage") is None and run_dir is not None:
         options.setdefault("run_dir", str(run_dir / "stages" / plan.name))
+    if plan.space_kind == "weights" and options.get("initial_models") is not None and options.get("mode", "genome") == "genome":
+        from evomerge.run.weights import encode_model
+
+        field = f"stages[{plan.index}].optimizer.initial_models"
+        refs = options.pop("initial_models")
+        if not isinstance(refs, list) or not refs:
+            raise ConfigError("give a list of model references (their weights are the initial genomes)", field=field)
+        if options.get("initial") is not None:
+            raise ConfigError("give initial_models or initial, not both", field=field)
+        try:
+            options["initial"] = [encode_model(plan.space, pool.get(str(ref))) for ref in refs]
+        except EvomergeError as exc:
+            raise ConfigError(exc.message, file=exc.file, field=field) from None
     if plan.space is None:  # m2n2 model mode
         options.setdefault("initial_models", list(plan.models))
         if options.get("tensor_names") is None:
@@ -157,6 +179,10 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
 def decode_candidate(plan: StagePlan, cand: Candidate) -> Recipe:
     if cand.recipe is not None:
         return cand.recipe
+    if plan.space_kind == "weights":
+        from evomerge.run.weights import weights_recipe
+
+        return weights_recipe(plan.space, cand.genome, plan.models[0])
     recipe = plan.space.decode(cand.genome)
     if not isinstance(recipe, Recipe):
         raise ConfigError(
@@ -166,18 +192,20 @@ def decode_candidate(plan: StagePlan, cand: Candidate) -> Recipe:
     return recipe
 
 
-def ranked_rows(ledger: Ledger, stage: str) -> list[LedgerRow]:
+def row_recipe(plan: StagePlan, row: LedgerRow) -> Recipe | None:
+    """The recipe a ledger row scored, ready to evaluate again (a weights row: rebuilt from its
+    genome, None when the ledger did not keep it)."""
+    if plan.space_kind == "weights":
+        from evomerge.run.weights import weights_recipe
+
+        return None if row.genome is None else weights_recipe(plan.space, row.genome, plan.models[0])
+    return Recipe.from_string(row.recipe_yaml)
+
+
+def ranked_rows(ledger: Ledger, stage: str, k: int | None = None) -> list[LedgerRow]:
     """Successful search rows of a stage, best search fitness first, one per recipe (ties: the
-    earlier row)."""
-    rows = [r for r in ledger.rows(stage=stage, split="search") if r.ok and math.isfinite(r.fitness)]
-    rows.sort(key=lambda r: (-r.fitness, r.seq))
-    seen: set[str] = set()
-    out = []
-    for row in rows:
-        if row.recipe_hash not in seen:
-            seen.add(row.recipe_hash)
-            out.append(row)
-    return out
+    earlier row); at most `k`."""
+    return ledger.top(stage, k)
 
 
 def score_holdout(
@@ -185,12 +213,14 @@ def score_holdout(
 ) -> list[LedgerRow]:
     """Score the stage's top-k recipes on the holdout split (reusing rows already in the ledger)
     and write their rows in rank order."""
-    top = ranked_rows(ledger, plan.name)[: plan.holdout_top_k]
+    top = ranked_rows(ledger, plan.name, plan.holdout_top_k)
     todo: list[tuple[LedgerRow, Evaluation]] = []
     for row in top:
         if ledger.find(row.recipe_hash, "holdout", stage=plan.name) is not None:
             continue
-        recipe = Recipe.from_string(row.recipe_yaml)
+        recipe = row_recipe(plan, row)
+        if recipe is None:
+            continue
         key = f"{plan.name}|holdout||{row.recipe_hash}"
         todo.append((row, scheduler.evaluation(key, recipe, "holdout", None, "")))
     scheduler.evaluate_all([ev for _, ev in todo])
@@ -207,7 +237,7 @@ def score_holdout(
                     candidate_id=row.candidate_id,
                     generation=row.generation,
                     split="holdout",
-                    genome=row.genome,
+                    genome=row.genome if row.genome is None or len(row.genome) <= LONG_GENOME else None,
                     recipe_hash=row.recipe_hash,
                     recipe_yaml=row.recipe_yaml,
                     objectives={k: float(v) for k, v in result.objectives.items()},
@@ -228,7 +258,7 @@ def score_holdout(
 
 def stage_best(ledger: Ledger, stage: str) -> dict[str, Any] | None:
     """The stage's best by search fitness, with its holdout scores when scored."""
-    ranked = ranked_rows(ledger, stage)
+    ranked = ranked_rows(ledger, stage, 1)
     if not ranked:
         return None
     row = ranked[0]
@@ -244,40 +274,66 @@ def stage_best(ledger: Ledger, stage: str) -> dict[str, Any] | None:
         "holdout": holdout.objectives if holdout is not None and holdout.ok else None,
         "holdout_score": holdout.fitness if holdout is not None and holdout.ok else None,
         "seq": row.seq,
+        "genome": row.genome,
         "lineage": lineage(ledger, stage, row) if row.meta.get("parents") else [],
     }
 
 
+def same_objective(stages: list[Any]) -> bool:
+    """Whether the stages (StageSpecs) score with the same evaluator spec, so that their search
+    fitnesses compare."""
+    specs = {json.dumps([s.evaluator, s.evaluator_overrides], sort_keys=True, default=str) for s in stages}
+    return len(specs) <= 1
+
+
+def run_best(stages: list[Any], ledger: Ledger) -> dict[str, Any] | None:
+    """The run's best so far over `stages` (StageSpecs, in order): see the module docstring.
+    The dict is `stage_best`'s plus `selection`, a sentence saying how it was chosen."""
+    found = [(s.name, best) for s in stages if (best := stage_best(ledger, s.name)) is not None]
+    if not found:
+        return None
+    if len(found) == 1:
+        name, best = found[0]
+        return {**best, "selection": f"the best search fitness of stage '{name}'" + (" (the only stage)" if len(stages) == 1 else " (the only stage with a result so far)")}
+    names = ", ".join(f"'{n}'" for n, _ in found)
+    if same_objective(stages):
+        name, best = max(found, key=lambda item: item[1]["score"])  # max keeps the first on ties
+        return {**best, "selection": f"the best search fitness over stages {names} (same evaluator), from stage '{name}'"}
+    name, best = found[-1]
+    return {**best, "selection": f"the last stage's best (stage '{name}'): the stages' evaluators differ, so their search fitnesses do not compare"}
+
+
 def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
-    """M2N2 model mode: the candidate and its ancestors (ancestors first), each with the recipe
-    that built it from its parents (or the source model an initial member copies)."""
-    by_id = {r.candidate_id: r for r in ledger.rows(stage=stage, split="search") if r.ok}
-    order: list[LedgerRow] = []
+    """M2N2: the candidate and its ancestors (ancestors first), each with the recipe that built it
+    from its parents (or the source model an initial member copies); a weights-space candidate's
+    entry names its weights (`genome:<sha>`) and parents, there is no recipe to show. Reads only
+    the ids, hashes, recipes and parents of the stage's rows."""
+    from evomerge.run.weights import is_weights_recipe
+
+    by_id = ledger.lineage_info(stage)
+    order: list[int] = []
     seen: set[int] = set()
-
-    def visit(r: LedgerRow) -> None:
-        if r.candidate_id in seen:
-            return
-        seen.add(r.candidate_id)
-        for parent in r.meta.get("parents", []):
-            if int(parent) in by_id:
-                visit(by_id[int(parent)])
-        order.append(r)
-
-    visit(row)
+    stack = [(row.candidate_id, False)]
+    while stack:  # depth-first, parents before children (no recursion limit on long lineages)
+        cid, expanded = stack.pop()
+        if expanded:
+            order.append(cid)
+            continue
+        if cid in seen or cid not in by_id:
+            continue
+        seen.add(cid)
+        stack.append((cid, True))
+        stack.extend((int(p), False) for p in reversed(by_id[cid][2]))
     out = []
-    for r in order:
-        recipe = Recipe.from_string(r.recipe_yaml)
-        out.append(
-            {
-                "candidate_id": r.candidate_id,
-                "recipe_hash": r.recipe_hash,
-                "merge_method": recipe.merge_method,
-                "models": recipe.model_refs(),
-                "parents": list(r.meta.get("parents", [])),
-                "parameters": recipe.parameters,
-            }
-        )
+    for cid in order:
+        digest, recipe_yaml, parents = by_id[cid]
+        recipe = Recipe.from_string(recipe_yaml)
+        entry: dict[str, Any] = {"candidate_id": cid, "recipe_hash": digest}
+        if is_weights_recipe(recipe):
+            entry.update(weights=recipe.model_refs()[0], parents=list(parents))
+        else:
+            entry.update(merge_method=recipe.merge_method, models=recipe.model_refs(), parents=list(parents), parameters=recipe.parameters)
+        out.append(entry)
     return out
 
 

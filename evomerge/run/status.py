@@ -5,7 +5,9 @@ it finished. Keys::
 
     run, dir, stage (current, or the last one when finished), evaluations (search rows),
     budget (sum of the stages' evaluation budgets, None if one has only a time budget),
-    best {stage, score, holdout, recipe_hash, candidate_id, objectives, holdout_objectives},
+    best {stage, score, holdout, recipe_hash, candidate_id, objectives, holdout_objectives,
+    selection} (the run's best: over all stages by search fitness when they share the evaluator,
+    else the last stage's; `selection` says which rule applied, see `run_best`),
     failures, finished, stop_reasons, throughput (search evaluations per second of wall time
     between the first and the last row), elapsed_seconds,
     stages: [{name, space_kind, evaluations, budget, best{...}, objectives [{name,
@@ -22,7 +24,7 @@ from evomerge.errors import ConfigError
 from evomerge.run.checkpoint import load_checkpoint
 from evomerge.run.driver import LEDGER_FILE, is_run_dir, read_experiment
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
-from evomerge.run.stages import stage_best
+from evomerge.run.stages import run_best, stage_best
 
 
 def _space_kind(stage: Any) -> str:
@@ -50,6 +52,7 @@ def _best(best: dict[str, Any] | None) -> dict[str, Any]:
         "candidate_id": best["candidate_id"],
         "objectives": best["search"],
         "holdout_objectives": best["holdout"],
+        **({"selection": best["selection"]} if best.get("selection") else {}),
     }
 
 
@@ -63,27 +66,28 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     finished = bool(ckpt.get("finished"))
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         stages = []
+        summaries = {spec.name: ledger.summary(spec.name) for spec in exp.stages}
         for spec in exp.stages:
-            rows = ledger.rows(stage=spec.name, split="search")
-            first = rows[0].started if rows else None
-            directions = rows[0].higher_is_better if rows else {}
+            summary = summaries[spec.name]
+            first = summary["started"]
+            directions = summary["higher_is_better"]
             stages.append(
                 {
                     "name": spec.name,
                     "space_kind": _space_kind(spec),
                     "optimizer": spec.optimizer.name,
-                    "evaluations": len(rows),
+                    "evaluations": summary["rows"],
                     "budget": spec.budget.evaluations,
                     "budget_seconds": spec.budget.seconds,
                     "best": _best(stage_best(ledger, spec.name)),
                     "objectives": [{"name": k, "higher_is_better": v} for k, v in directions.items()],
-                    "failures": sum(1 for r in rows if not r.ok),
+                    "failures": summary["failures"],
                     "started": first,
                     "finished": spec.name in done,
                     "stop_reason": ckpt.get("stop_reasons", {}).get(spec.name),
                 }
             )
-        search_rows = [r for s in exp.stages for r in ledger.rows(stage=s.name, split="search")]
+        overall = run_best(exp.stages, ledger)
         baselines: dict[str, dict[str, Any]] = {}
         for row in ledger.baselines():
             entry = baselines.setdefault(row.stage[len(BASELINE_PREFIX):], {"recipe_hash": row.recipe_hash, "search": None, "holdout": None})
@@ -91,9 +95,12 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     current = next((s for s in stages if not s["finished"]), stages[-1])
     if not finished:
         current = next((s for s in stages if s["name"] == ckpt.get("stage")), current)
-    best_stage = next((s for s in reversed(stages) if s["best"]["score"] is not None), None)
     budgets = [s["budget"] for s in stages]
-    elapsed = (max(r.finished for r in search_rows) - min(r.started for r in search_rows)) if search_rows else 0.0
+    with_rows = [s for s in summaries.values() if s["rows"]]
+    elapsed = (max(s["finished"] for s in with_rows) - min(s["started"] for s in with_rows)) if with_rows else 0.0
+    evaluations = sum(s["rows"] for s in with_rows)
+    errors = [s for s in with_rows if s["last_error_seq"] is not None]
+    last_error = max(errors, key=lambda s: s["last_error_seq"])["last_error"] if errors else None
     sources = [{"ref": ref} for ref in dict.fromkeys([*([exp.models.base] if exp.models.base else []), *exp.models.sources])]
     for stage in exp.stages:
         path = run_dir / "stages" / stage.name / "best_model"
@@ -105,14 +112,14 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "seed": exp.seed,
         "base": exp.models.base,
         "stage": current["name"],
-        "evaluations": len(search_rows),
+        "evaluations": evaluations,
         "budget": None if any(b is None for b in budgets) else sum(budgets),
-        "best": best_stage["best"] if best_stage else _best(None),
-        "failures": sum(1 for r in search_rows if not r.ok),
-        "last_error": next((r.error for r in reversed(search_rows) if not r.ok), None),
+        "best": _best(overall),
+        "failures": sum(s["failures"] for s in with_rows),
+        "last_error": last_error,
         "finished": finished,
         "stop_reasons": ckpt.get("stop_reasons", {}),
-        "throughput": (len(search_rows) / elapsed) if elapsed > 0 else None,
+        "throughput": (evaluations / elapsed) if elapsed > 0 else None,
         "elapsed_seconds": elapsed,
         "stages": stages,
         "baselines": [{"name": k, **v} for k, v in baselines.items()],
@@ -132,7 +139,10 @@ def format_status(status: dict[str, Any]) -> str:
     rate = f", {status['throughput']:.2f} evals/s" if status["throughput"] else ""
     lines.append(f"evaluations {status['evaluations']}/{budget}, failures {status['failures']}{rate}")
     best = status["best"]
-    lines.append(f"best: search {score(best['score'])}, holdout {score(best['holdout'])}, recipe {best['recipe_hash'] or '-'}")
+    origin = f" (stage {best['stage']}, candidate {best['candidate_id']})" if best.get("stage") else ""
+    lines.append(f"best: search {score(best['score'])}, holdout {score(best['holdout'])}, recipe {best['recipe_hash'] or '-'}{origin}")
+    if best.get("selection"):
+        lines.append(f"  chosen as {best['selection']}")
     for s in status["stages"]:
         flag = "done" if s["finished"] else ("running" if s["name"] == status["stage"] and not status["finished"] else "waiting")
         lines.append(

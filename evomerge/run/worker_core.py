@@ -7,7 +7,10 @@
   Ray object store), and a `CachedSparsifier`, so a new density is a lookup, not a sort;
 - one resident model skeleton: a candidate whose merged architecture (the merged config) is
   the same as the previous one's is copied into it in place; another architecture (a DFS path
-  of a new length) builds a new skeleton from the merged config;
+  of a new length) builds a new skeleton from the merged config. Configs that are not Hugging
+  Face configs build the zoo's plain torch models (`plain_model`: the digits MLP);
+- weights-space candidates (`evomerge.run.weights`: a recipe carrying raw tensors over a
+  template model) skip the merge: the tensors are copied into the template's architecture;
 - the evaluator, built once, and the tokenizers, loaded once per source directory.
 
 Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
@@ -56,6 +59,18 @@ def evaluator_directions(evaluator: Any) -> dict[str, bool]:
 def default_device() -> str:
     """`cuda` when this process sees a GPU (a Ray actor sees one only if it asked for it)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plain_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
+    """A model for a config that is not a Hugging Face config (no `model_type`): the zoo's plain
+    torch models, named by `architecture` (today the digits MLP); None for anything else."""
+    if config.get("model_type") is not None or config.get("architecture") is None:
+        return None
+    from evomerge.zoo.digits import ARCHITECTURE, DigitsMLP
+
+    if config["architecture"] == ARCHITECTURE:
+        return DigitsMLP(config["sizes"])
+    raise ValueError(f"unknown architecture '{config['architecture']}' in config.json; valid: {ARCHITECTURE} or a Hugging Face config")
 
 
 class WorkerCore:
@@ -128,9 +143,14 @@ class WorkerCore:
 
     def prepare(self, recipe) -> tuple[torch.nn.Module, Any]:
         """The resident model holding the merge of `recipe`, and its tokenizer."""
+        from evomerge.run.weights import recipe_tensors
+
+        weights = recipe_tensors(recipe)
+        if weights is not None:
+            return self._prepare_weights(*weights)
         plan = plan_merge(recipe, self.pool)
         built = self.models_built
-        model = self._skeleton(plan)
+        model = self._skeleton(plan.config, self._model_dtype(plan))
         params = dict(model.state_dict(keep_vars=True))
         written: set[int] = set()
         with torch.no_grad():
@@ -147,6 +167,22 @@ class WorkerCore:
                 self._model = self._model_key = None
                 raise RuntimeError(f"the merge does not produce '{missing[0]}' of the model")
         return model, self._tokenizer(recipe, plan)
+
+    def _prepare_weights(self, template: str, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.nn.Module, Any]:
+        """The template's architecture holding `tensors` (a weights-space candidate)."""
+        source = self.pool.get(template)
+        dtype = TORCH_DTYPES[self.dtype] if self.dtype is not None else torch.float32
+        model = self._skeleton(dict(source.config), dtype)
+        params = dict(model.state_dict(keep_vars=True))
+        missing = sorted(set(params) - set(tensors))
+        extra = sorted(set(tensors) - set(params))
+        if missing or extra:
+            what = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}', which the model does not"
+            raise RuntimeError(f"the genome's weights do not fit '{template}': it {what}")
+        with torch.no_grad():
+            for name, target in params.items():
+                target.copy_(tensors[name])
+        return model, self._folder_tokenizer(source.path)
 
     @property
     def directions(self) -> dict[str, bool]:
@@ -180,12 +216,11 @@ class WorkerCore:
             return TORCH_DTYPES[self.dtype]
         return plan.out_dtype or torch.float32
 
-    def _skeleton(self, plan: MergePlan) -> torch.nn.Module:
-        dtype = self._model_dtype(plan)
-        key = json.dumps(plan.config, sort_keys=True, default=str) + f"|{dtype}"
+    def _skeleton(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        key = json.dumps(config, sort_keys=True, default=str) + f"|{dtype}"
         if self._model is None or key != self._model_key:
             self._model = None  # free the old skeleton before building the new one
-            self._model = self._build_model(plan.config, dtype)
+            self._model = self._build_model(config, dtype)
             self._model_key = key
             self.models_built += 1
         return self._model
@@ -195,6 +230,8 @@ class WorkerCore:
         factory = getattr(self.evaluator, "model_from_config", None)
         if factory is not None:
             model = factory(dict(config))
+        elif (plain := plain_model(config)) is not None:
+            model = plain
         else:
             import transformers
             from transformers.initialization import no_init_weights
@@ -214,7 +251,9 @@ class WorkerCore:
         when that directory has no tokenizer files (the evaluator brings its own)."""
         source = recipe.tokenizer_source
         ref = plan.reference if source in (None, "base", "union") else source
-        folder = self.pool.get(ref).path
+        return self._folder_tokenizer(self.pool.get(ref).path)
+
+    def _folder_tokenizer(self, folder: Path) -> Any:
         if folder not in self._tokenizers:
             tokenizer = None
             if any((folder / name).is_file() for name in TOKENIZER_FILES):

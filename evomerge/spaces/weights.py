@@ -32,6 +32,13 @@ class WeightsSpace(SearchSpace):
             for i in range(int(np.prod(shape))):
                 genes.append(Gene(f"{name}[{i}]", -bound, bound, 0.0, name))
         super().__init__(genes)
+        # Built once: rebuilding it from 19,210 Gene objects on every decode cost 50 ms.
+        self._bounds = np.tile(np.array([-bound, bound], dtype=np.float64), (len(genes), 1))
+        self._bounds.setflags(write=False)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        return self._bounds
 
     @property
     def x0(self) -> np.ndarray:
