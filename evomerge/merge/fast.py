@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -200,8 +201,30 @@ def _linear(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None
 # ---- execution -----------------------------------------------------------------------------
 
 
-def run_task(task: TensorTask, plan: MergePlan, reader: _Reader) -> np.ndarray:
-    """One output tensor, shaped, in the plan's output dtype."""
+class _Buffers:
+    """Output buffers handed back for reuse (by size and dtype), so that the large ones (the
+    embeddings, the head) are not fresh, page-faulting allocations every time."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[str, int], list[np.ndarray]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, n: int, dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            stack = self.free.get((dtype.str, n))
+            if stack:
+                return stack.pop()
+        return np.empty(n, dtype)
+
+    def put(self, buffer: np.ndarray) -> None:
+        with self.lock:
+            self.free.setdefault((buffer.dtype.str, buffer.size), []).append(buffer)
+
+
+def run_task(task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffers | None = None) -> np.ndarray:
+    """One output tensor, shaped, in the plan's output dtype (from ``buffers`` when given:
+    its ``.base`` goes back there once the caller is done with it)."""
+    buffers = buffers or _Buffers()
     refs = _refs(task)
     views = [reader.view(ref) for ref in refs]
     if plan.compute_dtype_name is not None:  # the torch engine casts what it loads, first
@@ -211,13 +234,16 @@ def run_task(task: TensorTask, plan: MergePlan, reader: _Reader) -> np.ndarray:
     # task_arithmetic has no other input); the engine then casts to out_dtype.
     promoted = views[:1] if plan.method.name == "task_arithmetic" and not task.inputs else views
     work = np.result_type(*(v.dtype for v in promoted))
-    out = np.empty(views[0].size, work)
+    out = buffers.get(views[0].size, work)
     if plan.method.name == "linear":
         _linear(views, task, out)
     else:
         _task_arithmetic(views[0], views[1:], task, out)
     if plan.out_dtype_name is not None and work != np.dtype(_STORED[plan.out_dtype_name]):
-        out = out.astype(_STORED[plan.out_dtype_name])
+        cast = buffers.get(out.size, np.dtype(_STORED[plan.out_dtype_name]))
+        np.copyto(cast, out, casting="same_kind")
+        buffers.put(out)
+        out = cast
     return out.reshape(reader.pool.get(refs[0].model).entry(refs[0].name).shape)
 
 
@@ -228,16 +254,30 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def iter_merged(plan: MergePlan, pool: SourcePool, *, workers: int | None = None) -> Iterator[tuple[str, Any]]:
+def iter_merged(
+    plan: MergePlan, pool: SourcePool, *, workers: int | None = None, recycle: bool = False
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, numpy array)`` for every output tensor, in plan order, like
     `evomerge.merge.engine.iter_merged`; ``workers`` threads merge (numpy releases the GIL),
-    at most ``2 * workers`` results wait to be consumed."""
+    at most ``2 * workers`` results wait to be consumed.
+
+    ``recycle``: a yielded array is overwritten once the next one is asked for (its memory is
+    reused): for consumers that are done with each tensor at once, such as the writer.
+    """
     reader = _Reader(pool)
+    buffers = _Buffers() if recycle else None
     n_workers = max(1, workers if workers is not None else default_workers())
+
+    def done(result: np.ndarray) -> None:
+        if buffers is not None:
+            buffers.put(result.base if result.base is not None else result)
+
     try:
         if n_workers == 1 or len(plan.tasks) <= 1:
             for task in plan.tasks:
-                yield task.name, run_task(task, plan, reader)
+                result = run_task(task, plan, reader, buffers)
+                yield task.name, result
+                done(result)
             return
         with ThreadPoolExecutor(n_workers, thread_name_prefix="evomerge-fast") as executor:
             tasks = iter(plan.tasks)
@@ -246,7 +286,7 @@ def iter_merged(plan: MergePlan, pool: SourcePool, *, workers: int | None = None
             def submit() -> None:
                 task = next(tasks, None)
                 if task is not None:
-                    pending.append((task.name, executor.submit(run_task, task, plan, reader)))
+                    pending.append((task.name, executor.submit(run_task, task, plan, reader, buffers)))
 
             try:
                 for _ in range(2 * n_workers):
@@ -256,6 +296,7 @@ def iter_merged(plan: MergePlan, pool: SourcePool, *, workers: int | None = None
                     result = future.result()
                     submit()
                     yield name, result
+                    done(result)
             finally:
                 for _, future in pending:
                     future.cancel()

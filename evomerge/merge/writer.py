@@ -92,7 +92,7 @@ def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, 
 
         reason = fast.unsupported_reason(plan, pool)
         if reason is None:
-            return fast.iter_merged(plan, pool)
+            return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
         if engine == "numpy":
             raise ValueError(f"the numpy executor does not cover this merge: {reason}")
     from evomerge.merge.engine import iter_merged
