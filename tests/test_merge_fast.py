@@ -81,6 +81,10 @@ def _recipes(f: dict[str, Path]) -> dict[str, dict]:
         "ta_tied": {
             "merge_method": "task_arithmetic", "base_model": str(f["tied_base"]), "models": [m("tied_ft", weight=0.4)],
         },
+        "ta_head_absent_in_a_tied_source": {  # lm_head of tied_ft is its embeddings
+            "merge_method": "task_arithmetic", "base_model": str(f["base"]), "models": [m("tied_ft", weight=0.6), m("a", weight=0.2)],
+            "parameters": {"rescale": True},
+        },
         "linear_filters": {"merge_method": "linear", "models": [m("a", weight=filters), m("b", weight=0.3), m("c", weight=[1.0, 0.2])]},
         "linear_no_normalize_negative": {
             "merge_method": "linear", "models": [m("a", weight=1.3), m("b", weight=-0.4)], "parameters": {"normalize": False},
