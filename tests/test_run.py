@@ -471,3 +471,31 @@ def test_m2n2_model_mode_resumes_after_a_crash_with_the_same_ledger(llama_family
     assert [r.comparable() for r in rows(tmp_path / "crashed")] == [r.comparable() for r in rows(tmp_path / "reference")]
     best = [json.loads((tmp_path / d / "best" / "scores.json").read_text()) for d in ("crashed", "reference")]
     assert best[0] == best[1]
+
+
+def test_run_best_takes_the_best_stage_only_when_the_stages_share_the_evaluator(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from evomerge.run.ledger import LedgerRow
+    from evomerge.run.stages import run_best
+
+    def row(stage: str, cid: int, fitness: float, split: str = "search") -> LedgerRow:
+        recipe = f"merge_method: linear\nmodels:\n- model: m{stage}{cid}\n"
+        return LedgerRow(
+            seq=0, stage=stage, candidate_id=cid, generation=0, split=split, genome=[0.5], recipe_hash=f"{stage}{cid}",
+            recipe_yaml=recipe, objectives={"acc": fitness}, higher_is_better={"acc": True}, fitness=fitness,
+            per_sample={"t": [1.0, 0.0]}, worker="w", started=0.0, finished=1.0, status="ok", error=None,
+        )  # fmt: skip
+
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        for r in (row("ps", 0, 0.4), row("ps", 1, 0.6), row("ps", 1, 0.55, "holdout"), row("dfs", 0, 0.5), row("dfs", 1, 0.6)):
+            ledger.append(r)
+        same = [SimpleNamespace(name=n, evaluator={"kind": "x"}, evaluator_overrides={}) for n in ("ps", "dfs")]
+        best = run_best(same, ledger)
+        # over both stages; the tie at 0.6 goes to the earlier stage
+        assert (best["stage"], best["candidate_id"], best["holdout_score"]) == ("ps", 1, 0.55)
+        assert "over stages 'ps', 'dfs'" in best["selection"]
+        other = [same[0], SimpleNamespace(name="dfs", evaluator={"kind": "y"}, evaluator_overrides={})]
+        best = run_best(other, ledger)
+        assert (best["stage"], best["candidate_id"]) == ("dfs", 1) and "evaluators differ" in best["selection"]
+        assert run_best(same[:1], ledger)["stage"] == "ps"

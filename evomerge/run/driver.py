@@ -550,7 +550,7 @@ def weights_card(best: dict[str, Any], template_dir: Path) -> str:
         f"# Evolved {arch} (raw weights, not a merge)",
         "",
         f"Made by evomerge from a `weights` search space: the genome is this model's {block.get('genes', '?')} raw",
-        "parameters, evolved by the stage's optimizer (M2N2 in genome mode for the digits set-ups) in the architecture of",
+        f"parameters, evolved by {best.get('optimizer') or 'the stage optimizer'} in the architecture of",
         f"the template model `{block.get('template', '?')}` (its `config.json` is copied here; its weights are not used",
         "unless the experiment started from them). Nothing here was trained by gradient descent during the search.",
         "",

@@ -289,7 +289,7 @@ def same_objective(stages: list[Any]) -> bool:
 def run_best(stages: list[Any], ledger: Ledger) -> dict[str, Any] | None:
     """The run's best so far over `stages` (StageSpecs, in order): see the module docstring.
     The dict is `stage_best`'s plus `selection`, a sentence saying how it was chosen."""
-    found = [(s.name, best) for s in stages if (best := stage_best(ledger, s.name)) is not None]
+    found = [(s.name, {**best, "optimizer": _optimizer_text(s)}) for s in stages if (best := stage_best(ledger, s.name)) is not None]
     if not found:
         return None
     if len(found) == 1:
@@ -301,6 +301,15 @@ def run_best(stages: list[Any], ledger: Ledger) -> dict[str, Any] | None:
         return {**best, "selection": f"the best search fitness over stages {names} (same evaluator), from stage '{name}'"}
     name, best = found[-1]
     return {**best, "selection": f"the last stage's best (stage '{name}'): the stages' evaluators differ, so their search fitnesses do not compare"}
+
+
+def _optimizer_text(stage: Any) -> str:
+    """"m2n2 (mode: genome, archive_size: 20, ...)" for a StageSpec (or what it has)."""
+    optimizer = getattr(stage, "optimizer", None)
+    if optimizer is None:
+        return "?"
+    options = ", ".join(f"{k}: {v}" for k, v in optimizer.options.items() if k != "initial")
+    return f"{optimizer.name} ({options})" if options else str(optimizer.name)
 
 
 def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
