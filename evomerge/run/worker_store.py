@@ -12,7 +12,9 @@ into a source tensor (it does not: methods build new tensors).
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -57,15 +59,21 @@ class NodeSharedSparsifier(CachedSparsifier):
 
     Ranks cost 4 bytes per source element, as much as the sources themselves: kept per worker,
     every extra worker on a node would pay for them again. Here the first worker that needs a
-    rank table computes it and hands it to the node's store actor, which keeps it in the object
-    store; every worker (this one included) then uses a zero-copy, read-only view of that one
-    copy, and asks the store only once per table. Two workers may both compute a table the first
-    time; the store keeps the first. Noise (DARE, DELLA) stays per worker (it is kept for the
-    most recent seeds only).
+    rank table computes it, `ray.put`s it (its private copy is freed at once: the worker reads
+    a zero-copy, read-only view of the object store's) and offers it to the node's store actor
+    without waiting; the store keeps its own copy, which outlives the worker. `settle()`
+    (called between jobs) swaps the worker's views of its own copies for the store's, so in
+    the end every worker of the node reads one copy of each table.
+
+    A worker's first job looks up every table of every source, so lookups are cheap: the worker
+    fetches the store's whole table index in one call, at a miss when its copy of the index is
+    older than `refresh_s`, instead of one call per table. Two workers that start together may
+    both compute a table; the store keeps the first offered. Noise (DARE, DELLA) stays per
+    worker (it is kept for the most recent seeds only).
 
     store: the node's store actor; identity: maps a source ref to what it stands for (its
     directory), so that a ref re-pointed by `add_source` never finds another model's ranks.
-    release: called after each table is handed over (gives freed heap back to the system).
+    release: called after each table is computed (gives the sort's freed heap back).
     """
 
     def __init__(
@@ -74,13 +82,20 @@ class NodeSharedSparsifier(CachedSparsifier):
         identity: Callable[[str], str],
         noise_seeds: int = 2,
         release: Callable[[], None] = lambda: None,
+        refresh_s: float = 0.5,
     ):
         super().__init__(noise_seeds)
         self._release = release
         self._store = store
         self._identity = identity
         self._shared_lock = threading.Lock()
+        self._index: dict[str, Any] = {}  # node key -> the store's object ref, as last listed
+        self._index_time = -math.inf
+        # tables this worker put and reads from its own object: node key -> (ref, cache, key)
+        self._own: dict[str, tuple[Any, dict, Hashable]] = {}
+        self.refresh_s = refresh_s
         self.shared_hits = 0  # tables another worker had already computed
+        self.index_fetches = 0
 
     def _cached(self, store: dict, key: Hashable, make: Callable[[], torch.Tensor], counter: str) -> torch.Tensor:
         hit = store.get(key)
@@ -93,20 +108,48 @@ class NodeSharedSparsifier(CachedSparsifier):
             if hit is not None:
                 return hit
             node_key = repr((counter, self._node_key(key)))
-            found = ray.get(self._store.get_table.remote(node_key))
-            if found is not None:
+            ref = self._index.get(node_key)
+            if ref is None and time.monotonic() - self._index_time > self.refresh_s:
+                self._fetch_index()
+                ref = self._index.get(node_key)
+            if ref is not None:
                 self.shared_hits += 1
             else:
                 table = make()
                 setattr(self, counter, getattr(self, counter) + 1)
-                found = ray.get(self._store.put_table.remote(node_key, table.numpy()))
-                del table  # the store's copy replaces ours
+                ref = ray.put(table.numpy())
+                del table  # the object store's copy replaces ours
                 self._release()  # the sort's temporaries, before the next table's
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only on purpose
-                value = torch.from_numpy(ray.get(found[0]))
+                self._store.offer_table.remote(node_key, [ref])  # nobody waits for this
+                self._own[node_key] = (ref, store, key)
+            value = _view(ray.get(ref))
             store[key] = value
             return value
+
+    def settle(self) -> int:
+        """Read the store's copy of every table this worker put and the store now holds;
+        returns how many of this worker's own copies are still in use."""
+        if not self._own:
+            return 0
+        import ray
+
+        with self._shared_lock:
+            self._fetch_index()
+            for node_key, (own_ref, store, key) in list(self._own.items()):
+                shared = self._index.get(node_key)
+                if shared is None:
+                    continue  # not registered yet
+                if shared != own_ref:
+                    store[key] = _view(ray.get(shared))
+                del self._own[node_key]
+            return len(self._own)
+
+    def _fetch_index(self) -> None:
+        import ray
+
+        self._index = {k: found[0] for k, found in ray.get(self._store.tables.remote()).items()}
+        self._index_time = time.monotonic()
+        self.index_fetches += 1
 
     def _node_key(self, key: Hashable) -> Hashable:
         if isinstance(key, tuple):
@@ -114,3 +157,9 @@ class NodeSharedSparsifier(CachedSparsifier):
         if isinstance(key, str):
             return self._identity(key)
         return key
+
+
+def _view(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only shared memory, on purpose
+        return torch.from_numpy(array)

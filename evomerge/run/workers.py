@@ -144,18 +144,17 @@ class _StoreActor:
             self._objects[key] = ray.put(packed)  # its nested refs keep the tensors alive
         return [self._objects[key]]
 
-    def get_table(self, key: str) -> list | None:
-        """A rank table some worker of this node computed (see NodeSharedSparsifier), or None."""
-        found = self._tables.get(key)
-        return None if found is None else [found]
+    def tables(self) -> dict[str, list]:
+        """Every rank table of this node, key -> [object ref] (see NodeSharedSparsifier)."""
+        return {key: [ref] for key, ref in self._tables.items()}
 
-    def put_table(self, key: str, table) -> list:
-        """Keep a rank table for the node (the first one offered wins); returns its object ref."""
+    def offer_table(self, key: str, wrapped: list) -> None:
+        """Keep a copy of a rank table a worker put (the copy is this actor's, so it outlives
+        that worker); the first one offered wins."""
         import ray
 
         if key not in self._tables:
-            self._tables[key] = ray.put(table)
-        return [self._tables[key]]
+            self._tables[key] = ray.put(ray.get(wrapped[0]))
 
     def nbytes(self) -> dict[str, int]:
         """Bytes this node's store holds: packed sources and shared rank tables."""
@@ -177,7 +176,7 @@ class _WorkerActor:
         self.core = None
         self.setup_error: str | None = None
         self._shared: dict[str, Any] = {}  # ref -> its arrays (the zero-copy views of the store's)
-        self._private_base = 0
+        self._meter = _MemoryMeter()
         self._source_errors: dict[str, str] = {}
 
     def where(self) -> tuple[str, int]:
@@ -194,7 +193,9 @@ class _WorkerActor:
             self.core = WorkerCore(
                 sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
             )
-            self._private_base = _private_memory()[0]  # interpreter, libraries, evaluator
+            self.core.evaluator = _MeteredEvaluator(self.core.evaluator, self._meter)
+            _release_free_memory()
+            self._meter.set_base()  # interpreter, libraries, evaluator; sources are shared memory
         except Exception as exc:
             self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"
             raise
@@ -233,8 +234,13 @@ class _WorkerActor:
         elif broken:
             result = EvalResult.failure(broken[0], self.core.directions)
         else:
+            self._meter.job_starts()
             result = self.core.run(job)
+            settle = getattr(self.core.sparsifier, "settle", None)
+            if settle is not None:
+                settle()  # read the node's copies of the rank tables this job put
             _release_free_memory()
+            self._meter.job_ends()
         return result, started, time.time(), f"ray-w{self.slot}@{self.node_id[:8]}:{os.getpid()}"
 
     def stats(self) -> dict:
@@ -246,13 +252,13 @@ class _WorkerActor:
         cpu = process.cpu_times()
         private, private_peak = _private_memory()
         return {
+            **self._meter.figures(),
             "pid": os.getpid(),
             "node_id": self.node_id,
             "rss": info.rss,
             "uss": info.uss,
             "private": private,
             "private_peak": private_peak,
-            "private_base": self._private_base,
             "cpu_seconds": cpu.user + cpu.system,
             "model_bytes": self.core.model_bytes() if self.core else 0,
             "models_built": self.core.models_built if self.core else 0,
@@ -647,6 +653,106 @@ def _private_memory() -> tuple[int, int]:
     now = fields.get("RssAnon", 0)
     peak = fields.get("VmHWM", 0) - fields.get("RssFile", 0) - fields.get("RssShmem", 0)
     return now, max(now, peak)
+
+
+def _reset_peak() -> bool:
+    """Restart this process's peak resident size (VmHWM) from its current size (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _MemoryMeter:
+    """This worker's private memory around each job, split where the evaluator is called.
+
+    Private memory is what the process alone holds: anonymous pages, not the sources and rank
+    tables it maps from the node's object store (see `_private_memory`). Per job, the peak
+    resident size is restarted (`_reset_peak`) when the job starts and again when the evaluator
+    is called, which splits the job in two phases:
+
+    - *merge*: planning, the skeleton (built once per architecture), the merge's temporaries;
+      its peak is what holding and materializing a candidate costs;
+    - *evaluate*: the evaluator's working set (activations, logits) on top of what is resident
+      when it starts (the merged model), which any worker pays at the configured batch size.
+
+    Figures are bytes over the base taken after setup, the maximum over the jobs so far. The
+    peak of a phase counts shared pages as mapped at its end, so the rank tables a job maps
+    from the store while it runs (a worker's first job, mostly) can hide up to their size from
+    that job's merge peak: `first_job_merge_peak` is that job's figure, kept apart.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.set_base(0)
+
+    def set_base(self, base: int | None = None) -> None:
+        """Measure from here on (default: from this process's private memory now)."""
+        self.base = _private_memory()[0] if base is None else base
+        self.jobs = 0
+        self._resettable = True
+        self._maxima = {"merge_peak": 0, "resident": 0, "evaluate_peak": 0, "eval_working_set": 0, "after_job": 0}
+        self._first_merge_peak = 0
+        self._at_eval_start = 0
+
+    def job_starts(self) -> None:
+        self._resettable = _reset_peak()
+        self._at_eval_start = 0
+
+    def evaluation_starts(self) -> None:
+        now, peak = _private_memory()
+        self._at_eval_start = now
+        self._raise("merge_peak", peak - self.base)
+        if self.jobs == 0:
+            self._first_merge_peak = peak - self.base
+        self._raise("resident", now - self.base)
+        self._resettable = _reset_peak()
+
+    def evaluation_ends(self) -> None:
+        peak = _private_memory()[1]
+        self._raise("evaluate_peak", peak - self.base)
+        if self._at_eval_start and self._resettable:
+            self._raise("eval_working_set", peak - self._at_eval_start)
+
+    def job_ends(self) -> None:
+        self.jobs += 1
+        self._maxima["after_job"] = _private_memory()[0] - self.base
+
+    def _raise(self, name: str, value: int) -> None:
+        self._maxima[name] = max(self._maxima[name], value)
+
+    def figures(self) -> dict[str, int]:
+        """private_base, and over it: merge_peak, resident, evaluate_peak, eval_working_set,
+        after_job (after the last job), first_job_merge_peak, jobs_metered."""
+        return {
+            "private_base": self.base,
+            **self._maxima,
+            "first_job_merge_peak": self._first_merge_peak,
+            "jobs_metered": self.jobs,
+        }
+
+
+class _MeteredEvaluator:
+    """The worker's evaluator. Before each evaluation the merge's freed temporaries go back to
+    the system (glibc would keep them, and the evaluation's activations would come on top);
+    the meter hears when each evaluation starts and ends."""
+
+    def __init__(self, inner: Any, meter: _MemoryMeter):
+        self._inner = inner
+        self._meter = meter
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        _release_free_memory()
+        self._meter.evaluation_starts()
+        try:
+            return self._inner.evaluate(*args, **kwargs)
+        finally:
+            self._meter.evaluation_ends()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def _deaths() -> tuple[type[BaseException], ...]:

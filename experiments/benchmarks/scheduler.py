@@ -125,8 +125,18 @@ class RecordingPool:
 
     def wait(self, timeout: float | None = None):
         outcomes = self.pool.wait(timeout)
-        self.spans += [(o.worker, o.started, o.finished) for o in outcomes]
+        # (worker, started, finished, parts): a shard job is 1/parts of an evaluation
+        self.spans += [(o.worker, o.started, o.finished, _parts(o.job_id)) for o in outcomes]
         return outcomes
+
+
+def _parts(job_id: str) -> int:
+    """How many shards the job's evaluation was split into (the scheduler's job ids end in
+    `|i/n|counter`)."""
+    try:
+        return int(job_id.rsplit("|", 2)[1].split("/")[1])
+    except (IndexError, ValueError):
+        return 1
 
 
 def uptime() -> str:
@@ -181,8 +191,14 @@ def run_config(
     first, last = min(s[1] for s in spans), max(s[2] for s in spans)
     wall = last - first
     busy = sum(s[2] - s[1] for s in spans)
-    private_growth = [s["private_peak"] - s["private_base"] for s in stats]
-    steady_growth = [s["private"] - s["private_base"] for s in stats]
+    # after warm-up: from the moment every worker has finished its first job (rank tables,
+    # skeleton, lazy imports) to the end, counting the part of each job inside that window
+    warm = max(min(s[2] for s in spans if s[0] == w) for w in {s[0] for s in spans})
+    warm_done = sum(
+        max(0.0, min(s[2], last) - max(s[1], warm)) / (s[2] - s[1]) / s[3] for s in spans if s[2] > s[1]
+    )
+    memory_keys = ("merge_peak", "resident", "evaluate_peak", "eval_working_set", "after_job", "first_job_merge_peak")
+    memory = [{k: s[k] for k in memory_keys} for s in stats]
     return {
         "workers": workers,
         "load": load,
@@ -191,14 +207,12 @@ def run_config(
         "evaluations": len(statuses),
         "jobs": len(spans),  # more than evaluations when candidates were split into shards
         "per_second": len(statuses) / wall,
+        "per_second_after_warmup": warm_done / (last - warm),
         "busy_fraction": busy / (workers * wall),
         "cpu_share": cpu / wall,  # cores the workers actually got (the machine is shared)
         "jobs_per_worker": {w: sum(1 for s in spans if s[0] == w) for w in sorted({s[0] for s in spans})},
         "store_bytes": sum(stores.values()),
-        "private_growth": private_growth,
-        "node_bytes": sum(stores.values()) + sum(private_growth),
-        "steady_growth": steady_growth,
-        "node_bytes_steady": sum(stores.values()) + sum(steady_growth),
+        "memory": memory,
         "merged_model_bytes": max(s["model_bytes"] for s in stats),
         "sparsifier_bytes": [s["sparsifier_bytes"] for s in stats],
         "worker_uss": [s["uss"] for s in stats],
@@ -226,21 +240,38 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=1, default=str))
     one, two = results[1], results[2]
     speedup = two["per_second"] / one["per_second"]
-    extra = two["node_bytes"] - one["node_bytes"]
+    warm_speedup = two["per_second_after_warmup"] / one["per_second_after_warmup"]
     merged = two["merged_model_bytes"]
+    # the second worker: whichever of the two grew most (both are "a second worker")
+    holding = [m["merge_peak"] for m in two["memory"]]
+    second = max(range(len(holding)), key=holding.__getitem__)
+    store_growth = two["store_bytes"] - one["store_bytes"]
+    extra = store_growth + holding[second]
+    working_set = two["memory"][second]["eval_working_set"]
+    total_peak = max(two["memory"][second]["merge_peak"], two["memory"][second]["evaluate_peak"])
     print(f"load during the runs: 1 worker [{one['load']}], 2 workers [{two['load']}]")
     print(f"evaluations/s: 1 worker {one['per_second']:.2f}, 2 workers {two['per_second']:.2f}; "
           f"cores the workers got: {one['cpu_share']:.2f} vs {two['cpu_share']:.2f} "
           f"(per core: {one['per_second'] / one['cpu_share']:.2f} vs {two['per_second'] / two['cpu_share']:.2f})")  # fmt: skip
-    print(f"object store (sources + shared rank tables, once per node): {two['store_bytes']} bytes; "
-          f"private memory growth per worker: 1 worker {one['private_growth']}, 2 workers {two['private_growth']}")  # fmt: skip
-    print(f"after the run (steady state, not peak): private growth per worker: 1 worker {one['steady_growth']}, "
-          f"2 workers {two['steady_growth']}; second worker adds {two['node_bytes_steady'] - one['node_bytes_steady']} bytes")  # fmt: skip
+    print(f"after warm-up (every worker past its first job): evaluations/s {one['per_second_after_warmup']:.2f} vs "
+          f"{two['per_second_after_warmup']:.2f}, speedup {warm_speedup:.2f}")  # fmt: skip
+    print(f"object store (sources + shared rank tables, once per node): 1 worker {one['store_bytes']}, "
+          f"2 workers {two['store_bytes']} bytes")  # fmt: skip
+    for run in (one, two):
+        for i, m in enumerate(run["memory"]):
+            print(f"{run['workers']} worker(s), worker {i}: private growth over its base: holding + merging "
+                  f"{m['merge_peak']} (first job {m['first_job_merge_peak']}), resident at evaluation "
+                  f"{m['resident']}, evaluating {m['evaluate_peak']} (evaluator working set "
+                  f"{m['eval_working_set']}), after the last job {m['after_job']}")  # fmt: skip
+    print(f"second worker: peak private growth {total_peak} bytes in all = {holding[second]} holding and "
+          f"merging a candidate (counted below) + the evaluator's working set at batch {BATCH} "
+          f"({working_set}; any worker pays it, printed apart)")  # fmt: skip
+    print(f"second_worker_eval_working_set_bytes: {working_set}")
+    print(f"speedup_2_workers_after_warmup: {warm_speedup:.2f}")
     print(f"worker_busy_fraction: {two['busy_fraction']:.3f}")
     print(f"speedup_2_workers: {speedup:.2f}")
     print(f"second_worker_extra_bytes: {extra}")
     print(f"merged_model_bytes: {merged}")
-
 
 if __name__ == "__main__":
     sys.exit(main())
