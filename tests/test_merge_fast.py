@@ -204,3 +204,26 @@ def test_cli_task_arithmetic_never_imports_torch(fam: dict[str, Path], tmp_path:
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     want = materialize(Recipe.from_yaml(recipe), SourcePool())
     assert all(torch.equal(written[k], want[k]) for k in want)
+
+
+def test_pipeline_yields_in_order_and_starts_large_tasks_first() -> None:
+    import threading
+
+    from evomerge.merge.pipeline import large_tasks, ordered_parallel
+
+    sizes = [100, 5, 6, 5, 7, 5, 6, 100]
+    assert large_tasks(sizes) == {0, 7}
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> int:
+        with lock:
+            started.append(i)
+        return i * i
+
+    out = list(ordered_parallel(list(range(8)), run, sizes, workers=2))
+    assert out == [(i, i * i) for i in range(8)]
+    assert set(started[:2]) == {0, 7}  # the head (last in plan order) starts with the embeddings
+    partial = ordered_parallel(list(range(8)), run, sizes, workers=2)
+    assert next(partial) == (0, 0)
+    partial.close()  # stops cleanly, waiting for what had started

@@ -9,16 +9,15 @@ in `evomerge.merge.fast`.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 
 from evomerge.errors import ConfigError, SourceError
 from evomerge.merge.methods import MergeContext, get_method
-from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge
+from evomerge.merge.pipeline import ordered_parallel
+from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge, task_size
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.sparsify import OneShotSparsifier, Sparsifier
 from evomerge.recipe import Recipe
@@ -77,35 +76,19 @@ def iter_merged(
 
     Tensors are merged by ``workers`` threads (default: ``torch.get_num_threads()``, the
     parallelism torch was given, e.g. 1 in a Ray worker), each running torch single-threaded;
-    at most ``2 * workers`` merged tensors wait to be consumed. Results do not depend on
-    ``workers`` (random masks are keyed by tensor name, not by order).
+    see `evomerge.merge.pipeline` for how many merged tensors wait to be consumed. Results do
+    not depend on ``workers`` (random masks are keyed by tensor name, not by order).
     """
     sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
     n_workers = max(1, workers if workers is not None else torch.get_num_threads())
+    sizes = [task_size(task, pool) for task in plan.tasks] if n_workers > 1 else []
     with single_threaded_torch():
-        if n_workers == 1 or len(plan.tasks) <= 1:
-            for task in plan.tasks:
-                yield task.name, run_task(task, plan, pool, sparsifier)
-            return
-        executor = ThreadPoolExecutor(n_workers, thread_name_prefix="evomerge-merge")
+        results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, pool, sparsifier), sizes, n_workers)
         try:
-            tasks = iter(plan.tasks)
-            pending: deque[tuple[str, Future]] = deque()
-
-            def submit() -> None:
-                task = next(tasks, None)
-                if task is not None:
-                    pending.append((task.name, executor.submit(run_task, task, plan, pool, sparsifier)))
-
-            for _ in range(2 * n_workers):
-                submit()
-            while pending:
-                name, future = pending.popleft()
-                tensor = future.result()
-                submit()
-                yield name, tensor
+            for task, tensor in results:
+                yield task.name, tensor
         finally:
-            executor.shutdown(wait=True, cancel_futures=True)
+            results.close()
 
 
 def materialize(

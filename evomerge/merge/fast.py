@@ -22,15 +22,14 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evomerge.merge.plan import MergePlan, TensorRef, TensorTask
+from evomerge.merge.pipeline import ordered_parallel
+from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, task_size
 from evomerge.merge.sources import SourcePool
 
 FAST_METHODS = ("linear", "task_arithmetic")
@@ -263,7 +262,7 @@ def iter_merged(
 ) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, numpy array)`` for every output tensor, in plan order, like
     `evomerge.merge.engine.iter_merged`; ``workers`` threads merge (numpy releases the GIL),
-    at most ``2 * workers`` results wait to be consumed.
+    scheduled as `evomerge.merge.pipeline` says.
 
     ``recycle``: a yielded array is overwritten once the next one is asked for (its memory is
     reused): for consumers that are done with each tensor at once, such as the writer.
@@ -271,38 +270,13 @@ def iter_merged(
     reader = _Reader(pool)
     buffers = _Buffers() if recycle else None
     n_workers = max(1, workers if workers is not None else default_workers())
-
-    def done(result: np.ndarray) -> None:
-        if buffers is not None:
-            buffers.put(result.base if result.base is not None else result)
-
+    sizes = [task_size(task, pool) for task in plan.tasks]
+    results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, reader, buffers), sizes, n_workers, prefix="evomerge-fast")
     try:
-        if n_workers == 1 or len(plan.tasks) <= 1:
-            for task in plan.tasks:
-                result = run_task(task, plan, reader, buffers)
-                yield task.name, result
-                done(result)
-            return
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="evomerge-fast") as executor:
-            tasks = iter(plan.tasks)
-            pending: deque[tuple[str, Future]] = deque()
-
-            def submit() -> None:
-                task = next(tasks, None)
-                if task is not None:
-                    pending.append((task.name, executor.submit(run_task, task, plan, reader, buffers)))
-
-            try:
-                for _ in range(2 * n_workers):
-                    submit()
-                while pending:
-                    name, future = pending.popleft()
-                    result = future.result()
-                    submit()
-                    yield name, result
-                    done(result)
-            finally:
-                for _, future in pending:
-                    future.cancel()
+        for task, result in results:
+            yield task.name, result
+            if buffers is not None:  # the consumer is done with it: its memory serves a later task
+                buffers.put(result.base if result.base is not None else result)
     finally:
+        results.close()
         reader.close()

@@ -200,3 +200,12 @@ def _task(
             value = spec.default
         params[spec.name] = value
     return TensorTask(out_name, inputs, base, model_params, params)
+
+
+def task_size(task: TensorTask, pool: SourcePool) -> int:
+    """Elements of a task's output tensor (from the first source's header)."""
+    ref = task.base or task.inputs[0]
+    size = 1
+    for dim in pool.get(ref.model).shape(ref.name):
+        size *= dim
+    return size
