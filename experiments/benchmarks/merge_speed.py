@@ -244,6 +244,44 @@ def executor_of(recipe_path: Path) -> str:
     return "numpy" if reason is None else f"torch ({reason})"
 
 
+_PHASES = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import evomerge.cli  # noqa: F401  (what `evomerge merge` imports before it runs)
+from evomerge.merge import writer
+from evomerge.merge.sources import SourcePool
+from evomerge.recipe import Recipe
+t1 = time.perf_counter()
+recipe = Recipe.from_yaml(sys.argv[1])
+t2 = time.perf_counter()
+pool = SourcePool()
+plan = writer.plan_merge(recipe, pool)
+tensors = writer._executor(plan, pool, None, "auto")
+t3 = time.perf_counter()
+hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
+t4 = time.perf_counter()
+out = writer.Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+writer._write_weights(plan, tensors, out, writer.DEFAULT_SHARD_BYTES, None)
+t5 = time.perf_counter()
+writer._write_config(plan, pool, out)
+writer._copy_tokenizer(recipe, plan, pool, out)
+(out / "README.md").write_text(writer.model_card(recipe.with_evomerge(source_hashes=hashes), hashes))
+t6 = time.perf_counter()
+print(json.dumps({"imports": t1 - t0, "parse": t2 - t1, "plan+executor choice (numpy import)": t3 - t2, "hash (cached)": t4 - t3,
+                  "read+merge+write weights": t5 - t4, "config+tokenizer+card": t6 - t5,
+                  "torch imported": "torch" in sys.modules}))
+"""
+
+
+def evomerge_phases(recipe: Path, out: Path) -> dict:
+    """Wall seconds of each phase of an `evomerge merge`, in a fresh process (after the warm-ups)."""
+    result = subprocess.run([sys.executable, "-c", _PHASES, str(recipe), str(out)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"phase timing failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-mergekit", action="store_true", help="only time evomerge (no speed-up lines)")
@@ -275,6 +313,9 @@ def main() -> None:
             if mergekit_bin:
                 commands["mergekit"] = [str(mergekit_bin), str(recipe), str(tmp_path / f"mk-{method}"), "--lazy-unpickle", "--quiet"]
             runs = timed_runs(method, commands, args.runs, env)
+            phases = evomerge_phases(recipe, tmp_path / f"phases-{method}")
+            print(f"  {method} evomerge phases (s, load {load_average()}): "
+                  + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in phases.items()), flush=True)
             row: dict[str, float] = {}
             row["evomerge"], row["evomerge_cpu"], row["load_evomerge"] = best(runs["evomerge"])
             if mergekit_bin:
