@@ -178,6 +178,28 @@ def test_dead_workers_are_replaced_and_jobs_retried(pool, tmp_path):
     assert killed not in pool.worker_pids() and pool.idle() == 2
 
 
+def test_jobs_held_behind_a_running_one_are_not_lost_when_its_worker_dies(pool, tmp_path):
+    """With more jobs than workers each busy worker holds its next job; a worker killed then
+    gives its held job back unstarted (no attempt spent) and every job comes back once."""
+    recipe = Recipe.from_string(RECIPES["linear"])
+    pid_file = tmp_path / "pid"
+    pool.submit(Job("slow", recipe, "search", {"sleep": 3.0, "pid_file": str(pid_file)}))
+    quick = [f"quick-{i}" for i in range(5)]
+    for name in quick:
+        pool.submit(Job(name, recipe, "search", {"sleep": 0.3}))
+    assert pool.pending() == 6
+    deadline = time.monotonic() + 120
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the slow job never started"
+        pool.wait(timeout=0.2)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    outcomes = _collect(pool, 6)
+    assert outcomes["slow"].result.error is None and outcomes["slow"].attempts == 2
+    for name in quick:
+        assert outcomes[name].result.error is None and outcomes[name].attempts == 1
+    assert pool.pending() == 0 and pool.idle() == 2
+
+
 def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path):
     """Each source is held once per node: workers map the store's copy read-only, and reading
     all of it adds (almost) nothing to their private memory."""

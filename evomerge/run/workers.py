@@ -303,6 +303,8 @@ class _Slot:
     pid: int | None = None
     running: _Running | None = None
     pending_run: Any | None = None  # ObjectRef of the current `run`
+    queued: _Running | None = None  # the job sent to wait behind `running` on the actor
+    queued_run: Any | None = None  # ObjectRef of its `run`
 
     @property
     def name(self) -> str:
@@ -445,7 +447,8 @@ class RayWorkerPool:
 
     def pending(self) -> int:
         """Jobs submitted and not yet finished (queued or running)."""
-        return len(self._pending) + sum(1 for s in self._slots if s.running is not None)
+        held = sum((s.running is not None) + (s.queued is not None) for s in self._slots)
+        return len(self._pending) + held
 
     def shutdown(self) -> None:
         """Kill the actors and the stores; shut Ray down if this pool started it."""
@@ -563,6 +566,11 @@ class RayWorkerPool:
         return store
 
     def _dispatch(self) -> None:
+        """Idle workers take the next jobs. Then, while at least one job per worker is left
+        over, a busy worker gets its next job to hold behind the running one: it starts the
+        moment the running one ends, without waiting for the driver's round trip (which on a
+        busy machine costs tens of milliseconds). Near the end of a batch (fewer jobs left
+        than workers) jobs stay here for whichever worker frees first."""
         now = time.time()
         for slot in self._slots:
             if not self._pending:
@@ -571,6 +579,13 @@ class RayWorkerPool:
                 job, attempts = self._pending.popleft()
                 slot.running = _Running(job, attempts, now)
                 slot.pending_run = slot.actor.run.remote(job)
+        for slot in self._slots:
+            if len(self._pending) < self.workers:
+                return
+            if slot.ready is None and slot.running is not None and slot.queued is None and slot.pending_run is not None:
+                job, attempts = self._pending.popleft()
+                slot.queued = _Running(job, attempts, now)
+                slot.queued_run = slot.actor.run.remote(job)
 
     def _settle(self, slot: _Slot, ref: Any) -> None:
         """One of the slot's refs finished: placement, setup, a result, or the actor's death."""
@@ -600,13 +615,17 @@ class RayWorkerPool:
             self._directions.update(result.higher_is_better)
         self._replacements_in_a_row = 0
         self._done.append(JobOutcome(slot.running.job.job_id, result, worker, slot.running.attempts + 1, started, finished))
-        slot.running = None
+        slot.running, slot.pending_run = slot.queued, slot.queued_run  # the held job runs now
+        slot.queued = slot.queued_run = None
 
     def _replace(self, slot: _Slot, exc: Exception) -> None:
         """The slot's actor died: retry its job on a fresh actor, or fail it after MAX_ATTEMPTS."""
         import ray
 
         running, slot.running = slot.running, None
+        if slot.queued is not None:  # it never started: back to the queue, no attempt spent
+            self._pending.appendleft((slot.queued.job, slot.queued.attempts))
+            slot.queued = slot.queued_run = None
         self.replacements += 1
         self._replacements_in_a_row += 1
         if self._replacements_in_a_row > _MAX_REPLACEMENTS_IN_A_ROW * self.workers:

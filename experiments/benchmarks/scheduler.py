@@ -206,6 +206,11 @@ def run_config(
     warm_done = sum(
         max(0.0, min(s[2], last) - max(s[1], warm)) / (s[2] - s[1]) / s[3] for s in spans if s[2] > s[1]
     )
+    # a worker's idle time between two of its jobs: mostly the round trip through the driver
+    gaps = []
+    for w in {s[0] for s in spans}:
+        mine = sorted((s[1], s[2]) for s in spans if s[0] == w)
+        gaps += [b[0] - a[1] for a, b in zip(mine, mine[1:], strict=False)]
     memory_keys = ("merge_peak", "resident", "evaluate_peak", "eval_working_set", "after_job", "first_job_merge_peak")
     memory = [{k: s[k] for k in memory_keys} for s in stats]
     return {
@@ -218,6 +223,11 @@ def run_config(
         "per_second": len(statuses) / wall,
         "per_second_after_warmup": warm_done / (last - warm),
         "busy_fraction": busy / (workers * wall),
+        "idle_between_jobs_ms": {
+            "mean": 1e3 * float(np.mean(gaps)) if gaps else 0.0,
+            "median": 1e3 * float(np.median(gaps)) if gaps else 0.0,
+            "sum": 1e3 * float(np.sum(gaps)) if gaps else 0.0,
+        },
         "cpu_share": cpu / wall,  # cores the workers actually got (the machine is shared)
         "jobs_per_worker": {w: sum(1 for s in spans if s[0] == w) for w in sorted({s[0] for s in spans})},
         "store_bytes": sum(stores.values()),
