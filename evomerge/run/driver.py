@@ -249,6 +249,8 @@ class Run:
             "stop_reasons": dict(ckpt.get("stop_reasons", {})),
             "started": ckpt.get("started", time.time()),
         }
+        if ckpt.get("final_optimizer"):  # the last stage ended before a kill: keep it reopenable
+            state["final_optimizer"] = ckpt["final_optimizer"]
         ledger = Ledger.open(self.run_dir / LEDGER_FILE)
         try:
             self._register_stage_models()
@@ -682,6 +684,7 @@ def resume_run(
         return run
     run.validate()
     if changes:
+        run._lock().close()  # not while another driver runs it (raises), before its experiment changes
         atomic_write_text(run_dir / EXPERIMENT_FILE, exp.to_yaml())
         log_changes(run_dir, changes)
         if ckpt is not None and ckpt.get("stage") == exp.stages[-1].name and not ckpt.get("finished"):
