@@ -6,8 +6,9 @@ vocab 4096, fp32, ~5.4M parameters each) are merged with TIES (by default) under
 by document shards) or random search over the `ps_ties` space, driven by the real `Scheduler`
 and `RayWorkerPool` on a local Ray instance with workers of one CPU each. Candidates have
 uneven evaluation times: the evaluator runs 1 to 4 forward passes over 16 fixed sequences, the
-number derived from the merged weights. Each configuration starts its own Ray (num_cpus =
-workers).
+number derived from the merged weights. As in `evomerge run`, every result goes to a SQLite
+ledger before the optimizer is told, and a checkpoint is written after each tell. Each
+configuration starts its own Ray (num_cpus = workers).
 
 Figures:
   - worker_busy_fraction (2 workers): the sum of the workers' job times (materialize +
@@ -158,6 +159,7 @@ def run_config(
     """One search on `workers` one-CPU Ray workers; returns timings and memory figures."""
     from evomerge.merge.sources import SourcePool
     from evomerge.optim import make_optimizer
+    from evomerge.run.checkpoint import save_checkpoint
     from evomerge.run.ledger import Ledger
     from evomerge.run.scheduler import Scheduler
     from evomerge.run.workers import RayWorkerPool
@@ -178,12 +180,20 @@ def run_config(
     ledger_path.unlink(missing_ok=True)
     ledger = Ledger.open(ledger_path)
     recording = RecordingPool(pool)
+    run_dir = work / f"run-{workers}"
+
+    def checkpoint(counters: dict) -> None:
+        """What the driver does after each tell: ledger rows on disk, then the optimizer's state
+        written atomically (temp file, fsync, rename)."""
+        ledger.sync()
+        save_checkpoint(run_dir, {"optimizer": optimizer.state_dict(), "ledger_seq": ledger.last_seq(), **counters})
+
     try:
         cpu_before = sum(s["cpu_seconds"] for s in pool.worker_stats())
         scheduler = Scheduler(
             stage="bench", optimizer=optimizer, pool=recording, ledger=ledger,
             decode=lambda cand: space.decode(cand.genome), subset_for=lambda gen: (None, "all"),
-            fitness=lambda r: None if r.failed else r.objectives["score"], on_tell=lambda counters: None,
+            fitness=lambda r: None if r.failed else r.objectives["score"], on_tell=checkpoint,
             shardable=True,
         )  # fmt: skip
         scheduler.run()
