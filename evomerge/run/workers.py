@@ -179,6 +179,7 @@ class _WorkerActor:
         self.setup_error: str | None = None
         self._shared: dict[str, Any] = {}  # ref -> its arrays (the zero-copy views of the store's)
         self._meter = _MemoryMeter()
+        self._job_cpu: collections.deque[float] = collections.deque(maxlen=1000)  # CPU seconds per job
         self._source_errors: dict[str, str] = {}
 
     def where(self) -> tuple[str, int]:
@@ -237,12 +238,14 @@ class _WorkerActor:
             result = EvalResult.failure(broken[0], self.core.directions)
         else:
             self._meter.job_starts()
+            cpu = time.process_time()
             result = self.core.run(job)
             settle = getattr(self.core.sparsifier, "settle", None)
             if settle is not None:
                 settle()  # read the node's copies of the rank tables this job put
             _release_free_memory()
             self._meter.job_ends()
+            self._job_cpu.append(time.process_time() - cpu)
         return result, started, time.time(), f"ray-w{self.slot}@{self.node_id[:8]}:{os.getpid()}"
 
     def stats(self) -> dict:
@@ -262,6 +265,7 @@ class _WorkerActor:
             "private": private,
             "private_peak": private_peak,
             "cpu_seconds": cpu.user + cpu.system,
+            "job_cpu_seconds": list(self._job_cpu),  # per job (the last 1000), in the order run
             "model_bytes": self.core.model_bytes() if self.core else 0,
             "models_built": self.core.models_built if self.core else 0,
             "sparsifier_bytes": self.core.sparsifier.nbytes() if self.core else 0,  # incl. shared views

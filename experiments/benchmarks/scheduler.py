@@ -244,6 +244,9 @@ def run_config(
         "memory": memory,
         "merged_model_bytes": max(s["model_bytes"] for s in stats),
         "sparsifier_bytes": [s["sparsifier_bytes"] for s in stats],
+        # CPU seconds of each worker's first job, and the mean over its later jobs
+        "first_job_cpu": [s["job_cpu_seconds"][0] for s in stats if s["job_cpu_seconds"]],
+        "later_job_cpu": float(np.mean([c for s in stats for c in s["job_cpu_seconds"][1:]])),
         "worker_uss": [s["uss"] for s in stats],
     }
 
@@ -282,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"evaluations/s: 1 worker {one['per_second']:.2f}, 2 workers {two['per_second']:.2f}; "
           f"cores the workers got: {one['cpu_share']:.2f} vs {two['cpu_share']:.2f} "
           f"(per core: {one['per_second'] / one['cpu_share']:.2f} vs {two['per_second'] / two['cpu_share']:.2f})")  # fmt: skip
+    print(f"CPU seconds per job: first job of each worker {[round(c, 2) for c in one['first_job_cpu']]} vs "
+          f"{[round(c, 2) for c in two['first_job_cpu']]}, later jobs {one['later_job_cpu']:.3f} vs {two['later_job_cpu']:.3f}")  # fmt: skip
     print(f"after warm-up (every worker past its first job): evaluations/s {one['per_second_after_warmup']:.2f} vs "
           f"{two['per_second_after_warmup']:.2f}, speedup {warm_speedup:.2f}")  # fmt: skip
     print(f"object store (sources + shared rank tables, once per node): 1 worker {one['store_bytes']}, "
