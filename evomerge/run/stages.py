@@ -256,8 +256,9 @@ def score_holdout(
     return written
 
 
-def stage_best(ledger: Ledger, stage: str) -> dict[str, Any] | None:
-    """The stage's best by search fitness, with its holdout scores when scored."""
+def stage_best(ledger: Ledger, stage: str, *, with_lineage: bool = True) -> dict[str, Any] | None:
+    """The stage's best by search fitness, with its holdout scores when scored (and its M2N2
+    lineage unless `with_lineage` is False: that reads every row's recipe)."""
     ranked = ranked_rows(ledger, stage, 1)
     if not ranked:
         return None
@@ -275,7 +276,7 @@ def stage_best(ledger: Ledger, stage: str) -> dict[str, Any] | None:
         "holdout_score": holdout.fitness if holdout is not None and holdout.ok else None,
         "seq": row.seq,
         "genome": row.genome,
-        "lineage": lineage(ledger, stage, row) if row.meta.get("parents") else [],
+        "lineage": lineage(ledger, stage, row) if with_lineage and row.meta.get("parents") else [],
     }
 
 
@@ -286,10 +287,10 @@ def same_objective(stages: list[Any]) -> bool:
     return len(specs) <= 1
 
 
-def run_best(stages: list[Any], ledger: Ledger) -> dict[str, Any] | None:
+def run_best(stages: list[Any], ledger: Ledger, *, with_lineage: bool = True) -> dict[str, Any] | None:
     """The run's best so far over `stages` (StageSpecs, in order): see the module docstring.
     The dict is `stage_best`'s plus `selection`, a sentence saying how it was chosen."""
-    found = [(s.name, {**best, "optimizer": _optimizer_text(s)}) for s in stages if (best := stage_best(ledger, s.name)) is not None]
+    found = [(s.name, {**best, "optimizer": _optimizer_text(s)}) for s in stages if (best := stage_best(ledger, s.name, with_lineage=with_lineage)) is not None]
     if not found:
         return None
     if len(found) == 1:

@@ -79,7 +79,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                     "evaluations": summary["rows"],
                     "budget": spec.budget.evaluations,
                     "budget_seconds": spec.budget.seconds,
-                    "best": _best(stage_best(ledger, spec.name)),
+                    "best": _best(stage_best(ledger, spec.name, with_lineage=False)),
                     "objectives": [{"name": k, "higher_is_better": v} for k, v in directions.items()],
                     "failures": summary["failures"],
                     "started": first,
@@ -87,7 +87,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                     "stop_reason": ckpt.get("stop_reasons", {}).get(spec.name),
                 }
             )
-        overall = run_best(exp.stages, ledger)
+        overall = run_best(exp.stages, ledger, with_lineage=False)
         baselines: dict[str, dict[str, Any]] = {}
         for row in ledger.baselines():
             entry = baselines.setdefault(row.stage[len(BASELINE_PREFIX):], {"recipe_hash": row.recipe_hash, "search": None, "holdout": None})
