@@ -114,7 +114,7 @@ def _count(run_dir: Path) -> int:
 def test_kill_9_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Path) -> None:
     """The checkpoint of an M2N2 archive of raw weights is MBs, so it is written only every few
     tells; a resume replays the ledger rows after it and ends with the uninterrupted ledger."""
-    budget = ("--set", "stages.m2n2.budget.evaluations=160")
+    budget = ("--set", "stages.m2n2.budget.evaluations=240")
     reference = tmp_path / "reference"
     assert cli("run", PRETRAINED, "--out", reference, "--local", *budget)[0] == 0
 
@@ -131,7 +131,7 @@ def test_kill_9_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = _count(killed)
-    assert 60 <= done_before < 160
+    assert 60 <= done_before < 240
     code, out = cli("resume", killed, "--local")
     assert code == 0, out
     with Ledger.open(reference / "ledger.sqlite", readonly=True) as a, Ledger.open(killed / "ledger.sqlite", readonly=True) as b:
