@@ -14,8 +14,12 @@ Each node reads the sources from the paths the driver gives (`stage:` and `archi
 written in the run directory): on a multi-machine cluster those paths must be readable on every
 node (a shared filesystem, or the same layout everywhere).
 
-The driver hands each worker one job at a time and dispatches the next pending job the moment
-an outcome arrives, so workers only wait for the scheduler when it has nothing queued. A worker
+The driver hands each idle worker the next pending job; while at least one pending job per
+worker is left over, a busy worker also holds its next job, which starts the moment the running
+one ends (no round trip through the driver between jobs), and near the end of a batch jobs wait
+for whichever worker frees first. A worker gives back what merging freed before its evaluator
+runs (so the evaluation's activations do not come on top of the merge's temporaries) and after
+each job, and meters its private memory per job (`_MemoryMeter`, in `worker_stats()`). A worker
 that dies (killed, out of memory, segfault) is replaced by a fresh actor and its job retried,
 up to `MAX_ATTEMPTS` attempts in all; then the job comes back as a failed outcome and the pool
 goes on. Ray is started locally (bound to 127.0.0.1, dashboard off) unless `address` says to
