@@ -239,7 +239,7 @@ def test_demo_merges_two_experts_and_reports(test_zoo: Path, tmp_path: Path) -> 
     assert recipe.merge_method == "ties" and recipe.base_model == str(test_zoo / "base")
     assert [m.model for m in recipe.models or []] == [str(test_zoo / "add"), str(test_zoo / "reverse")]
     model = AutoModelForCausalLM.from_pretrained(result["model"])
-    assert model.config.num_hidden_layers == 2
+    assert model.config.num_hidden_layers == 3
     assert set(result["accuracy"]) == {"zoo:test/add", "zoo:test/reverse", "ties merge"}
     assert f"merged model: {result['model'].resolve()}" in lines
     assert any(line.startswith("ties merge") for line in lines)

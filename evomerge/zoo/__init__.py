@@ -2,7 +2,7 @@
 
 Presets (see :mod:`evomerge.zoo.presets` for the recipes):
 
-* ``tiny``: a character-level Llama base and three experts fully fine-tuned from it on
+* ``tiny``: a character-level Llama base (6 layers) and three experts fine-tuned from it on
   ``add``, ``reverse`` and ``sort`` (a few minutes on 2 CPU cores); the demo's models.
 * ``test``: the same structure, much smaller and barely trained (seconds), for the tests.
 * ``digits``: two MLPs on scikit-learn's 8x8 digits, ``low`` (0-4) and ``high`` (5-9).
@@ -37,7 +37,7 @@ from evomerge.errors import ConfigError, SourceError
 from evomerge.fsutil import atomic_write_text, cache_dir
 
 # Bump when a code change alters what a build produces (training loop, tokenizer, data).
-CODE_VERSION = 1
+CODE_VERSION = 2
 PRESETS: tuple[str, ...] = ("test", "tiny", "digits")
 MANIFEST = "zoo.json"
 

@@ -101,8 +101,11 @@ def _build_lm(preset: LMPreset, out: Path, progress: Progress) -> dict[str, Any]
     for expert in preset.experts:
         model.load_state_dict(base)
         progress(f"{expert.name}: fine-tuning on {expert.skill}, {expert.phase.steps} steps")
-        lm.train(model, expert.phase, np.random.default_rng(expert.seed),
-                 log=lambda m, n=expert.name: progress(f"  {n} {m}"))
+        rng = np.random.default_rng(expert.seed)
+        lm.train(model, expert.phase, rng, log=lambda m, n=expert.name: progress(f"  {n} {m}"))
+        if expert.drift is not None:
+            progress(f"{expert.name}: drift phase, {expert.drift.steps} steps")
+            lm.train(model, expert.drift, rng, log=lambda m, n=expert.name: progress(f"  {n} drift {m}"))
         states[expert.name] = _state(model)
         save_lm(model, out / expert.name)
         acc = holdout_accuracy(model, preset.eval_skills)

@@ -9,6 +9,7 @@ token must be the argmax given everything before it, which is exactly what lm-ev
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +44,14 @@ class PhaseSpec:
     """One training phase: a data mixture and an AdamW schedule (linear warmup, cosine decay).
 
     `mixture` holds ``(skill, variant, weight)`` triples; `layer_lr` holds ``(regex, factor)``
-    pairs that scale the learning rate of matching parameter names (first match wins).
+    pairs that scale the learning rate of matching parameter names (first match wins; a factor
+    of 0 freezes the parameter for the phase).
+
+    `preserve` > 0 adds a feature-distillation term on the documents of `preserve_skills`: the
+    relative squared distance between the model's hidden states (every layer's output, every
+    position) and those of the model as the phase found it, times `preserve`. An expert trained
+    with it changes its layers in a way the other skills' prompts do not see, which is what
+    makes layer-wise composites of experts work.
     """
 
     mixture: tuple[tuple[str, str, float], ...]
@@ -56,6 +64,8 @@ class PhaseSpec:
     grad_clip: float = 1.0
     loss_on_prompt: bool = False
     layer_lr: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    preserve: float = 0.0
+    preserve_skills: tuple[str, ...] = ()
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:
@@ -101,10 +111,17 @@ def draw_pairs(
     mixture: Sequence[tuple[str, str, float]], n: int, rng: np.random.Generator
 ) -> list[tuple[str, str]]:
     """`n` (prompt, answer) pairs from a weighted mixture of skill variants."""
+    return draw_tagged(mixture, n, rng)[0]
+
+
+def draw_tagged(
+    mixture: Sequence[tuple[str, str, float]], n: int, rng: np.random.Generator
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """`n` (prompt, answer) pairs from a weighted mixture, and the skill each was drawn for."""
     weights = np.array([w for _, _, w in mixture], dtype=np.float64)
     choice = rng.choice(len(mixture), size=n, p=weights / weights.sum())
     streams = [training_sampler(skill, variant, rng) for skill, variant, _ in mixture]
-    return [next(streams[int(i)]) for i in choice]
+    return [next(streams[int(i)]) for i in choice], [mixture[int(i)][0] for i in choice]
 
 
 def encode_batch(
@@ -130,11 +147,26 @@ def encode_batch(
 def _param_groups(
     model: torch.nn.Module, phase: PhaseSpec
 ) -> list[dict[str, object]]:
+    """AdamW groups by learning-rate factor; parameters with factor 0 are left out (frozen)."""
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         factor = next((f for pat, f in phase.layer_lr if re.search(pat, name)), 1.0)
-        groups.setdefault(factor, []).append(param)
+        if factor > 0:
+            groups.setdefault(factor, []).append(param)
     return [{"params": ps, "lr": phase.lr * f, "base_factor": f} for f, ps in groups.items()]
+
+
+def _preservation_loss(
+    hidden: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], rows: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over layers of ``|h - h_ref|^2 / |h_ref|^2`` on the `rows` documents' real positions
+    (`reference` holds the reference model's hidden states of those rows only)."""
+    keep = mask[rows].unsqueeze(-1)
+    terms = []
+    for h, r in zip(hidden[1:], reference[1:], strict=True):
+        h, r = h[rows] * keep, r * keep
+        terms.append(((h - r) ** 2).sum() / (r**2).sum().clamp_min(1e-8))
+    return torch.stack(terms).mean()
 
 
 def lr_at(step: int, phase: PhaseSpec) -> float:
@@ -154,9 +186,35 @@ def train(
     log: Callable[[str], None] | None = None,
 ) -> list[float]:
     """Run one phase in place; returns the loss of every step."""
-    pairs = draw_pairs(phase.mixture, phase.steps * phase.batch_size, rng)
+    pairs, tags = draw_tagged(phase.mixture, phase.steps * phase.batch_size, rng)
+    groups = _param_groups(model, phase)
+    trainable = {id(p) for g in groups for p in g["params"]}  # type: ignore[attr-defined]
+    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    reference = None
+    if phase.preserve > 0:
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+    try:
+        return _train_steps(model, phase, pairs, tags, groups, reference, log)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train_steps(
+    model: LlamaForCausalLM,
+    phase: PhaseSpec,
+    pairs: Sequence[tuple[str, str]],
+    tags: Sequence[str],
+    groups: list[dict[str, object]],
+    reference: torch.nn.Module | None,
+    log: Callable[[str], None] | None,
+) -> list[float]:
+    pad = vocab()[PAD]
     optimizer = torch.optim.AdamW(
-        _param_groups(model, phase),
+        groups,
         lr=phase.lr,
         betas=(0.9, 0.98),
         weight_decay=phase.weight_decay,
@@ -165,12 +223,18 @@ def train(
     model.train()
     losses = []
     for step in range(phase.steps):
-        chunk = pairs[step * phase.batch_size : (step + 1) * phase.batch_size]
-        x, y = encode_batch(chunk, loss_on_prompt=phase.loss_on_prompt)
+        window = slice(step * phase.batch_size, (step + 1) * phase.batch_size)
+        x, y = encode_batch(pairs[window], loss_on_prompt=phase.loss_on_prompt)
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * group["base_factor"] * lr_at(step, phase)
-        logits = model(input_ids=x).logits
+        out = model(input_ids=x, output_hidden_states=reference is not None)
+        logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+        rows = torch.tensor([t in phase.preserve_skills for t in tags[window]])
+        if reference is not None and bool(rows.any()):
+            with torch.no_grad():
+                ref_hidden = reference(input_ids=x[rows], output_hidden_states=True).hidden_states
+            loss = loss + phase.preserve * _preservation_loss(out.hidden_states, ref_hidden, rows, x != pad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if phase.grad_clip:

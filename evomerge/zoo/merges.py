@@ -4,7 +4,9 @@ For every pair of experts and for all three, this merges them with the engine (m
 semantics, so the numbers carry over to recipes) and prints the exact-match holdout
 accuracy on each expert's skill, for the hand-set merges an evolutionary search has to beat
 (task arithmetic with lambda 1 and 0.5, TIES and DARE-TIES at density 0.5) and for a few
-per-model and per-layer weightings that show there is something better to find::
+per-model and per-layer weightings that show there is something better to find (for a
+preset whose experts own layers, each expert with only its own layers' delta, and the
+layer-wise composite: each expert weight 1 on its own layers and 0 elsewhere)::
 
     python -m evomerge.zoo.merges --preset tiny
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,12 +104,49 @@ def table(
     return rows
 
 
+def own_layers(zoo_dir: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Each expert's own layers (from the preset's spec; empty when it has none) and the depth."""
+    manifest = read_manifest(zoo_dir)
+    own = {e["name"]: tuple(e.get("own_layers") or ()) for e in manifest["spec"].get("experts", [])}
+    config = json.loads((zoo_dir / "base" / "config.json").read_text())
+    return own, int(config["num_hidden_layers"])
+
+
+def layer_weights(layers: Sequence[int], depth: int) -> list[float]:
+    """A per-layer gradient list: 1 on `layers`, 0 elsewhere."""
+    return [1.0 if i in layers else 0.0 for i in range(depth)]
+
+
 def probes(zoo_dir: Path, experts: Sequence[str]) -> dict[str, Recipe]:
-    """A few non-uniform task-arithmetic weightings (per model, per layer)."""
+    """Non-uniform task-arithmetic weightings: per model, and the layer-wise composite (each
+    expert weight 1 on its own layers, 0 elsewhere), the optimum a layer-wise search aims at."""
     k = len(experts)
     out = {f"task_arithmetic weights {w}": merge_recipe(zoo_dir, "task_arithmetic", experts, [w] * k)
            for w in (0.7, 0.8, 0.9)}
+    own, depth = own_layers(zoo_dir)
+    if all(own.get(e) for e in experts):
+        out["layer-wise composite"] = merge_recipe(
+            zoo_dir, "task_arithmetic", experts, [layer_weights(own[e], depth) for e in experts]
+        )
     return out
+
+
+def own_layers_only(zoo_dir: Path, echo: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Holdout accuracy of each expert with only its own layers' delta (the rest reset to the base)."""
+    manifest = read_manifest(zoo_dir)
+    own, depth = own_layers(zoo_dir)
+    pool = SourcePool(resident=True)
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "base")
+    rows = {}
+    for name, layers in own.items():
+        if not layers:
+            continue
+        skill = manifest["models"][name]["skill"]
+        load_into_model(model, merge_recipe(zoo_dir, "task_arithmetic", [name], [layer_weights(layers, depth)]), pool)
+        rows[name] = holdout_accuracy(model, [skill])
+        full = manifest["models"][name]["holdout_accuracy"][skill]
+        echo(f"{name} with only layers {list(layers)}: {skill} {rows[name][skill]:.3f} (whole expert {full:.3f})")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     zoo_dir = build_zoo(args.preset, progress=print)
     names = [n for n, m in read_manifest(zoo_dir)["models"].items() if m.get("skill")]
     groups = [list(p) for p in itertools.combinations(names, 2)] + [names]
+    own_layers_only(zoo_dir)
     table(zoo_dir, groups, probes)
 
 
