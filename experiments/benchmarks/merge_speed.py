@@ -27,7 +27,24 @@ runs. Outputs go to a folder beside the models (same disk for both tools).
 evomerge/merge/fast.py) that produces the torch engine's tensors bit for bit; ties runs on the
 torch engine. Both executors share one plan.
 
-Measured figures (and the load they were taken at) are in the README's benchmark section.
+Measured 2026-11-23 on the shared 2-core machine (warm-up + best of N as above; 1-minute load
+average at the start of the best runs; in each run both tools effectively had one core, wall ~
+CPU, because of the other engineers' jobs):
+
+    run (UTC)   runs  task_arithmetic mk / evo     ties mk / evo           ties in memory  load
+    13:48-14:03  2    33.0s / 5.3s   6.21x      204.0s / 21.4s  9.53x   2.69s           6-8
+    14:21-14:38  2    17.5s / 3.4s   5.20x      235.7s / 22.6s  10.43x  7.03s (2.2 CPU) 2.4-6.5
+    14:39-14:50  3    16.6s / 2.1s   7.78x      103.6s / 11.0s  9.40x   1.50s           2.4-3.6
+
+(Second run's ties evomerge run 2 and all of the third ran with the pipeline that starts the
+embeddings and head first; the first run's best ties figure predates it.) CPU seconds,
+third run: task_arithmetic 14.8 vs 2.1 (7.2x), ties 101.6 vs 10.9 (9.4x). Where evomerge's
+task_arithmetic time goes (third run, one core): interpreter + imports 0.3 s (no torch), numpy
+import and plan 0.14 s, reading (page faults of the memory-mapped sources, ~0.3 s CPU), the
+merge itself (~0.7 s CPU: the exact FMA emulation in float64, see fast.py) and the write into
+the page cache (~0.3-0.5 s CPU; copies run at ~2 GB/s on this VM). For ties, `import torch`
+(2.0-2.8 s) plus the one-shot magnitude selection of evomerge/merge/sparsify.py (full-size
+delta/|delta| temporaries per source tensor) are most of its 11 s.
 """
 
 from __future__ import annotations
