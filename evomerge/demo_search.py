@@ -5,9 +5,9 @@ Steps, each through the same code a user's ``evomerge`` commands run:
 1. build (or reuse from the cache) the ``tiny`` zoo: a base Llama and three experts
    fine-tuned from it on ``add``, ``reverse`` and ``sort``;
 2. run ``experiments/tiny_ps_dfs.yaml`` on local Ray workers (2 workers, 1 CPU each): a
-   parameter-space stage (TIES per layer group, CMA-ES), then a data-flow stage over the PS
-   model and an expert; the experiment's baselines score the sources as they are and the
-   hand-set merges on both splits;
+   parameter-space stage (task arithmetic per layer group, CMA-ES), then a data-flow stage
+   over the PS model and an expert; the experiment's baselines score the sources as they are
+   and the hand-set merges on both splits;
 3. export the best model (``evomerge export``) and write the report (``evomerge report``);
 4. print a table of every model's search and holdout accuracy per skill (and their mean),
    and the paths of the exported model and the report.
