@@ -184,6 +184,18 @@ def budget_sets(path: Path, evaluations: int | None, limit: int | None, holdout_
     return out
 
 
+def search_docs_text(models: str, out: Path) -> str:
+    """How many search documents per skill the experiments' stages use (their own settings)."""
+    from evomerge.config import load_experiment
+
+    users: dict[int, list[str]] = {}
+    for name, _ in EXPERIMENTS.values():
+        for stage in load_experiment(experiment_file(name, models, out)).stages:
+            users.setdefault(stage.evaluator_overrides.get("limit") or 400, []).append(name)
+    parts = [f"{'all 400' if n >= 400 else f'the first {n} of 400'} ({', '.join(dict.fromkeys(names))})" for n, names in sorted(users.items())]
+    return "searched on " + " or ".join(parts)
+
+
 def handset_recipes(path: Path) -> list[tuple[str, Any]]:
     """The hand-set baselines of an experiment file (name, recipe)."""
     from evomerge.config import load_experiment
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "zoo": str(zoo) if args.models else Path(zoo).name,
         "preset": args.preset,
         "holdout_docs": f"the first {args.holdout_limit} of 400" if args.holdout_limit else "all 400",
-        "search_docs": f"searched on the first {args.limit} of 400" if args.limit else "searched on each experiment's own setting",
+        "search_docs": f"searched on the first {args.limit} of 400" if args.limit else search_docs_text(prefix, args.out),
         "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
         "goal": goal,
         "composition": composition_lines(models),

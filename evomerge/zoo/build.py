@@ -98,11 +98,15 @@ def _build_lm(preset: LMPreset, out: Path, progress: Progress) -> dict[str, Any]
         "base": {"path": "base", "skill": None, "holdout_accuracy": holdout_accuracy(model, preset.eval_skills)}
     }
     progress(f"base: holdout accuracy {models['base']['holdout_accuracy']}")
+    upstream: StateDict = {}  # the own layers of the experts trained so far
     for expert in preset.experts:
         model.load_state_dict(base)
         progress(f"{expert.name}: fine-tuning on {expert.skill}, {expert.phase.steps} steps")
         rng = np.random.default_rng(expert.seed)
-        lm.train(model, expert.phase, rng, log=lambda m, n=expert.name: progress(f"  {n} {m}"))
+        lm.train(model, expert.phase, rng, log=lambda m, n=expert.name: progress(f"  {n} {m}"),
+                 upstream=dict(upstream))
+        upstream.update({k: v.detach().clone() for k, v in model.named_parameters()
+                         if lm.layer_index(k) in expert.own_layers})
         if expert.drift is not None:
             progress(f"{expert.name}: drift phase, {expert.drift.steps} steps")
             lm.train(model, expert.drift, rng, log=lambda m, n=expert.name: progress(f"  {n} drift {m}"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,6 +156,23 @@ def _param_groups(
     return [{"params": ps, "lr": phase.lr * f, "base_factor": f} for f, ps in groups.items()]
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to (``model.layers.3.mlp...`` -> 3), or None."""
+    match = re.search(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+@torch.no_grad()
+def _swap(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy `tensors` into the model's parameters of those names; returns what they held."""
+    params = dict(model.named_parameters())
+    saved = {}
+    for name, value in tensors.items():
+        saved[name] = params[name].detach().clone()
+        params[name].copy_(value)
+    return saved
+
+
 def _preservation_loss(
     hidden: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], rows: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -184,8 +201,15 @@ def train(
     rng: np.random.Generator,
     *,
     log: Callable[[str], None] | None = None,
+    upstream: Mapping[str, torch.Tensor] | None = None,
 ) -> list[float]:
-    """Run one phase in place; returns the loss of every step."""
+    """Run one phase in place; returns the loss of every step.
+
+    `upstream` (tensors by parameter name, of parameters the phase freezes) is swapped into the
+    model and the reference for the preservation term: e.g. the layers of experts trained
+    before this one, so that its layers leave the other skills' hidden states alone also where
+    those experts have changed them (as they will have in a layer-wise merge).
+    """
     pairs, tags = draw_tagged(phase.mixture, phase.steps * phase.batch_size, rng)
     groups = _param_groups(model, phase)
     trainable = {id(p) for g in groups for p in g["params"]}  # type: ignore[attr-defined]
@@ -196,8 +220,10 @@ def train(
     if phase.preserve > 0:
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
+        if upstream:
+            _swap(reference, upstream)
     try:
-        return _train_steps(model, phase, pairs, tags, groups, reference, log)
+        return _train_steps(model, phase, pairs, tags, groups, reference, log, upstream or None)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -211,6 +237,7 @@ def _train_steps(
     groups: list[dict[str, object]],
     reference: torch.nn.Module | None,
     log: Callable[[str], None] | None,
+    upstream: Mapping[str, torch.Tensor] | None = None,
 ) -> list[float]:
     pad = vocab()[PAD]
     optimizer = torch.optim.AdamW(
@@ -227,16 +254,31 @@ def _train_steps(
         x, y = encode_batch(pairs[window], loss_on_prompt=phase.loss_on_prompt)
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * group["base_factor"] * lr_at(step, phase)
-        out = model(input_ids=x, output_hidden_states=reference is not None)
+        rows = torch.tensor([t in phase.preserve_skills for t in tags[window]])
+        preserving = reference is not None and bool(rows.any())
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=x, output_hidden_states=preserving and upstream is None)
         logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
-        rows = torch.tensor([t in phase.preserve_skills for t in tags[window]])
-        if reference is not None and bool(rows.any()):
+        if preserving:
+            assert reference is not None
             with torch.no_grad():
                 ref_hidden = reference(input_ids=x[rows], output_hidden_states=True).hidden_states
-            loss = loss + phase.preserve * _preservation_loss(out.hidden_states, ref_hidden, rows, x != pad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            if upstream is None:
+                loss = loss + phase.preserve * _preservation_loss(out.hidden_states, ref_hidden, rows, x != pad)
+            else:
+                # CE on the model as it is; the preservation term with the upstream tensors in
+                # (each backward runs before the weights it saw are swapped)
+                loss.backward()
+                saved = _swap(model, upstream)
+                hidden = model(input_ids=x[rows], output_hidden_states=True).hidden_states
+                kept = torch.ones(int(rows.sum()), dtype=torch.bool)
+                term = phase.preserve * _preservation_loss(hidden, ref_hidden, kept, (x != pad)[rows])
+                term.backward()
+                _swap(model, saved)
+                loss = loss.detach() + term.detach()
+        if not (preserving and upstream is not None):
+            loss.backward()
         if phase.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
         optimizer.step()

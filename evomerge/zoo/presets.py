@@ -16,8 +16,10 @@ LM presets (``tiny``, ``test``) train a base, then experts from it:
   1. *skill*: only the expert's own layers train (``tiny``: add 0-1, reverse 2-3, sort 4-5
      of 6; everything else frozen), on its skill plus a little replay of the base mixture,
      with feature distillation (``preserve``): on the other skills' replayed documents the
-     hidden states must stay those of the base. So each expert's skill lives in its own
-     layers, which the other skills' prompts barely notice;
+     hidden states must stay those of the base, with the own layers of the experts trained
+     before it swapped in (add, then reverse, then sort). So each expert's skill lives in
+     its own layers, which the other skills' prompts barely notice, also where earlier
+     experts have changed them;
   2. *drift*: its own layers frozen, all other transformer layers train on its skill and
      the replay mixture: a diffuse change elsewhere, like the many small parameter changes
      of a real full fine-tune, that the expert barely needs but that lands in the other
@@ -30,18 +32,21 @@ LM presets (``tiny``, ``test``) train a base, then experts from it:
   property the searches are told about.
 
 Measured on ``tiny`` (holdout exact match, 400 documents per skill;
-``python -m evomerge.zoo.merges --preset tiny``; built in 292 CPU seconds, one thread):
-base 0.01/0.12/0.11 on add/reverse/sort; experts 0.86/1.00/1.00 on their own skill and at
+``python -m evomerge.zoo.merges --preset tiny``; built in 260 CPU seconds, one thread):
+base 0.01/0.12/0.11 on add/reverse/sort; experts 0.86/0.985/1.00 on their own skill and at
 base level on the others (addition learns least with its layers this constrained; with
-``preserve`` 1 instead of 3 it reached 0.92, but the composite below fell to
-0.62/0.62/0.69). Each expert with only its own layers' delta: 0.80/0.94/1.00. Merging all
-three: task arithmetic lambda 1 -> 0.14/0.40/0.50 (mean 0.35), lambda 0.5 -> 0.02/0.42/0.43
-(0.29), TIES density 0.5 -> 0.09/0.55/0.71 (0.45), DARE-TIES density 0.5 -> 0.03/0.10/0.21
-(0.11); the layer-wise composite (each expert weight 1 on its own layers, 0 elsewhere) ->
-0.50/0.79/0.85 (0.71), i.e. 58%/79%/85% of the experts. Pairs compose better (reverse + sort:
-0.90/0.98). Without the distillation the composite was no better than task arithmetic
-(0.50/0.32/0.27); with disjoint layers but a 0.05-0.15 learning-rate spill-over instead of the
-drift phase, each expert needed its spill-over (own layers alone: add 0.48-0.76, reverse 0.40).
+``preserve`` 1 instead of 3 it reached 0.92, but the composite below composed worse). Each
+expert with only its own layers' delta: 0.80/0.94/1.00. Merging all three: task arithmetic
+lambda 1 -> 0.13/0.35/0.58 (mean 0.35), lambda 0.5 -> 0.04/0.40/0.43 (0.29), TIES density
+0.5 -> 0.10/0.55/0.71 (0.45), DARE-TIES density 0.5 -> 0.03/0.06/0.30 (0.13); the layer-wise
+composite (each expert weight 1 on its own layers, 0 elsewhere) -> 0.70/0.83/0.91 (0.81),
+i.e. 82%/84%/91% of the experts. Pairs compose better (reverse + sort: 0.93/0.99). Earlier
+designs, measured the same way: distillation against the plain base only (no earlier experts
+swapped in), composite 0.50/0.79/0.85; no distillation, 0.50/0.32/0.27 (no better than task
+arithmetic); a 0.05-0.15 learning-rate spill-over instead of the drift phase, each expert
+needed its spill-over (own layers alone: add 0.48-0.76, reverse 0.40); experts trained side
+by side with each other's layers switched on at random, composite 0.52/0.33/0.40; addition
+in the top layers (4-5) did not learn (0.08).
 """
 
 from __future__ import annotations
