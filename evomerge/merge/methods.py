@@ -52,7 +52,8 @@ from evomerge.merge.specs import (
     METHOD_SPECS,
     TASK_ARITHMETIC_FAMILY,
     ParamSpec,
-    UnknownMethodError,
+    UnknownMethodError,  # noqa: F401  (re-exported: callers catch it from here)
+    get_spec,
 )
 
 CHUNK = 1 << 17  # elements per chunk: ~512 KiB per fp32 buffer, a few buffers stay in L2/L3
@@ -615,8 +616,4 @@ METHODS: dict[str, MergeMethod] = _registry()
 
 def get_method(name: str) -> MergeMethod:
     """The method called ``name``; raises :class:`UnknownMethodError` listing the valid ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        valid = ", ".join(sorted(METHODS))
-        raise UnknownMethodError(f"unknown merge_method '{name}'; valid: {valid}") from None
+    return METHODS[get_spec(name).name]

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.fsutil import atomic_dir
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.stfile import SafetensorsWriter, header_room
@@ -65,20 +65,12 @@ def write_model(
     tensors = _executor(plan, pool, sparsifier, engine)
     hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
     recipe = recipe.with_evomerge(source_hashes=hashes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
         (tmp / "README.md").write_text(model_card(recipe, hashes, scores))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

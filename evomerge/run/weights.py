@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import torch
 from pydantic import PrivateAttr
 
 from evomerge.errors import ConfigError
+from evomerge.fsutil import atomic_dir
 from evomerge.recipe import Recipe
 
 GENOME_PREFIX = "genome:"
@@ -115,19 +114,11 @@ def write_weights_model(tensors: dict[str, torch.Tensor], template_dir: Path, ou
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         config = json.loads((Path(template_dir) / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
