@@ -18,9 +18,9 @@ What it does, every figure from a run made here (nothing is copied from elsewher
    accuracy on its own skill;
 5. digits (M2N2): both reference set-ups (from the two pre-trained experts, from scratch) through
    `experiments/benchmarks/m2n2_digits.py` (same optimizer, in-process), beside the natural_niches
-   reference figures. `experiments/digits_m2n2_*.yaml` validate but do not run through
-   `evomerge run` yet: its workers build transformers models only, and the engine's layer naming
-   does not pass the DigitsMLP's `layers.N.*` tensors through;
+   reference figures. The same set-ups run through `evomerge run` as `experiments/digits_m2n2_*.yaml`
+   (weights space, M2N2 genome mode; full budgets take 8 and 16 minutes, too long to repeat here;
+   their measured figures are in those files' comments);
 6. writes experiments/RESULTS.md (atomically) and prints it.
 
 `--front RUN_DIR` instead writes the Pareto front of a multi-objective run (tiny_pareto) as
