@@ -48,10 +48,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
 
-from evomerge.cli import main  # noqa: E402
 from evomerge.run.ledger import Ledger  # noqa: E402
+from tests.run_helpers import cli, rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATOR = {"kind": "python", "callable": "tests.test_run:score", "objectives": {"acc": True}}
@@ -83,16 +82,6 @@ def write_exp(path: Path, exp: dict) -> Path:
     return path
 
 
-def cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
-def rows(run_dir: Path) -> list:
-    with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-        return ledger.rows()
 
 
 # ---- tests ------------------------------------------------------------------------------------

@@ -17,26 +17,17 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from evomerge.cli import main
 from evomerge.run.ledger import Ledger
+from tests.run_helpers import cli, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "experiments" / "digits_m2n2_scratch.yaml"
 PRETRAINED = ROOT / "experiments" / "digits_m2n2_pretrained.yaml"
 
 
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
 def search_rows(run_dir: Path) -> list:
-    with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-        return ledger.rows(stage="m2n2", split="search")
+    return rows(run_dir, stage="m2n2", split="search")
 
 
 def status_of(run_dir: Path) -> dict:

@@ -56,3 +56,26 @@ def with_layer_count(config: dict, count: int) -> dict:
             pattern = out[key]
             out[key] = [pattern[i % len(pattern)] for i in range(count)]
     return out
+
+
+def llama_tensor_shapes(*, hidden: int, intermediate: int, layers: int, vocab: int, kv_dim: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Llama checkpoint (untied head); `kv_dim` is the key/value
+    projection width (grouped-query attention), `hidden` when None."""
+    kv = hidden if kv_dim is None else kv_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (hidden,),
+            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.k_proj.weight": (kv, hidden),
+            f"{p}.self_attn.v_proj.weight": (kv, hidden),
+            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{p}.post_attention_layernorm.weight": (hidden,),
+            f"{p}.mlp.gate_proj.weight": (intermediate, hidden),
+            f"{p}.mlp.up_proj.weight": (intermediate, hidden),
+            f"{p}.mlp.down_proj.weight": (hidden, intermediate),
+        })
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes

@@ -66,6 +66,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evomerge.fsutil import cache_dir  # noqa: E402
+from evomerge.merge.layout import llama_tensor_shapes  # noqa: E402
 
 HIDDEN, LAYERS, VOCAB, INTERMEDIATE, HEADS = 768, 12, 32000, 2048, 12
 WEIGHTS = (0.5, 0.3, 0.4)
@@ -90,25 +91,7 @@ def llama_config() -> dict:
 
 
 def tensor_shapes() -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}"
-        shapes.update(
-            {
-                f"{p}.input_layernorm.weight": (HIDDEN,),
-                f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-                f"{p}.self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-                f"{p}.self_attn.v_proj.weight": (HIDDEN, HIDDEN),
-                f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                f"{p}.post_attention_layernorm.weight": (HIDDEN,),
-                f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-                f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-                f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            }
-        )
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
-    return shapes
+    return llama_tensor_shapes(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, vocab=VOCAB)
 
 
 def build_models(root: Path) -> dict[str, Path]:
