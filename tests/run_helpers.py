@@ -22,3 +22,12 @@ def rows(run_dir: Path, **filters: str) -> list:
     """The run's ledger rows, optionally filtered like `Ledger.rows` (stage=, split=)."""
     with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
         return ledger.rows(**filters)
+
+
+def row_count(run_dir: Path) -> int:
+    """How many rows the run's ledger holds; 0 while it does not exist yet (a run starting up)."""
+    try:
+        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+            return ledger.count()
+    except Exception:
+        return 0

@@ -50,7 +50,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from evomerge.run.ledger import Ledger  # noqa: E402
-from tests.run_helpers import cli, rows  # noqa: E402
+from tests.run_helpers import cli, row_count, rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATOR = {"kind": "python", "callable": "tests.test_run:score", "objectives": {"acc": True}}
@@ -174,14 +174,6 @@ def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path
         assert score(model.eval(), None, "holdout")["objectives"]["acc"] == pytest.approx(holdout_best.fitness, abs=1e-5)
 
 
-def _count(run_dir: Path) -> int:
-    try:
-        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-            return ledger.count()
-    except Exception:
-        return 0
-
-
 def test_kill_9_then_resume_gives_the_same_ledger_and_best(llama_family: dict[str, Path], tmp_path: Path) -> None:
     exp = experiment(llama_family)
     exp["stages"][0]["budget"] = {"evaluations": 12}
@@ -197,7 +189,7 @@ def test_kill_9_then_resume_gives_the_same_ledger_and_best(llama_family: dict[st
     )  # fmt: skip
     try:
         deadline = time.time() + 120
-        while _count(killed) < 6 and proc.poll() is None and time.time() < deadline:
+        while row_count(killed) < 6 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         code, out = cli("resume", killed)  # a second driver on a live run is refused

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.run.ledger import Ledger
-from tests.run_helpers import cli, rows
+from tests.run_helpers import cli, row_count, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "experiments" / "digits_m2n2_scratch.yaml"
@@ -94,14 +94,6 @@ def test_pretrained_run_on_ray_workers_beats_both_experts(digits_zoo: Path, tmp_
     assert accuracy(DigitsMLP.from_pretrained(tmp_path / "model"), "test") == pytest.approx(best["holdout"])
 
 
-def _count(run_dir: Path) -> int:
-    try:
-        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-            return ledger.count()
-    except Exception:
-        return 0
-
-
 def test_kill_9_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Path) -> None:
     """The checkpoint of an M2N2 archive of raw weights is MBs, so it is written only every few
     tells; a resume replays the ledger rows after it and ends with the uninterrupted ledger."""
@@ -116,12 +108,12 @@ def test_kill_9_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Pa
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.time() + 240
-    while _count(killed) < 60 and proc.poll() is None and time.time() < deadline:
+    while row_count(killed) < 60 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = _count(killed)
+    done_before = row_count(killed)
     assert 60 <= done_before < 240
     code, out = cli("resume", killed, "--local")
     assert code == 0, out
