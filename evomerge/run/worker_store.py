@@ -60,11 +60,11 @@ class NodeSharedSparsifier(CachedSparsifier):
     Ranks cost 4 bytes per source element, as much as the sources themselves: kept per worker,
     every extra worker on a node would pay for them again. Here the first worker that needs a
     rank table computes it and `ray.put`s it (its private copy is freed at once: the worker
-    reads a zero-copy, read-only view of the object store's). `settle()`, called between jobs,
-    offers the tables the job put to the node's store actor in one call; the store keeps its
-    own copy of each (which outlives the worker) and answers with its index, and the worker
-    swaps its views for the store's copies, so in the end every worker of the node reads one
-    copy of each table.
+    reads a zero-copy, read-only view of the object store's) and offers it to the node's store
+    actor at once, without waiting; the store keeps its own copy of each (which outlives the
+    worker). `settle()`, called between jobs, fetches the store's index and the worker swaps
+    its views for the store's copies, so in the end every worker of the node reads one copy of
+    each table.
 
     A worker's first job looks up every table of every source, so lookups are cheap: the worker
     fetches the store's whole table index in one call, at a miss when its copy of the index is
@@ -83,7 +83,7 @@ class NodeSharedSparsifier(CachedSparsifier):
         identity: Callable[[str], str],
         noise_seeds: int = 2,
         release: Callable[[], None] = lambda: None,
-        refresh_s: float = 0.5,
+        refresh_s: float = 0.1,
     ):
         super().__init__(noise_seeds)
         self._release = release
@@ -94,7 +94,6 @@ class NodeSharedSparsifier(CachedSparsifier):
         self._index_time = -math.inf
         # tables this worker put and reads from its own object: node key -> (ref, cache, key)
         self._own: dict[str, tuple[Any, dict, Hashable]] = {}
-        self._unoffered: list[str] = []  # own tables the store has not been offered yet
         self.refresh_s = refresh_s
         self.shared_hits = 0  # tables another worker had already computed
         self.index_fetches = 0
@@ -123,7 +122,9 @@ class NodeSharedSparsifier(CachedSparsifier):
                 del table  # the object store's copy replaces ours
                 self._release()  # the sort's temporaries, before the next table's
                 self._own[node_key] = (ref, store, key)
-                self._unoffered.append(node_key)
+                # offered at once, nobody waits: a worker that started beside this one (and
+                # merges the tensors in another order) finds it at its next index fetch
+                self._store.offer.remote({node_key: [ref]})
             value = _view(ray.get(ref))
             store[key] = value
             return value
@@ -136,9 +137,7 @@ class NodeSharedSparsifier(CachedSparsifier):
         import ray
 
         with self._shared_lock:
-            offers = {k: [self._own[k][0]] for k in self._unoffered}
-            self._unoffered = []
-            self._fetch_index(offers)
+            self._fetch_index()
             for node_key, (own_ref, store, key) in list(self._own.items()):
                 shared = self._index.get(node_key)
                 if shared is None:
@@ -153,11 +152,12 @@ class NodeSharedSparsifier(CachedSparsifier):
         """Tables this worker still reads from the copy it put, not from the store's."""
         return len(self._own)
 
-    def _fetch_index(self, offers: dict[str, list] | None = None) -> None:
-        """The store's index, after it took `offers` (node key -> [ref] of tables put here)."""
+    def _fetch_index(self) -> None:
+        """The store's index (it has taken every table this worker offered before: an actor
+        runs one caller's calls in order)."""
         import ray
 
-        listed = ray.get(self._store.tables.remote(offers or {}))
+        listed = ray.get(self._store.tables.remote())
         self._index = {k: found[0] for k, found in listed.items()}
         self._index_time = time.monotonic()
         self.index_fetches += 1

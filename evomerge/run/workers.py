@@ -148,18 +148,21 @@ class _StoreActor:
             self._objects[key] = ray.put(packed)  # its nested refs keep the tensors alive
         return [self._objects[key]]
 
-    def tables(self, offers: dict[str, list] | None = None) -> dict[str, list]:
+    def offer(self, offers: dict[str, list]) -> None:
         """Keep a copy of each table offered that the node lacks (key -> [ref] of a table a
         worker put; the copy is this actor's, so it outlives that worker: the first offered
-        wins), then list every rank table of the node, key -> [ref] (see NodeSharedSparsifier)."""
+        wins)."""
         import ray
 
-        fresh = {key: wrapped[0] for key, wrapped in (offers or {}).items() if key not in self._tables}
+        fresh = {key: wrapped[0] for key, wrapped in offers.items() if key not in self._tables}
         if fresh:
             values = ray.get(list(fresh.values()))
             for key, value in zip(fresh, values, strict=True):
                 self._tables[key] = ray.put(value)
             del values
+
+    def tables(self) -> dict[str, list]:
+        """Every rank table of the node, key -> [ref] (see NodeSharedSparsifier)."""
         return {key: [ref] for key, ref in self._tables.items()}
 
     def nbytes(self) -> dict[str, int]:
