@@ -177,10 +177,11 @@ class _StoreActor:
 class _WorkerActor:
     """One worker: a WorkerCore over sources mapped from its node's store."""
 
-    def __init__(self, slot: int):
+    def __init__(self, slot: int, workers: int = 1):
         import ray
 
         self.slot = slot
+        self.workers = max(1, workers)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.core = None
         self.setup_error: str | None = None
@@ -204,6 +205,8 @@ class _WorkerActor:
                 sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
             )
             self.core.evaluator = _MeteredEvaluator(self.core.evaluator, self._meter)
+            # workers start merging at different tensors: their first jobs share rank tables
+            self.core.merge_offset = (self.slot % self.workers) / self.workers
             _release_free_memory()
             self._meter.set_base()  # interpreter, libraries, evaluator; sources are shared memory
         except Exception as exc:
@@ -536,7 +539,7 @@ class RayWorkerPool:
         }
         if self.resources_per_worker:
             options["resources"] = dict(self.resources_per_worker)
-        actor = self._actor_cls.options(**options).remote(index)
+        actor = self._actor_cls.options(**options).remote(index, self.workers)
         return _Slot(index, actor, ready=actor.where.remote())
 
     def _await_ready(self, slot: _Slot, deadline: float) -> None:
