@@ -585,10 +585,10 @@ class RayWorkerPool:
         """Idle workers take the next jobs. Then, while more jobs than workers are left
         over, a busy worker gets its next job to hold behind the running one: it starts the
         moment the running one ends, without waiting for the driver's round trip (which on a
-        busy machine costs tens of milliseconds). The last `workers` jobs of a batch are never
-        held: they stay here for whichever worker frees first, since a job held behind a long
-        one would leave the other workers idle at the end of a generation (measured: a worker
-        idle for 1.1 s of a 2.3 s generation)."""
+        busy machine costs tens of milliseconds). With several workers the last `workers` jobs
+        of a batch are never held: they stay here for whichever worker frees first, since a job
+        held behind a long one would leave the other workers idle at the end of a generation
+        (measured: a worker idle for 1.1 s of a 2.3 s generation)."""
         now = time.time()
         for slot in self._slots:
             if not self._pending:
@@ -597,8 +597,9 @@ class RayWorkerPool:
                 job, attempts = self._pending.popleft()
                 slot.running = _Running(job, attempts, now)
                 slot.pending_run = slot.actor.run.remote(job)
+        keep = self.workers if self.workers > 1 else 0  # one worker: holding never unbalances
         for slot in self._slots:
-            if len(self._pending) <= self.workers:
+            if len(self._pending) <= keep:
                 return
             if slot.ready is None and slot.running is not None and slot.queued is None and slot.pending_run is not None:
                 job, attempts = self._pending.popleft()
