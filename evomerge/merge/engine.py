@@ -2,20 +2,21 @@
 tensor functions.
 
 Planning lives in `evomerge.merge.plan` (torch-free; re-exported here). `materialize` keeps the
-result in memory (or copies it into a resident HF model); `evomerge.merge.writer` streams it to a
-Hugging Face directory, through this engine or, for the element-wise methods, the numpy executor
-in `evomerge.merge.fast`.
+result in memory; `merge_into` (and `load_into_model`) writes it straight into existing tensors,
+e.g. a resident model's parameters, with no full-size temporary per tensor where the method can
+write in place; `evomerge.merge.writer` streams it to a Hugging Face directory, through this
+engine or, for the element-wise methods, the numpy executor in `evomerge.merge.fast`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 
 from evomerge.errors import ConfigError, SourceError
-from evomerge.merge.methods import MergeContext, get_method
+from evomerge.merge.methods import MergeContext, Workspace, accepts_out, get_method
 from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge, task_size
 from evomerge.merge.sources import SourcePool
@@ -24,7 +25,7 @@ from evomerge.recipe import Recipe
 
 __all__ = [
     "TORCH_DTYPES", "MergePlan", "TensorRef", "TensorTask", "iter_merged", "load_into_model", "materialize",
-    "plan_merge", "run_task", "single_threaded_torch",
+    "merge_into", "plan_merge", "prepare_masks", "run_task", "single_threaded_torch",
 ]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,7 +34,36 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # ---- execution ------------------------------------------------------------------------------
 
 
-def run_task(task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier) -> torch.Tensor:
+def run_task(
+    task: TensorTask,
+    plan: MergePlan,
+    pool: SourcePool,
+    sparsifier: Sparsifier,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """The merged tensor of one task. With ``out``, a method that can (see
+    `evomerge.merge.methods.usable_out`) writes the result into it and ``out`` comes back;
+    otherwise a new tensor does, which the caller copies where it belongs. ``workspace``: chunk
+    buffers shared with the plan's other tasks."""
+
+    base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier, workspace)
+    method = get_method(plan.method.name)
+    kwargs = {}
+    if out is not None and accepts_out(method) and plan.out_dtype in (None, out.dtype):
+        kwargs["out"] = out.detach()  # a parameter's storage, written without autograd
+    try:
+        merged = method.merge(base, tensors, task.model_params, task.params, ctx, **kwargs)
+    except ValueError as exc:  # parameter values the method cannot use (e.g. weights summing to 0)
+        raise ConfigError(str(exc), field="parameters") from None
+    if plan.out_dtype is not None and merged.dtype != plan.out_dtype:
+        merged = merged.to(plan.out_dtype)
+    return merged
+
+
+def _task_inputs(
+    task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier, workspace: Workspace | None = None
+) -> tuple[torch.Tensor | None, list[torch.Tensor], MergeContext]:
     def load(ref: TensorRef) -> torch.Tensor:
         tensor = pool.get(ref.model).get(ref.name)
         return tensor if plan.compute_dtype is None else tensor.to(plan.compute_dtype)
@@ -41,14 +71,29 @@ def run_task(task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sp
     base = load(task.base) if task.base else None
     tensors = [load(ref) for ref in task.inputs]
     keys = [(ref.model, ref.name, task.base.model if task.base else None) for ref in task.inputs]
-    ctx = MergeContext(tensor_name=task.name, keys=keys, sparsifier=sparsifier, seed=plan.recipe.seed)
-    try:
-        merged = get_method(plan.method.name).merge(base, tensors, task.model_params, task.params, ctx)
-    except ValueError as exc:  # parameter values the method cannot use (e.g. weights summing to 0)
-        raise ConfigError(str(exc), field="parameters") from None
-    if plan.out_dtype is not None and merged.dtype != plan.out_dtype:
-        merged = merged.to(plan.out_dtype)
-    return merged
+    ctx = MergeContext(tensor_name=task.name, keys=keys, sparsifier=sparsifier, seed=plan.recipe.seed, workspace=workspace)
+    return base, tensors, ctx
+
+
+def prepare_masks(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier) -> None:
+    """Build every mask the plan's merge will ask for, without merging, and drop them.
+
+    With a caching sparsifier (`CachedSparsifier`) the rank tables of the plan's sources are then
+    computed before any output tensor is written: their full-size temporaries (a tensor's
+    |delta| while it is sorted) do not stack on a whole merged model's memory, which matters
+    in a worker's first job. Methods without masks have nothing to prepare; with a sparsifier
+    that keeps nothing this is wasted work.
+    """
+    prepare = getattr(get_method(plan.method.name), "prepare", None)
+    if prepare is None:
+        return
+    with single_threaded_torch():
+        for task in plan.tasks:
+            base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier)
+            try:
+                prepare(base, tensors, task.model_params, task.params, ctx)
+            except ValueError as exc:
+                raise ConfigError(str(exc), field="parameters") from None
 
 
 @contextmanager
@@ -82,13 +127,88 @@ def iter_merged(
     sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
     n_workers = max(1, workers if workers is not None else torch.get_num_threads())
     sizes = [task_size(task, pool) for task in plan.tasks] if n_workers > 1 else []
+    workspace = Workspace()  # chunk buffers allocated once per thread, freed with the iterator
     with single_threaded_torch():
-        results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, pool, sparsifier), sizes, n_workers)
+        results = ordered_parallel(
+            plan.tasks, lambda task: run_task(task, plan, pool, sparsifier, workspace=workspace), sizes, n_workers
+        )
         try:
             for task, tensor in results:
                 yield task.name, tensor
         finally:
             results.close()
+
+
+def merge_into(
+    plan: MergePlan,
+    pool: SourcePool,
+    targets: Mapping[str, torch.Tensor],
+    sparsifier: Sparsifier | None = None,
+    *,
+    workers: int | None = None,
+) -> Iterator[str]:
+    """Write every output tensor of ``plan`` into ``targets[name]``; yield the names in plan order
+    as they are written.
+
+    ``targets`` maps every output name to a tensor of that shape (e.g. a resident model's
+    ``state_dict(keep_vars=True)``); its values are what `materialize` would give, cast to the
+    target's dtype. Each task writes its result straight into its target when the method can
+    (contiguous target of the result's dtype and device), else into a new tensor that is copied
+    there and freed. Targets that share memory (tied embeddings) are written in plan order, the
+    last one wins, as with copying `iter_merged`'s results. Threads as in `iter_merged`.
+    """
+    missing = [task.name for task in plan.tasks if task.name not in targets]
+    if missing:
+        raise SourceError(f"the target has no tensor '{missing[0]}'; its architecture differs from the merge")
+    sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
+    shared = _overlapping({task.name: targets[task.name] for task in plan.tasks})
+    workspace = Workspace()  # chunk buffers allocated once per thread, freed at the end
+
+    def write(task: TensorTask) -> torch.Tensor | None:
+        """Merged into its target (None), or the result to copy in plan order (shared targets)."""
+        if task.name in shared:
+            return run_task(task, plan, pool, sparsifier, workspace=workspace)
+        target = targets[task.name]
+        merged = run_task(task, plan, pool, sparsifier, out=target, workspace=workspace)
+        if merged.data_ptr() != target.data_ptr():  # not written in place
+            with torch.no_grad():  # a worker thread does not inherit the caller's grad mode
+                target.copy_(merged)
+        return None
+
+    n_workers = max(1, workers if workers is not None else torch.get_num_threads())
+    sizes = [task_size(task, pool) for task in plan.tasks] if n_workers > 1 else []
+    with single_threaded_torch():
+        results = ordered_parallel(plan.tasks, write, sizes, n_workers)
+        try:
+            for task, merged in results:
+                if merged is not None:
+                    with torch.no_grad():
+                        targets[task.name].copy_(merged)
+                del merged
+                yield task.name
+        finally:
+            results.close()
+
+
+def _overlapping(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """Names of the tensors whose memory overlaps another's (tied weights): every member of a
+    run of overlapping address ranges."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name) for name, t in tensors.items() if t.numel()
+    )
+    found: set[str] = set()
+    run: list[str] = []
+    end = -1
+    for start, stop, name in spans:
+        if start >= end:  # a new run starts
+            if len(run) > 1:
+                found.update(run)
+            run = []
+        run.append(name)
+        end = max(end, stop)
+    if len(run) > 1:
+        found.update(run)
+    return found
 
 
 def materialize(
@@ -109,9 +229,8 @@ def load_into_model(
     """
     plan = plan_merge(recipe, pool)
     params = dict(model.state_dict(keep_vars=True))
-    with torch.no_grad():
-        for name, tensor in iter_merged(plan, pool, sparsifier):
-            target = params.get(name)
-            if target is None:
-                raise SourceError(f"the resident model has no tensor '{name}'; its architecture differs from the merge")
-            target.copy_(tensor)
+    missing = [task.name for task in plan.tasks if task.name not in params]
+    if missing:
+        raise SourceError(f"the resident model has no tensor '{missing[0]}'; its architecture differs from the merge")
+    for _name in merge_into(plan, pool, params, sparsifier):
+        pass

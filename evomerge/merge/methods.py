@@ -32,11 +32,18 @@ mergekit's own random draws cannot be reproduced; their distribution is the same
 Compute happens in the promoted dtype of the inputs (float32 for ``linear``/``slerp`` on
 half-precision inputs, as mergekit does); the result has that dtype and the inputs' shape.
 Large tensors are processed in flat chunks of ``CHUNK`` elements that stay in cache.
+
+Methods with ``writes_out = True`` also take ``merge(..., out=tensor)``: they may write the
+result straight into ``out`` (e.g. a resident model's parameter) and return ``out``, which saves
+allocating and copying a full-size result per tensor. ``out`` is a hint: when it cannot hold the
+result as computed (shape, dtype, device, not contiguous, or sharing memory with an input) the
+method returns a new tensor instead and the caller copies it. The values are the same either way.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -44,7 +51,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from evomerge.merge.sparsify import Mask, OneShotSparsifier, Sparsifier
+from evomerge.merge.sparsify import Mask, OneShotSparsifier, Sparsifier, share_scratch
 from evomerge.merge.specs import (
     _DENSITY,
     _EPSILON,
@@ -56,9 +63,59 @@ from evomerge.merge.specs import (
     get_spec,
 )
 
-CHUNK = 1 << 17  # elements per chunk: ~512 KiB per fp32 buffer, a few buffers stay in L2/L3
+CHUNK = 1 << 16  # elements per chunk: 256 KiB per fp32 buffer (as fast as 512 KiB, half the scratch)
 
 # ---- contract --------------------------------------------------------------------------------
+
+
+class Workspace:
+    """Chunk-sized scratch buffers that the tensors of one merge reuse, one set per thread.
+
+    Without it every merged tensor allocates its kernel's chunk buffers and its masks' anew;
+    freed between tensors, they fragment the heap, which then grows by a few hundred KB per
+    tensor until the allocator is trimmed. With it a merge allocates them once per thread
+    (a few chunks: ~``6 * CHUNK * 4`` bytes for float32) and frees them with the workspace.
+    Buffers handed to a thread stay valid until that thread asks again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sets: dict[int, dict] = {}
+
+    def _mine(self) -> dict:
+        ident = threading.get_ident()
+        with self._lock:
+            return self._sets.setdefault(ident, {})
+
+    def buffers(self, count: int, size: int, dtype: torch.dtype) -> list[Tensor]:
+        """``count`` distinct flat buffers of ``size`` elements for this thread."""
+        mine = self._mine()
+        block = mine.get(dtype)
+        if block is None or block.shape[0] < count or block.shape[1] < size:
+            rows = max(count, block.shape[0] if block is not None else 0)
+            cols = max(size, block.shape[1] if block is not None else 0)
+            mine[dtype] = None  # free the old block first
+            block = mine[dtype] = torch.empty((rows, cols), dtype=dtype)
+        return [block[i, :size] for i in range(count)]
+
+    def mask_scratch(self) -> dict:
+        """This thread's scratch for masks (see `evomerge.merge.sparsify.share_scratch`)."""
+        return self._mine().setdefault("masks", {})
+
+    def nbytes(self) -> int:
+        with self._lock:
+            sets = list(self._sets.values())
+        total = 0
+        for mine in sets:
+            tensors = [t for k, t in mine.items() if k != "masks" and t is not None] + list(mine.get("masks", {}).values())
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+
+def _buffers(workspace: Workspace | None, count: int, size: int, dtype: torch.dtype) -> list[Tensor]:
+    if workspace is not None:
+        return workspace.buffers(count, size, dtype)
+    return [torch.empty(size, dtype=dtype) for _ in range(count)]
 
 
 @dataclass
@@ -67,6 +124,7 @@ class MergeContext:
     keys: Sequence[Hashable]  # identity of each tensors[i] (source id, tensor name, base id)
     sparsifier: Sparsifier = field(default_factory=OneShotSparsifier)
     seed: int = 0  # recipe seed for DARE/DELLA
+    workspace: Workspace | None = None  # chunk buffers shared with the merge's other tensors
 
 
 @runtime_checkable
@@ -86,12 +144,30 @@ class MergeMethod(Protocol):
     ) -> Tensor: ...
 
 
+def accepts_out(method: MergeMethod) -> bool:
+    """Whether ``method.merge`` takes ``out=`` (see the module docstring)."""
+    return bool(getattr(method, "writes_out", False))
+
+
+def usable_out(out: Tensor | None, shape: Sequence[int], dtype: torch.dtype, inputs: Sequence[Tensor]) -> bool:
+    """Whether a result of ``shape`` and ``dtype`` can be written straight into ``out``: same
+    shape, dtype and device as the inputs, contiguous, and sharing no memory with any input
+    (the kernels read the inputs while they write)."""
+    if out is None or out.dtype != dtype or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+        return False
+    if any(t.device != out.device for t in inputs):
+        return False
+    storage = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != storage for t in inputs)
+
+
 # ---- shared helpers ------------------------------------------------------------------------
 
 
 class _Method:
     name: str = ""
     requires_base: bool = True
+    writes_out: bool = False  # merge() takes out= (see the module docstring)
     model_params: tuple[ParamSpec, ...] = ()
     global_params: tuple[ParamSpec, ...] = ()
 
@@ -175,10 +251,11 @@ class Linear(_Method):
 
     name = "linear"
     requires_base = False
+    writes_out = True
     model_params = METHOD_SPECS["linear"].model_params
     global_params = METHOD_SPECS["linear"].global_params
 
-    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102 - see class doc
+    def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102 - see class doc
         if base is not None:
             raise ValueError("linear takes no base tensor: pass every input (the base too) in `tensors`")
         inputs = list(tensors)
@@ -190,30 +267,38 @@ class Linear(_Method):
         first = inputs[0]
         if not first.is_floating_point():
             raise ValueError(f"linear merge of '{ctx.tensor_name}' needs floating-point tensors, got {first.dtype}")
-        acc_dtype = torch.float64 if _work_dtype(inputs) == torch.float64 else torch.float32
+        work = _work_dtype(inputs)
+        acc_dtype = torch.float64 if work == torch.float64 else torch.float32
         w = torch.tensor(weights, dtype=acc_dtype)
-        out = torch.zeros(first.shape, dtype=acc_dtype)
+        total = float(w.sum())
+        if normalize and total == 0:
+            raise ValueError(
+                f"linear merge of '{ctx.tensor_name}': weights {weights} sum to 0 with normalize: true; "
+                "change the weights or set normalize: false"
+            )
+        # accumulate in `out` itself when the result is kept in the accumulation dtype
+        if acc_dtype == work and usable_out(out, first.shape, acc_dtype, inputs):
+            acc = out.zero_()
+        else:
+            acc = torch.zeros(first.shape, dtype=acc_dtype)
         for t, wi in zip(inputs, w.tolist(), strict=True):
-            out.add_(t.to(acc_dtype), alpha=wi)
+            acc.add_(t.to(acc_dtype), alpha=wi)
         if normalize:
-            total = float(w.sum())
-            if total == 0:
-                raise ValueError(
-                    f"linear merge of '{ctx.tensor_name}': weights {weights} sum to 0 with normalize: true; "
-                    "change the weights or set normalize: false"
-                )
-            out.div_(total)
-        return out.to(_work_dtype(inputs))
+            acc.div_(total)
+        return acc.to(work)
 
 
 # ---- slerp -------------------------------------------------------------------------------------
 
 
-def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def slerp(
+    t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8, *, out: Tensor | None = None
+) -> Tensor:
     """Spherical interpolation of two whole tensors (flattened), linear when nearly parallel.
 
     The angle comes from the normalized tensors; the interpolation applies its coefficients
-    to the raw tensors, as mergekit does. Norms below ``eps`` count as 1.
+    to the raw tensors, as mergekit does. Norms below ``eps`` count as 1. The result goes into
+    ``out`` (and ``out`` is returned) when `usable_out` allows it.
     """
     work = torch.float64 if torch.float64 in (v0.dtype, v1.dtype) else torch.float32
     a = v0.reshape(-1).to(work)
@@ -233,9 +318,12 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
         theta = math.acos(dot)
         s = math.sin(theta)
         ca, cb = math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
-    out = torch.mul(a, ca)
-    out.add_(b, alpha=cb)
-    return out.view(v0.shape).to(out_dtype)
+    if work == out_dtype and usable_out(out, v0.shape, work, [v0, v1]):
+        torch.mul(a, ca, out=out.view(-1)).add_(b, alpha=cb)
+        return out
+    res = torch.mul(a, ca)
+    res.add_(b, alpha=cb)
+    return res.view(v0.shape).to(out_dtype)
 
 
 class Slerp(_Method):
@@ -243,9 +331,10 @@ class Slerp(_Method):
 
     name = "slerp"
     requires_base = True
+    writes_out = True
     global_params = METHOD_SPECS["slerp"].global_params
 
-    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
+    def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102
         if base is None or len(tensors) != 1:
             raise ValueError(
                 f"slerp needs base_model and exactly one other model (tensor '{ctx.tensor_name}', "
@@ -255,10 +344,23 @@ class Slerp(_Method):
         if not base.is_floating_point():
             raise ValueError(f"slerp of '{ctx.tensor_name}' needs floating-point tensors, got {base.dtype}")
         t = _as_float(self._global_value(params, self._spec("t")), "t")
-        return slerp(t, base, tensors[0])
+        return slerp(t, base, tensors[0], out=out)
 
 
 # ---- task-arithmetic family ----------------------------------------------------------------
+
+
+class _Delta:
+    """``x - base`` in the working dtype, computed when a sparsifier asks: a new tensor per call
+    that nobody else holds (``fresh``), so |delta| and the rank tables may reuse its memory."""
+
+    fresh = True
+
+    def __init__(self, t: Tensor, base: Tensor, dtype: torch.dtype):
+        self.t, self.base, self.dtype = t, base, dtype
+
+    def __call__(self) -> Tensor:
+        return self.t.to(self.dtype) - self.base.to(self.dtype)
 
 
 class TaskArithmeticFamily(_Method):
@@ -276,6 +378,7 @@ class TaskArithmeticFamily(_Method):
     """
 
     requires_base = True
+    writes_out = True
 
     def __init__(self, name: str):
         self.name = name
@@ -294,10 +397,7 @@ class TaskArithmeticFamily(_Method):
             return None
         n = t.numel()
         key = ctx.keys[i] if i < len(ctx.keys) else (ctx.tensor_name, i)
-
-        def delta() -> Tensor:
-            return t.to(dtype) - base.to(dtype)
-
+        delta = _Delta(t, base, dtype)
         sp = ctx.sparsifier
         if self.sparsify == "magnitude":
             k = max(1, int(density * n)) if density > 0 else 0
@@ -319,7 +419,17 @@ class TaskArithmeticFamily(_Method):
             return sp.della(key, delta, tuple(t.shape), noise_id, density, eps)
         raise AssertionError(self.sparsify)
 
-    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102 - see class doc
+    def prepare(self, base, tensors, model_params, params, ctx) -> None:
+        """Build this tensor's masks and drop them, so that a caching sparsifier computes its
+        tables now (see `evomerge.merge.engine.prepare_masks`); `merge` checks the rest."""
+        if base is None or not tensors or self.sparsify is None or len(model_params) != len(tensors):
+            return
+        _check_shapes(ctx.tensor_name, base, tensors)
+        dtype = _work_dtype([base, *tensors])
+        for i, t in enumerate(tensors):
+            self._mask(i, base, t, model_params[i], ctx, dtype)
+
+    def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102 - see class doc
         if base is None:
             raise ValueError(f"merge method '{self.name}' needs base_model (tensor '{ctx.tensor_name}')")
         _check_shapes(ctx.tensor_name, base, tensors)
@@ -335,19 +445,22 @@ class TaskArithmeticFamily(_Method):
         g = {spec.name: self._global_value(params, spec) for spec in self.global_params}
         dtype = _work_dtype([base, *tensors])
         masks = [self._mask(i, base, t, model_params[i], ctx, dtype) for i, t in enumerate(tensors)]
+        # applied one after another: one set of chunk buffers for all (and all tensors, with a workspace)
+        share_scratch(masks, ctx.workspace.mask_scratch() if ctx.workspace is not None else None)
         return task_arithmetic_kernel(
             base, tensors, weights, masks,
             rescale=bool(g["rescale"]), consensus=self.consensus, normalize=bool(g["normalize"]),
             lam=_as_float(g["lambda"], "lambda"), dtype=dtype,
+            out=out if usable_out(out, base.shape, dtype, [base, *tensors]) else None, workspace=ctx.workspace,
         )
 
 
 def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], dtype: torch.dtype,
-                     chunk: int, eps: float = 1e-7) -> list[float | None]:
+                     chunk: int, eps: float = 1e-7, workspace: Workspace | None = None) -> list[float | None]:
     """mergekit's L1 rescale: |delta|_1 / |kept delta|_1 per model (None: leave as is)."""
     n = bf.numel()
     factors: list[float | None] = []
-    buf = torch.empty(min(chunk, n), dtype=dtype)
+    (buf,) = _buffers(workspace, 1, min(chunk, n), dtype)
     for tf, mask in zip(flats, masks, strict=True):
         if mask is None or mask.all_kept or mask.none_kept:
             factors.append(None)
@@ -378,8 +491,15 @@ def task_arithmetic_kernel(
     lam: float,
     dtype: torch.dtype | None = None,
     chunk: int = CHUNK,
+    out: Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """``base + lam * merge_i(w_i * rescale_i * mask_i * (x_i - base))`` chunk by chunk.
+
+    The result is written into ``out`` when given (contiguous, base's shape, the working dtype,
+    no memory shared with the inputs; it is returned), else into a new tensor. Besides it the
+    kernel holds a few chunk-sized buffers (from ``workspace`` when given), never a full-size
+    temporary.
 
     With ``consensus`` (TIES), an entry counts only where its sign equals the elected sign
     ``sign(sum_i w_i delta_i)`` (ties to +), and ``normalize`` divides by the summed weights
@@ -393,9 +513,15 @@ def task_arithmetic_kernel(
     shape = base.shape
     bf = _flat(base, dtype)
     n = bf.numel()
-    out = torch.empty(n, dtype=dtype)
+    if out is None:
+        result = torch.empty(shape, dtype=dtype)
+    elif usable_out(out, shape, dtype, [base, *tensors]):
+        result = out
+    else:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} apart from the inputs")
+    out = result.view(-1)
     if n == 0:
-        return out.view(shape)
+        return result
     # Weights rounded to the working dtype, as mergekit holds them in a tensor of that dtype.
     w_t = torch.tensor(list(weights), dtype=dtype)
     wr = w_t.tolist()
@@ -405,20 +531,23 @@ def task_arithmetic_kernel(
         for tf, w, m in zip(flats, wr, masks, strict=True)
         if w != 0 and not (m is not None and m.none_kept)
     ]
-    factors = _rescale_factors(bf, [x[0] for x in live], [x[2] for x in live], dtype, chunk) if rescale else None
+    factors = (
+        _rescale_factors(bf, [x[0] for x in live], [x[2] for x in live], dtype, chunk, workspace=workspace)
+        if rescale else None
+    )
     live = [(tf, w, m, factors[j] if factors else None) for j, (tf, w, m) in enumerate(live)]
     if not consensus:
         divisor = float(w_t.sum()) if normalize else 1.0
         if abs(divisor) < 1e-8:
             divisor = 1.0
-        _linear_sum(bf, live, out, lam / divisor, chunk, dtype)
-        return out.view(shape)
+        _linear_sum(bf, live, out, lam / divisor, chunk, dtype, workspace)
+        return result
     tiny = torch.finfo(dtype).tiny
     if all(w > 0 and (not normalize or w >= 4 * tiny) for _, w, _, _ in live):
-        _ties_fast(bf, live, out, normalize, lam, chunk, dtype)
+        _ties_fast(bf, live, out, normalize, lam, chunk, dtype, workspace)
     else:
         _ties_exact(bf, live, out, normalize, lam, chunk, dtype)
-    return out.view(shape)
+    return result
 
 
 def _masked_delta(d: Tensor, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | None, f: float | None) -> Tensor:
@@ -430,39 +559,43 @@ def _masked_delta(d: Tensor, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | N
     return d
 
 
-def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, dtype: torch.dtype) -> None:
+def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, dtype: torch.dtype,
+                workspace: Workspace | None = None) -> None:
+    """out = bf + alpha * sum_j w_j * kept delta_j; each chunk accumulates in out's own chunk."""
     n = bf.numel()
-    c = min(chunk, n)
-    acc, d = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    if not live:
+        out.copy_(bf)
+        return
+    (d,) = _buffers(workspace, 1, min(chunk, n), dtype)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        bb, a, dd = bf[s:e], acc[: e - s], d[: e - s]
-        if not live:
-            out[s:e].copy_(bb)
-            continue
+        bb, a, dd = bf[s:e], out[s:e], d[: e - s]
         for j, (tf, w, m, f) in enumerate(live):
             _masked_delta(dd, tf, bb, s, e, m, f)
             if j == 0:
                 torch.mul(dd, w, out=a)
             else:
                 a.add_(dd, alpha=w)
-        torch.add(bb, a, alpha=alpha, out=out[s:e])
+        torch.add(bb, a, alpha=alpha, out=a)
 
 
 def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
-               dtype: torch.dtype) -> None:
+               dtype: torch.dtype, workspace: Workspace | None = None) -> None:
+    """The sum S of a chunk accumulates in out's own chunk (overwritten by the result last)."""
     n = bf.numel()
+    if not live:
+        out.copy_(bf)
+        return
     c = min(chunk, n)
-    S, dabs, wsg, wabs, d, sg = (torch.empty(c, dtype=dtype) for _ in range(6))
+    # wsg and wabs only count the weights with normalize
+    dabs, d, sg, *wbufs = _buffers(workspace, 5 if normalize else 3, c, dtype)
     tiny = torch.finfo(dtype).tiny
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         k = e - s
         bb = bf[s:e]
-        if not live:
-            out[s:e].copy_(bb)
-            continue
-        S_, da, ws, wa, dd, sg_ = S[:k], dabs[:k], wsg[:k], wabs[:k], d[:k], sg[:k]
+        S_, da, dd, sg_ = out[s:e], dabs[:k], d[:k], sg[:k]
+        ws, wa = (wbufs[0][:k], wbufs[1][:k]) if normalize else (None, None)
         for j, (tf, w, m, f) in enumerate(live):
             _masked_delta(dd, tf, bb, s, e, m, f).mul_(w)  # D_j = w_j * kept delta_j, rounded as mergekit
             if j == 0:
@@ -579,14 +712,15 @@ class ModelStock(_Method):
 class Passthrough(_Method):
     """The one input tensor unchanged, or times ``scale`` (used for DFS layer stacks).
 
-    Without ``scale`` the input itself is returned (no copy).
+    Without ``scale`` the input itself is returned (no copy), whatever ``out`` is.
     """
 
     name = "passthrough"
     requires_base = False
+    writes_out = True
     model_params = METHOD_SPECS["passthrough"].model_params
 
-    def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
+    def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102
         inputs = list(tensors) if base is None else [base, *tensors]
         if len(inputs) != 1:
             raise ValueError(
@@ -597,8 +731,11 @@ class Passthrough(_Method):
         if model_params:
             scale = self._model_value(model_params[0], self._spec("scale"), 0)
         if scale is None:
-            return t
-        return t * _as_float(scale, "scale")
+            return t  # no copy: the caller copies it where it goes
+        factor = _as_float(scale, "scale")
+        if usable_out(out, t.shape, t.dtype, [t]):
+            return torch.mul(t, factor, out=out)
+        return t * factor
 
 
 # ---- registry ------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -74,9 +74,18 @@ def make_noise(noise_id: NoiseId, numel: int) -> Tensor:
     return torch.rand(numel, generator=gen, dtype=torch.float32)
 
 
-def _abs_f32(delta: Tensor) -> Tensor:
-    """|delta| flattened, as float32 (exact for fp16/bf16/fp32), contiguous."""
+def fresh(delta: DeltaFn) -> bool:
+    """Whether ``delta`` returns a new tensor per call that nobody else holds (it says so with
+    ``delta.fresh = True``): a sparsifier may then compute |delta| in that tensor's memory."""
+    return bool(getattr(delta, "fresh", False))
+
+
+def _abs_f32(delta: Tensor, owned: bool = False) -> Tensor:
+    """|delta| flattened, as float32 (exact for fp16/bf16/fp32), contiguous; in delta's own
+    memory when ``owned`` (the caller gives it up) and it is contiguous float32."""
     flat = delta.reshape(-1)
+    if owned and flat.dtype == torch.float32 and flat.data_ptr() == delta.data_ptr() and delta.is_contiguous():
+        return flat.abs_()
     if flat.dtype == torch.float32:
         return flat.abs()
     if flat.dtype in (torch.float16, torch.bfloat16):
@@ -88,24 +97,26 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def sorted_magnitudes(delta: Tensor) -> Tensor:
+def sorted_magnitudes(delta: Tensor, *, owned: bool = False) -> Tensor:
     """|delta| flattened and sorted ascending, float32: the k-th largest is ``out[n - k]``.
 
     Sorted in place by numpy (vectorized quicksort): 3x faster than torch's sort of the int32
     bit patterns and 10x faster than its float sort on one CPU core, with no extra buffer.
-    NaN sorts last, after +inf, as with the bit patterns.
+    NaN sorts last, after +inf, as with the bit patterns. ``owned``: ``delta`` is a temporary
+    the caller gives up, whose memory becomes the table (float32: no second full-size buffer).
     """
-    absd = _abs_f32(delta)
-    if absd.data_ptr() == delta.data_ptr():  # never sort the caller's tensor
+    absd = _abs_f32(delta, owned)
+    if not owned and absd.data_ptr() == delta.data_ptr():  # never sort the caller's tensor
         absd = absd.clone()
     absd.numpy().sort(kind="quicksort")
     return absd
 
 
-def row_ranks(delta: Tensor) -> Tensor:
-    """Ascending per-row ranks of |delta| (0 = smallest in its row, ties by lower index), flat."""
+def row_ranks(delta: Tensor, *, owned: bool = False) -> Tensor:
+    """Ascending per-row ranks of |delta| (0 = smallest in its row, ties by lower index), flat.
+    ``owned``: as for `sorted_magnitudes`."""
     rows = delta.shape[0] if delta.dim() >= 2 else 1
-    absd = _abs_f32(delta).view(rows, -1)
+    absd = _abs_f32(delta, owned).view(rows, -1)
     cols = absd.shape[1]
     idx_dtype = _index_dtype(cols)
     order = torch.sort(absd.view(torch.int32), dim=1, stable=True).indices
@@ -123,7 +134,7 @@ class Mask:
     ``keep(start, stop, delta_chunk)`` returns a 0/1 tensor of ``stop - start`` elements
     (``delta_chunk`` is the flat delta of that chunk, used by masks that test magnitudes).
     ``all_kept`` / ``none_kept`` let a kernel skip the work entirely. A mask reuses its own
-    scratch buffers between calls: use one from one thread.
+    scratch buffers between calls: use one from one thread (see `share_scratch`).
     """
 
     all_kept: bool = False
@@ -154,6 +165,17 @@ class Mask:
         if self.none_kept:
             return torch.zeros(flat.numel(), dtype=torch.float32).view(delta.shape)
         return self.keep(0, flat.numel(), flat).to(torch.float32).clone().view(delta.shape)
+
+
+def share_scratch(masks: Iterable[Mask | None], scratch: dict | None = None) -> None:
+    """Give masks that one thread applies one after another (the models of one merged tensor)
+    one set of scratch buffers: a mask's chunk buffer is used up before the next mask runs, so
+    N models cost one chunk buffer, not N. ``scratch``: that set (e.g. one thread's, kept
+    across the tensors of a merge); default a new one."""
+    shared: dict[tuple[str, torch.dtype], Tensor] = {} if scratch is None else scratch
+    for mask in masks:
+        if mask is not None:
+            mask._bufs = shared
 
 
 class KeepAll(Mask):
@@ -414,7 +436,7 @@ def _rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 @runtime_checkable
 class Sparsifier(Protocol):
     """Builds keep-masks. ``key`` identifies a delta (source tensor and base) for caching;
-    ``delta`` computes it when needed (full tensor, any shape)."""
+    ``delta`` computes it when needed (full tensor, any shape; see `fresh`)."""
 
     def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
         """Keep magnitude ranks in ``[lo, hi)`` (``lo=0, hi=k``: the k largest |delta|)."""
@@ -440,7 +462,7 @@ class OneShotSparsifier:
         if isinstance(band, Mask):
             return band
         lo, hi = band
-        absd = _abs_f32(delta())
+        absd = _abs_f32(delta(), fresh(delta))
         top_hi = select_top(absd, hi) if hi < numel else _Top(-1.0, numel)
         top_lo = select_top(absd, lo) if lo > 0 else None
         return ThresholdBandMask(top_hi, top_lo)
@@ -459,7 +481,7 @@ class OneShotSparsifier:
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
         d = delta()
-        return DellaMask(row_ranks(d), make_noise(noise_id, d.numel()), cols, density, epsilon)
+        return DellaMask(row_ranks(d, owned=fresh(delta)), make_noise(noise_id, d.numel()), cols, density, epsilon)
 
 
 class CachedSparsifier:
@@ -520,12 +542,14 @@ class CachedSparsifier:
         if isinstance(band, Mask):
             return band
         lo, hi = band
-        ascending = self._cached(self._ranks, key, lambda: sorted_magnitudes(delta()), "rank_computations")
+        ascending = self._cached(
+            self._ranks, key, lambda: sorted_magnitudes(delta(), owned=fresh(delta)), "rank_computations"
+        )
         absd: list[Tensor] = []
 
         def absd_fn() -> Tensor:  # only needed to place ties at a threshold; computed at most once
             if not absd:
-                absd.append(_abs_f32(delta()))
+                absd.append(_abs_f32(delta(), fresh(delta)))
             return absd[0]
 
         top_hi = lookup_top(ascending, hi, absd_fn) if hi < numel else _Top(-1.0, numel)
@@ -545,7 +569,9 @@ class CachedSparsifier:
             return trivial
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
-        ranks = self._cached(self._row_ranks, key, lambda: row_ranks(delta()), "row_rank_computations")
+        ranks = self._cached(
+            self._row_ranks, key, lambda: row_ranks(delta(), owned=fresh(delta)), "row_rank_computations"
+        )
         return DellaMask(ranks, self.noise(noise_id, ranks.numel()), cols, density, epsilon)
 
     def nbytes(self) -> int:

@@ -13,11 +13,18 @@
   template model) skip the merge: the tensors are copied into the template's architecture;
 - the evaluator, built once, and the tokenizers, loaded once per source directory.
 
+Memory per job is the skeleton and little else: each tensor is merged straight into its
+parameter (`evomerge.merge.engine.merge_into`: chunk-sized scratch, no full-size temporary), and
+after each evaluation the BLAS library's cached GEMM buffers are handed back
+(`release_native_buffers`; MKL keeps ~3.5 MB per process otherwise, which a caller's
+`malloc_trim` can then return to the system).
+
 Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import time
@@ -29,7 +36,7 @@ from typing import Any
 import torch
 
 from evomerge.evaluate.result import EvalResult
-from evomerge.merge.engine import TORCH_DTYPES, MergePlan, iter_merged, plan_merge
+from evomerge.merge.engine import TORCH_DTYPES, MergePlan, merge_into, plan_merge, prepare_masks
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.sparsify import CachedSparsifier
 from evomerge.merge.writer import TOKENIZER_FILES
@@ -54,6 +61,29 @@ def evaluator_directions(evaluator: Any) -> dict[str, bool]:
     if callable(directions):
         return dict(directions())
     return dict(getattr(evaluator, "higher_is_better", None) or {})
+
+
+_MKL_FREE: Any = None  # the library function, False when there is none, None before the first call
+
+
+def release_native_buffers() -> bool:
+    """Hand the buffers MKL keeps between GEMM calls (its "fast memory manager": a few MB once
+    a model has run) back to the C heap, where `malloc_trim` can return them to the system.
+    They are rebuilt by the next forward pass at the cost of a few page faults. Returns whether
+    there was anything to call (torch built with MKL, which exports it from libtorch_cpu)."""
+    global _MKL_FREE
+    if _MKL_FREE is None:
+        _MKL_FREE = False
+        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        if torch.backends.mkl.is_available() and library.is_file():
+            try:
+                _MKL_FREE = ctypes.CDLL(str(library)).mkl_serv_free_buffers
+                _MKL_FREE.restype = None
+            except (OSError, AttributeError):  # another build, or MKL not exported
+                _MKL_FREE = False
+    if _MKL_FREE:
+        _MKL_FREE()
+    return bool(_MKL_FREE)
 
 
 def default_device() -> str:
@@ -106,6 +136,11 @@ class WorkerCore:
         self._model_key: str | None = None
         self._tokenizers: dict[Path, Any] = {}
         self.models_built = 0  # skeletons built (a new architecture each time)
+        self._prepared: set[tuple] = set()  # (method, inputs) whose rank tables were built up front
+        # Where in the plan this worker starts merging (a fraction of its tensors): workers that
+        # start together at different points compute different rank tables first and share
+        # them (the pool sets it per worker; results do not depend on the order).
+        self.merge_offset = 0.0
         for ref, path in sources.items():
             self.add_source(ref, path, (tensors or {}).get(ref))
         self._warm_up()
@@ -125,8 +160,11 @@ class WorkerCore:
         start = time.perf_counter()
         try:
             model, tokenizer = self.prepare(job.recipe)
-            with torch.no_grad():
-                result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
+            try:
+                with torch.no_grad():
+                    result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
+            finally:
+                release_native_buffers()  # what stays resident between jobs: the skeleton
         except Exception as exc:  # a bad candidate must never take the worker down
             message = f"{type(exc).__name__}: {exc}".strip()
             where = traceback.extract_tb(exc.__traceback__)[-1:]
@@ -149,17 +187,20 @@ class WorkerCore:
         if weights is not None:
             return self._prepare_weights(*weights)
         plan = plan_merge(recipe, self.pool)
+        if self.merge_offset and plan.tasks:
+            k = int(len(plan.tasks) * self.merge_offset) % len(plan.tasks)
+            plan.tasks = plan.tasks[k:] + plan.tasks[:k]
+        self._prepare_tables(plan)
         built = self.models_built
         model = self._skeleton(plan.config, self._model_dtype(plan))
         params = dict(model.state_dict(keep_vars=True))
+        missing = [task.name for task in plan.tasks if task.name not in params]
+        if missing:
+            raise RuntimeError(f"the merged model has no tensor '{missing[0]}' (its config does not build it)")
         written: set[int] = set()
-        with torch.no_grad():
-            for name, tensor in iter_merged(plan, self.pool, self.sparsifier):
-                target = params.get(name)
-                if target is None:
-                    raise RuntimeError(f"the merged model has no tensor '{name}' (its config does not build it)")
-                target.copy_(tensor)
-                written.add(target.data_ptr())
+        # each tensor is merged straight into the skeleton's parameter: no full-size temporary
+        for name in merge_into(plan, self.pool, params, self.sparsifier):
+            written.add(params[name].data_ptr())
         if self.models_built != built:  # a fresh skeleton: nothing may stay uninitialized
             params = dict(model.named_parameters())
             missing = [name for name, p in params.items() if p.data_ptr() not in written]
@@ -202,6 +243,18 @@ class WorkerCore:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ---- internals ----------------------------------------------------------------------------
+    def _prepare_tables(self, plan: MergePlan) -> None:
+        """The first time a method meets a set of sources, build its rank tables before the merge
+        writes the skeleton (`prepare_masks`), so that a first job's peak is the skeleton or the
+        tables' temporaries, not both. Later jobs find every table cached."""
+        key = (
+            plan.method.name,
+            frozenset((ref.model, task.base.model if task.base else None) for task in plan.tasks for ref in task.inputs),
+        )
+        if key not in self._prepared:
+            prepare_masks(plan, self.pool, self.sparsifier)
+            self._prepared.add(key)
+
     def _warm_up(self) -> None:
         """Import the model classes of the sources now, so the first job does not pay for it
         (transformers imports model code lazily; that is seconds on a busy machine)."""
