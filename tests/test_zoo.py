@@ -17,6 +17,7 @@ from evomerge.zoo import (
     build_zoo,
     digits,
     list_zoo_models,
+    lm,
     read_manifest,
     resolve_zoo_ref,
     zoo_hash,
@@ -194,6 +195,28 @@ def test_digits_expert_learns_only_its_classes(tmp_path: Path) -> None:
     assert np.array_equal(loaded.predict(x), model.predict(x))
     with pytest.raises(SourceError, match="config.json"):
         digits.DigitsMLP.from_pretrained(tmp_path)
+
+
+def test_held_out_distillation_on_upstream_trains_only_the_own_layers() -> None:
+    """The later experts' skill phase (preserve_docs, preserve_logits, upstream_ce): only the
+    own layers move, and the upstream tensors swapped in for part of each step are swapped out."""
+    model = lm.new_model(lm.ModelSpec(hidden=16, layers=2, heads=2, intermediate=32), torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    upstream = {k: v + 0.05 for k, v in before.items() if lm.layer_index(k) == 0}
+    phase = lm.PhaseSpec(
+        mixture=(("sort", "true", 1.0), ("add", "noise", 0.3)), steps=3, batch_size=8, warmup=1,
+        layer_lr=((r"layers\.1\.", 1.0), (r".", 0.0)), preserve=10.0, preserve_skills=("add",),
+        preserve_docs=4, preserve_logits=3.0, upstream_ce=0.5,
+    )
+    losses = lm.train(model, phase, np.random.default_rng(0), upstream=upstream)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and {lm.layer_index(k) for k in changed} == {1}
+    # the first expert's form (no upstream): the distillation alone on the held-out documents
+    losses = lm.train(model, phase, np.random.default_rng(1))
+    assert all(np.isfinite(losses))
+    assert {lm.layer_index(k) for k in before if not torch.equal(after[k], model.state_dict()[k])} <= {1}
 
 
 # ---- task data ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,20 @@ class PhaseSpec:
     position) and those of the model as the phase found it, times `preserve`. An expert trained
     with it changes its layers in a way the other skills' prompts do not see, which is what
     makes layer-wise composites of experts work.
+
+    `preserve_docs` > 0 takes the distillation off the replayed rows and onto a separate batch
+    of that many documents per step of the `preserve_skills`' real (``true``) variant, which
+    the phase does not train on (no cross-entropy): the prompts and answers the merged model
+    is scored on, rather than the replay's random or easy ones.
+
+    `preserve_logits` > 0 (with `preserve_docs`) adds, times `preserve_logits`, the KL
+    divergence of the next-token distributions from the reference's on those documents:
+    what exact match reads, which small relative changes of the last hidden states can flip.
+
+    `upstream_ce` in (0, 1] (with `preserve_docs` and upstream tensors, see :func:`train`):
+    that fraction of each batch's rows takes its cross-entropy with the upstream tensors
+    swapped in, so the skill also works on top of the earlier experts' layers, as it will
+    in a merge (and still on the base's, from the other rows).
     """
 
     mixture: tuple[tuple[str, str, float], ...]
@@ -66,6 +81,9 @@ class PhaseSpec:
     layer_lr: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     preserve: float = 0.0
     preserve_skills: tuple[str, ...] = ()
+    preserve_docs: int = 0
+    preserve_logits: float = 0.0
+    upstream_ce: float = 0.0
 
 
 def llama_config(spec: ModelSpec) -> LlamaConfig:
@@ -211,6 +229,10 @@ def train(
     those experts have changed them (as they will have in a layer-wise merge).
     """
     pairs, tags = draw_tagged(phase.mixture, phase.steps * phase.batch_size, rng)
+    held: list[tuple[str, str]] = []
+    if phase.preserve > 0 and phase.preserve_docs > 0:
+        real = tuple((s, "true", 1.0) for s in phase.preserve_skills)
+        held = draw_pairs(real, phase.steps * phase.preserve_docs, rng)
     groups = _param_groups(model, phase)
     trainable = {id(p) for g in groups for p in g["params"]}  # type: ignore[attr-defined]
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
@@ -223,6 +245,8 @@ def train(
         if upstream:
             _swap(reference, upstream)
     try:
+        if held:
+            return _train_steps_held(model, phase, pairs, held, groups, reference, log, upstream or None)
         return _train_steps(model, phase, pairs, tags, groups, reference, log, upstream or None)
     finally:
         for p in frozen:
@@ -279,6 +303,110 @@ def _train_steps(
                 loss = loss.detach() + term.detach()
         if not (preserving and upstream is not None):
             loss.backward()
+        if phase.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if log is not None and (step + 1) % max(1, phase.steps // 4) == 0:
+            log(f"step {step + 1}/{phase.steps} loss {np.mean(losses[-20:]):.4f}")
+    model.eval()
+    return losses
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor, fill: int) -> torch.Tensor:
+    """Rows of `a` then rows of `b`, right-padded with `fill` to a common width (causal
+    attention: padding at the end leaves every earlier position as it was)."""
+    width = max(a.shape[1], b.shape[1])
+    out = torch.full((len(a) + len(b), width), fill, dtype=a.dtype)
+    out[: len(a), : a.shape[1]] = a
+    out[len(a) :, : b.shape[1]] = b
+    return out
+
+
+def _logit_divergence(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over `mask`ed positions of KL(reference || model) of the next-token distributions."""
+    ref = F.log_softmax(reference, dim=-1)
+    kl = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _held_pass(
+    model: torch.nn.Module,
+    phase: PhaseSpec,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    px: torch.Tensor,
+    ref: Any,
+    tokens: int,
+) -> torch.Tensor:
+    """Cross-entropy on rows `x` (summed, over `tokens` labelled tokens in the whole batch) plus
+    the distillation terms on the held-out rows `px`, in one forward; returns the loss."""
+    pad = vocab()[PAD]
+    rows = _stack(x, px, pad)
+    out = model(input_ids=rows, output_hidden_states=True)
+    n = len(x)
+    loss = out.logits.new_zeros(())
+    if n:
+        logits = out.logits[:n, : x.shape[1]]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1),
+                               reduction="sum") / tokens
+    mask = px != pad
+    hidden = [h[n:, : px.shape[1]] for h in out.hidden_states]
+    everything = torch.ones(len(px), dtype=torch.bool)
+    loss = loss + phase.preserve * _preservation_loss(hidden, ref.hidden_states, everything, mask)
+    if phase.preserve_logits > 0:
+        loss = loss + phase.preserve_logits * _logit_divergence(out.logits[n:, : px.shape[1]], ref.logits, mask)
+    return loss
+
+
+def _train_steps_held(
+    model: LlamaForCausalLM,
+    phase: PhaseSpec,
+    pairs: Sequence[tuple[str, str]],
+    held: Sequence[tuple[str, str]],
+    groups: list[dict[str, object]],
+    reference: torch.nn.Module,
+    log: Callable[[str], None] | None,
+    upstream: Mapping[str, torch.Tensor] | None,
+) -> list[float]:
+    """:func:`_train_steps` with the distillation on a separate batch of held-out skills' real
+    documents (`phase.preserve_docs` per step); with `upstream`, that distillation and the
+    cross-entropy of the last `phase.upstream_ce` fraction of each batch's rows run on the
+    model with the upstream tensors in (one forward), the rest of the rows on the model as
+    it is (another). Every backward runs before the weights it saw are swapped.
+    """
+    optimizer = torch.optim.AdamW(
+        groups, lr=phase.lr, betas=(0.9, 0.98), weight_decay=phase.weight_decay, foreach=True
+    )
+    model.train()
+    losses = []
+    n = phase.preserve_docs
+    split = phase.batch_size - round(phase.batch_size * phase.upstream_ce) if upstream else phase.batch_size
+    for step in range(phase.steps):
+        x, y = encode_batch(pairs[step * phase.batch_size : (step + 1) * phase.batch_size],
+                            loss_on_prompt=phase.loss_on_prompt)
+        px, _ = encode_batch(held[step * n : (step + 1) * n])
+        tokens = int((y[:, 1:] != IGNORE).sum())
+        for group in optimizer.param_groups:
+            group["lr"] = phase.lr * group["base_factor"] * lr_at(step, phase)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ref = reference(input_ids=px, output_hidden_states=True)
+        if upstream is None:
+            loss = _held_pass(model, phase, x, y, px, ref, tokens)
+            loss.backward()
+        else:
+            plain = torch.zeros(())
+            if split > 0:
+                logits = model(input_ids=x[:split]).logits
+                plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                        y[:split, 1:].reshape(-1), reduction="sum") / tokens
+                plain.backward()
+            saved = _swap(model, upstream)
+            term = _held_pass(model, phase, x[split:], y[split:], px, ref, tokens)
+            term.backward()
+            _swap(model, saved)
+            loss = plain.detach() + term.detach()
         if phase.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
         optimizer.step()
