@@ -15,16 +15,16 @@
 
 Memory per job is the skeleton and little else: each tensor is merged straight into its
 parameter (`evomerge.merge.engine.merge_into`: chunk-sized scratch, no full-size temporary), and
-after each evaluation the BLAS library's cached GEMM buffers are handed back
-(`release_native_buffers`; MKL keeps ~3.5 MB per process otherwise, which a caller's
-`malloc_trim` can then return to the system).
+the rank tables of a first job are built before the skeleton is written (`prepare_masks`). MKL
+keeps its GEMM buffers for the life of the process once a model has run (~3.5 MB for the
+scheduler benchmark's model); dropping them (`mkl_free_buffers` after each evaluation, or
+MKL_DISABLE_FAST_MM=1) made each evaluation ~20% slower there, so they stay.
 
 Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import time
@@ -61,29 +61,6 @@ def evaluator_directions(evaluator: Any) -> dict[str, bool]:
     if callable(directions):
         return dict(directions())
     return dict(getattr(evaluator, "higher_is_better", None) or {})
-
-
-_MKL_FREE: Any = None  # the library function, False when there is none, None before the first call
-
-
-def release_native_buffers() -> bool:
-    """Hand the buffers MKL keeps between GEMM calls (its "fast memory manager": a few MB once
-    a model has run) back to the C heap, where `malloc_trim` can return them to the system.
-    They are rebuilt by the next forward pass at the cost of a few page faults. Returns whether
-    there was anything to call (torch built with MKL, which exports it from libtorch_cpu)."""
-    global _MKL_FREE
-    if _MKL_FREE is None:
-        _MKL_FREE = False
-        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-        if torch.backends.mkl.is_available() and library.is_file():
-            try:
-                _MKL_FREE = ctypes.CDLL(str(library)).mkl_serv_free_buffers
-                _MKL_FREE.restype = None
-            except (OSError, AttributeError):  # another build, or MKL not exported
-                _MKL_FREE = False
-    if _MKL_FREE:
-        _MKL_FREE()
-    return bool(_MKL_FREE)
 
 
 def default_device() -> str:
@@ -160,11 +137,8 @@ class WorkerCore:
         start = time.perf_counter()
         try:
             model, tokenizer = self.prepare(job.recipe)
-            try:
-                with torch.no_grad():
-                    result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
-            finally:
-                release_native_buffers()  # what stays resident between jobs: the skeleton
+            with torch.no_grad():
+                result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
         except Exception as exc:  # a bad candidate must never take the worker down
             message = f"{type(exc).__name__}: {exc}".strip()
             where = traceback.extract_tb(exc.__traceback__)[-1:]
