@@ -368,7 +368,10 @@ class ThresholdBandMask(Mask):
                     a, b = (int(i) for i in torch.searchsorted(ties, torch.tensor([start, stop], dtype=ties.dtype)))
                     idx = ties[a:b] - start
             elif top.seen < top.need:  # keep the first ties of this pass, in index order
-                idx = torch.nonzero(delta.abs() == top.thr).view(-1)[: top.need - top.seen]
+                n = stop - start  # |d| == thr in scratch buffers (shared, see `share_scratch`)
+                absd = torch.abs(delta, out=self._buf("tie_abs", n, delta.dtype))
+                tied = torch.eq(absd, top.thr, out=self._buf("tie_eq", n, torch.bool))
+                idx = torch.nonzero(tied).view(-1)[: top.need - top.seen]
                 top.seen += idx.numel()
         if idx is None or idx.numel() == 0:
             return torch.hardshrink(delta, top.lam, out=out)
