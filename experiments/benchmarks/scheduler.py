@@ -91,12 +91,12 @@ class UnevenForward:
         )  # fmt: skip
 
 
-def build_sources(root: Path) -> dict[str, str]:
-    """base + a, b, c (seeded); written once into `root`."""
+def build_sources(root: Path, hidden: int = HIDDEN) -> dict[str, str]:
+    """base + a, b, c (seeded; intermediate size 3 x `hidden`); written once into `root`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        hidden_size=hidden, intermediate_size=INTERMEDIATE * hidden // HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=HEADS, vocab_size=VOCAB,
         max_position_embeddings=SEQ, tie_word_embeddings=False,
     )  # fmt: skip
@@ -257,13 +257,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="ties", choices=["ties", "linear", "task_arithmetic", "dare_ties"])
     parser.add_argument("--optimizer", default="cmaes", choices=["cmaes", "random"], help="cmaes: generations of 6")
     parser.add_argument("--work", type=Path, default=None, help="where sources and ledgers go (default: a temp dir)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="the sources' hidden size (memory scaling checks)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="evomerge-bench-scheduler-"))
     work.mkdir(parents=True, exist_ok=True)
-    sources = build_sources(work / "sources")
-    print(f"sources: {work / 'sources'} (4 x {HIDDEN}-hidden {LAYERS}-layer Llama), method {args.method}, "
+    folder = work / ("sources" if args.hidden == HIDDEN else f"sources-h{args.hidden}")
+    sources = build_sources(folder, args.hidden)
+    print(f"sources: {folder} (4 x {args.hidden}-hidden {LAYERS}-layer Llama), method {args.method}, "
           f"optimizer {args.optimizer}, {args.evaluations} evaluations per configuration")  # fmt: skip
     results = {}
     for workers in (1, 2):
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{holding[second]} (counted in second_worker_extra_bytes); while evaluating, what stays resident "
           f"{two['memory'][second]['resident']} plus the evaluator's working set at batch {BATCH}, {working_set} "
           f"(any worker pays it: printed apart, not counted)")  # fmt: skip
+    print(f"second worker beyond one merged model: {extra - merged} bytes (run with --hidden 512 to see whether it "
+          f"grows with the model)")  # fmt: skip
     print(f"second_worker_eval_working_set_bytes: {working_set}")
     print(f"speedup_2_workers_after_warmup: {warm_speedup:.2f}")
     print(f"worker_busy_fraction: {two['busy_fraction']:.3f}")
