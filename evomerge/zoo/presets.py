@@ -46,7 +46,8 @@ lambda 0.5 -> 0.02/0.42/0.59 (0.34), TIES 0.5 -> 0.11/0.64/0.73 (0.49), DARE-TIE
 the experts (pairs: add + reverse 0.925/0.973, add + sort 0.922/0.978, reverse + sort
 0.973/0.99). Build time: the zoo as first changed (32 distillation documents per step, sort
 150 steps) built in 342 s against version 3's 321 s when both were built side by side on the
-2 cores (+7%); this preset (16 documents, sort 100 steps) trims that.
+2 cores (+7%); this preset (16 documents, sort 100 steps) built in 324 s against version 3's
+333 s, side by side the same way (-3%), with tensors identical to the cached build's.
 
 Why version 3 kept only 85% of reverse in the composite (probing its experts with scratch
 composites, one expert's layers at a time): the reverse expert scored 0.9875 whole but 0.925
