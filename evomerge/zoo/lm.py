@@ -253,6 +253,28 @@ def train(
             p.requires_grad_(True)
 
 
+def _optimizer(groups: list[dict[str, object]], phase: PhaseSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.98), weight_decay=phase.weight_decay, foreach=True)
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    phase: PhaseSpec,
+    step: int,
+    loss: torch.Tensor,
+    losses: list[float],
+    log: Callable[[str], None] | None,
+) -> None:
+    """The end of a training step, once its gradients are in: clip, update, record, log."""
+    if phase.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
+    optimizer.step()
+    losses.append(loss.item())
+    if log is not None and (step + 1) % max(1, phase.steps // 4) == 0:
+        log(f"step {step + 1}/{phase.steps} loss {np.mean(losses[-20:]):.4f}")
+
+
 def _train_steps(
     model: LlamaForCausalLM,
     phase: PhaseSpec,
@@ -264,13 +286,7 @@ def _train_steps(
     upstream: Mapping[str, torch.Tensor] | None = None,
 ) -> list[float]:
     pad = vocab()[PAD]
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=phase.lr,
-        betas=(0.9, 0.98),
-        weight_decay=phase.weight_decay,
-        foreach=True,
-    )
+    optimizer = _optimizer(groups, phase)
     model.train()
     losses = []
     for step in range(phase.steps):
@@ -303,12 +319,7 @@ def _train_steps(
                 loss = loss.detach() + term.detach()
         if not (preserving and upstream is not None):
             loss.backward()
-        if phase.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if log is not None and (step + 1) % max(1, phase.steps // 4) == 0:
-            log(f"step {step + 1}/{phase.steps} loss {np.mean(losses[-20:]):.4f}")
+        _step(model, optimizer, phase, step, loss, losses, log)
     model.eval()
     return losses
 
@@ -375,9 +386,7 @@ def _train_steps_held(
     model with the upstream tensors in (one forward), the rest of the rows on the model as
     it is (another). Every backward runs before the weights it saw are swapped.
     """
-    optimizer = torch.optim.AdamW(
-        groups, lr=phase.lr, betas=(0.9, 0.98), weight_decay=phase.weight_decay, foreach=True
-    )
+    optimizer = _optimizer(groups, phase)
     model.train()
     losses = []
     n = phase.preserve_docs
@@ -407,12 +416,7 @@ def _train_steps_held(
             term.backward()
             _swap(model, saved)
             loss = plain.detach() + term.detach()
-        if phase.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), phase.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if log is not None and (step + 1) % max(1, phase.steps // 4) == 0:
-            log(f"step {step + 1}/{phase.steps} loss {np.mean(losses[-20:]):.4f}")
+        _step(model, optimizer, phase, step, loss, losses, log)
     model.eval()
     return losses
 
