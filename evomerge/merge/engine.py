@@ -10,8 +10,9 @@ engine or, for the element-wise methods, the numpy executor in `evomerge.merge.f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -125,16 +126,28 @@ def iter_merged(
     not depend on ``workers`` (random masks are keyed by tensor name, not by order).
     """
     sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
+    workspace = Workspace()  # chunk buffers allocated once per thread, freed with the iterator
+
+    def run(task: TensorTask) -> torch.Tensor:
+        return run_task(task, plan, pool, sparsifier, workspace=workspace)
+
+    with _in_plan_order(plan, pool, run, workers) as results:
+        for task, tensor in results:
+            yield task.name, tensor
+
+
+@contextmanager
+def _in_plan_order(
+    plan: MergePlan, pool: SourcePool, run: Callable[[TensorTask], Any], workers: int | None
+) -> Iterator[Iterator[tuple[TensorTask, Any]]]:
+    """``(task, run(task))`` in plan order, computed by ``workers`` threads (default: torch's
+    thread count) each running torch single-threaded; the threads stop when the block ends."""
     n_workers = max(1, workers if workers is not None else torch.get_num_threads())
     sizes = [task_size(task, pool) for task in plan.tasks] if n_workers > 1 else []
-    workspace = Workspace()  # chunk buffers allocated once per thread, freed with the iterator
     with single_threaded_torch():
-        results = ordered_parallel(
-            plan.tasks, lambda task: run_task(task, plan, pool, sparsifier, workspace=workspace), sizes, n_workers
-        )
+        results = ordered_parallel(plan.tasks, run, sizes, n_workers)
         try:
-            for task, tensor in results:
-                yield task.name, tensor
+            yield results
         finally:
             results.close()
 
@@ -175,19 +188,13 @@ def merge_into(
                 target.copy_(merged)
         return None
 
-    n_workers = max(1, workers if workers is not None else torch.get_num_threads())
-    sizes = [task_size(task, pool) for task in plan.tasks] if n_workers > 1 else []
-    with single_threaded_torch():
-        results = ordered_parallel(plan.tasks, write, sizes, n_workers)
-        try:
-            for task, merged in results:
-                if merged is not None:
-                    with torch.no_grad():
-                        targets[task.name].copy_(merged)
-                del merged
-                yield task.name
-        finally:
-            results.close()
+    with _in_plan_order(plan, pool, write, workers) as results:
+        for task, merged in results:
+            if merged is not None:
+                with torch.no_grad():
+                    targets[task.name].copy_(merged)
+            del merged
+            yield task.name
 
 
 def _overlapping(tensors: Mapping[str, torch.Tensor]) -> set[str]:
@@ -228,9 +235,5 @@ def load_into_model(
     the model ties to others (lm_head to the embeddings) follow automatically.
     """
     plan = plan_merge(recipe, pool)
-    params = dict(model.state_dict(keep_vars=True))
-    missing = [task.name for task in plan.tasks if task.name not in params]
-    if missing:
-        raise SourceError(f"the resident model has no tensor '{missing[0]}'; its architecture differs from the merge")
-    for _name in merge_into(plan, pool, params, sparsifier):
+    for _name in merge_into(plan, pool, dict(model.state_dict(keep_vars=True)), sparsifier):
         pass
