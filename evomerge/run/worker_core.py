@@ -15,10 +15,8 @@
 
 Memory per job is the skeleton and little else: each tensor is merged straight into its
 parameter (`evomerge.merge.engine.merge_into`: chunk-sized scratch, no full-size temporary), and
-the rank tables of a first job are built before the skeleton is written (`prepare_masks`). MKL
-keeps its GEMM buffers for the life of the process once a model has run (~3.5 MB for the
-scheduler benchmark's model); dropping them (`mkl_free_buffers` after each evaluation, or
-MKL_DISABLE_FAST_MM=1) made each evaluation ~20% slower there, so they stay.
+the rank tables of a first job are built before the skeleton is written (`prepare_masks`). The
+Ray workers also give MKL's GEMM buffers back after each job (`evomerge.run.worker_memory`).
 
 Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
 """

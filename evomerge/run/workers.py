@@ -19,10 +19,10 @@ worker is left over, a busy worker also holds its next job, which starts the mom
 one ends (no round trip through the driver between jobs), and near the end of a batch jobs wait
 for whichever worker frees first. A worker gives back what merging freed before its evaluator
 runs (so the evaluation's activations do not come on top of the merge's temporaries) and after
-each job, and meters its private memory per job (`_MemoryMeter`, in `worker_stats()`). A worker
-that dies (killed, out of memory, segfault) is replaced by a fresh actor and its job retried,
-up to `MAX_ATTEMPTS` attempts in all; then the job comes back as a failed outcome and the pool
-goes on. Ray is started locally (bound to 127.0.0.1, dashboard off) unless `address` says to
+each job, with MKL's GEMM buffers (`evomerge.run.worker_memory`); it meters its private memory
+per job (`MemoryMeter`, in `worker_stats()`). A worker that dies (killed, out of memory,
+segfault) is replaced by a fresh actor and its job retried, up to `MAX_ATTEMPTS` attempts in all;
+then the job comes back as a failed outcome and the pool goes on. Ray is started locally (bound to 127.0.0.1, dashboard off) unless `address` says to
 join a running cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`); an already initialized Ray
 (a test fixture, an application) is used as it is.
 """
@@ -41,6 +41,13 @@ from typing import Any
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.result import EvalResult
 from evomerge.run.jobs import MAX_ATTEMPTS, Job, JobOutcome
+from evomerge.run.worker_memory import (
+    MemoryMeter,
+    MeteredEvaluator,
+    private_memory,
+    release_blas_buffers,
+    release_free_memory,
+)
 
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _START_TIMEOUT_S = 300.0
@@ -186,7 +193,7 @@ class _WorkerActor:
         self.core = None
         self.setup_error: str | None = None
         self._shared: dict[str, Any] = {}  # ref -> its arrays (the zero-copy views of the store's)
-        self._meter = _MemoryMeter()
+        self._meter = MemoryMeter()
         self._job_cpu: collections.deque[float] = collections.deque(maxlen=1000)  # CPU seconds per job
         self._source_errors: dict[str, str] = {}
 
@@ -200,14 +207,14 @@ class _WorkerActor:
 
         try:
             tensors = {ref: self._fetch(store, ref, path) for ref, path in sources.items()}
-            sparsifier = NodeSharedSparsifier(store, self._identity, release=_release_free_memory)
+            sparsifier = NodeSharedSparsifier(store, self._identity, release=release_free_memory)
             self.core = WorkerCore(
                 sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
             )
-            self.core.evaluator = _MeteredEvaluator(self.core.evaluator, self._meter)
+            self.core.evaluator = MeteredEvaluator(self.core.evaluator, self._meter)
             # workers start merging at different tensors: their first jobs share rank tables
             self.core.merge_offset = (self.slot % self.workers) / self.workers
-            _release_free_memory()
+            release_free_memory()
             self._meter.set_base()  # interpreter, libraries, evaluator; sources are shared memory
         except Exception as exc:
             self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"
@@ -253,7 +260,8 @@ class _WorkerActor:
             settle = getattr(self.core.sparsifier, "settle", None)
             if settle is not None:
                 settle()  # read the node's copies of the rank tables this job put
-            _release_free_memory()
+            release_blas_buffers()  # the evaluation's GEMM scratch, not held while the next job merges
+            release_free_memory()
             self._meter.job_ends()
             self._job_cpu.append(time.process_time() - cpu)
         return result, started, time.time(), f"ray-w{self.slot}@{self.node_id[:8]}:{os.getpid()}"
@@ -265,7 +273,7 @@ class _WorkerActor:
         process = psutil.Process()
         info = process.memory_full_info()
         cpu = process.cpu_times()
-        private, private_peak = _private_memory()
+        private, private_peak = private_memory()
         return {
             **self._meter.figures(),
             "pid": os.getpid(),
@@ -489,7 +497,7 @@ class RayWorkerPool:
         return ray.get([s.actor.stats.remote() for s in self._slots])
 
     def restart_meters(self) -> None:
-        """Forget every worker's memory peaks so far (see `_MemoryMeter`)."""
+        """Forget every worker's memory peaks so far (see `MemoryMeter`)."""
         import ray
 
         ray.get([s.actor.restart_meter.remote() for s in self._slots])
@@ -663,146 +671,6 @@ class RayWorkerPool:
         fresh = self._new_slot(slot.index)
         slot.actor, slot.ready, slot.pending_run = fresh.actor, fresh.ready, None
         slot.node_id = slot.pid = None
-
-
-def _release_free_memory() -> None:
-    """Give memory freed during a job back to the system (glibc keeps freed heap pages, so
-    the temporaries of one merge would otherwise stay resident in every worker)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
-
-
-def _private_memory() -> tuple[int, int]:
-    """(now, peak) bytes of this process's private memory: anonymous resident pages now, and
-    the peak resident size less what is file-backed or shared memory (the object store)."""
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                name, _, value = line.partition(":")
-                if value.strip().endswith("kB"):
-                    fields[name] = int(value.split()[0]) * 1024
-    except OSError:  # not Linux: USS for both
-        import psutil
-
-        uss = psutil.Process().memory_full_info().uss
-        return uss, uss
-    now = fields.get("RssAnon", 0)
-    peak = fields.get("VmHWM", 0) - fields.get("RssFile", 0) - fields.get("RssShmem", 0)
-    return now, max(now, peak)
-
-
-def _reset_peak() -> bool:
-    """Restart this process's peak resident size (VmHWM) from its current size (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class _MemoryMeter:
-    """This worker's private memory around each job, split where the evaluator is called.
-
-    Private memory is what the process alone holds: anonymous pages, not the sources and rank
-    tables it maps from the node's object store (see `_private_memory`). Per job, the peak
-    resident size is restarted (`_reset_peak`) when the job starts and again when the evaluator
-    is called, which splits the job in two phases:
-
-    - *merge*: planning, the skeleton (built once per architecture), the merge's temporaries;
-      its peak is what holding and materializing a candidate costs;
-    - *evaluate*: the evaluator's working set (activations, logits) on top of what is resident
-      when it starts (the merged model), which any worker pays at the configured batch size.
-
-    Figures are bytes over the base taken after setup, the maximum over the jobs so far. The
-    peak of a phase counts shared pages as mapped at its end, so the rank tables a job maps
-    from the store while it runs (a worker's first job, mostly) can hide up to their size from
-    that job's merge peak: `first_job_merge_peak` is that job's figure, kept apart.
-    """
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.set_base(0)
-
-    def set_base(self, base: int | None = None) -> None:
-        """Measure from here on (default: from this process's private memory now)."""
-        self.base = _private_memory()[0] if base is None else base
-        self.jobs = 0
-        self._resettable = True
-        self._maxima = {"merge_peak": 0, "resident": 0, "evaluate_peak": 0, "eval_working_set": 0, "after_job": 0}
-        self._first_merge_peak = 0
-        self._at_eval_start = 0
-
-    def job_starts(self) -> None:
-        self._resettable = _reset_peak()
-        self._at_eval_start = 0
-
-    def evaluation_starts(self) -> None:
-        now, peak = _private_memory()
-        self._at_eval_start = now
-        self._raise("merge_peak", peak - self.base)
-        if self.jobs == 0:
-            self._first_merge_peak = peak - self.base
-        self._raise("resident", now - self.base)
-        self._resettable = _reset_peak()
-
-    def evaluation_ends(self) -> None:
-        peak = _private_memory()[1]
-        self._raise("evaluate_peak", peak - self.base)
-        if self._at_eval_start and self._resettable:
-            self._raise("eval_working_set", peak - self._at_eval_start)
-
-    def job_ends(self) -> None:
-        self.jobs += 1
-        self._maxima["after_job"] = _private_memory()[0] - self.base
-
-    def _raise(self, name: str, value: int) -> None:
-        self._maxima[name] = max(self._maxima[name], value)
-
-    def figures(self) -> dict[str, int]:
-        """private_base, and over it: merge_peak, resident, evaluate_peak, eval_working_set,
-        after_job (after the last job), first_job_merge_peak, jobs_metered."""
-        return {
-            "private_base": self.base,
-            **self._maxima,
-            "first_job_merge_peak": self._first_merge_peak,
-            "jobs_metered": self.jobs,
-        }
-
-
-class _MeteredEvaluator:
-    """The worker's evaluator. Before each evaluation the merge's freed temporaries go back to
-    the system (glibc would keep them, and the evaluation's activations would come on top);
-    the meter hears when each evaluation starts and ends."""
-
-    def __init__(self, inner: Any, meter: _MemoryMeter):
-        self._inner = inner
-        self._meter = meter
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        _release_free_memory()
-        self._meter.evaluation_starts()
-        try:
-            return self._inner.evaluate(*args, **kwargs)
-        finally:
-            self._meter.evaluation_ends()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 def _deaths() -> tuple[type[BaseException], ...]:
