@@ -130,6 +130,62 @@ def test_models_load_offline_with_auto_classes(test_zoo: Path) -> None:
     assert set(tensors) == set(model.state_dict())
 
 
+def test_forked_build_equals_the_in_process_build(tmp_path: Path) -> None:
+    """Batches, drift phases, scoring and task arithmetic in forked processes: the same tensors
+    and figures as the build that runs everything in this process, one step after another."""
+    from evomerge.zoo.build import build_lm, can_fork
+    from evomerge.zoo.presets import PRESET_SPECS
+
+    if not can_fork():
+        import threading
+
+        pytest.skip(f"this process cannot fork (not POSIX, or other threads: {threading.enumerate()})")
+    spec = PRESET_SPECS["test"]
+    lines: list[str] = []
+    forked = build_lm(spec, tmp_path / "forked", lines.append)
+    inline = build_lm(spec, tmp_path / "inline", lambda _m: None, parallel=False)
+    assert forked["models"] == inline["models"] and forked["task_arithmetic"] == inline["task_arithmetic"]
+    for name in spec.model_names():
+        a = load_file(str(tmp_path / "forked" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "inline" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # The forked processes' progress lines reach the caller.
+    assert any(line.startswith("sort: drift phase") for line in lines)
+    assert any(line.startswith("base: holdout accuracy") for line in lines)
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_failing_step_of_the_build_is_reported(tmp_path: Path, parallel: bool) -> None:
+    from evomerge.zoo.build import build_lm
+    from evomerge.zoo.presets import PRESET_SPECS
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises((RuntimeError, OSError), match="Not a directory"):
+        build_lm(PRESET_SPECS["test"], tmp_path / "file", lambda _m: None, parallel=parallel)
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []
+
+
+def test_phase_batches_are_what_training_draws() -> None:
+    """The batches made ahead of the training train the model as drawing them in place does."""
+    spec = lm.ModelSpec(hidden=16, layers=2, heads=2, intermediate=32)
+    phase = lm.PhaseSpec(mixture=(("add", "true", 1.0), ("sort", "weak", 1.0)), steps=4, batch_size=8, warmup=1,
+                         preserve=3.0, preserve_skills=("sort",))
+    models = [lm.new_model(spec, torch.Generator().manual_seed(0)) for _ in range(2)]
+    rngs = [np.random.default_rng(5) for _ in range(2)]
+    batches = list(lm.phase_batches(phase, rngs[0]))
+    assert len(batches) == 4 and all(b.x.shape == b.y.shape and b.rows.dtype == torch.bool for b in batches)
+    assert lm.train(models[0], phase, batches) == lm.train(models[1], phase, rngs[1])
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(),
+                                                 strict=True))
+    # both generators were left at the same point, where a following phase continues
+    assert rngs[0].integers(1 << 30) == rngs[1].integers(1 << 30)
+
+
 # ---- references --------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from evomerge.errors import ConfigError, SourceError
 from evomerge.fsutil import atomic_write_text, cache_dir
 
 # Bump when a code change alters what a build produces (training loop, tokenizer, data).
-CODE_VERSION = 4
+CODE_VERSION = 5
 PRESETS: tuple[str, ...] = ("test", "tiny", "digits")
 MANIFEST = "zoo.json"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -213,44 +213,124 @@ def lr_at(step: int, phase: PhaseSpec) -> float:
     return phase.min_lr_ratio + (1.0 - phase.min_lr_ratio) * cosine
 
 
-def train(
-    model: LlamaForCausalLM,
-    phase: PhaseSpec,
-    rng: np.random.Generator,
-    *,
-    log: Callable[[str], None] | None = None,
-    upstream: Mapping[str, torch.Tensor] | None = None,
-) -> list[float]:
-    """Run one phase in place; returns the loss of every step.
+class Batch(NamedTuple):
+    """One training step's documents, encoded (see :func:`phase_batches`)."""
 
-    `upstream` (tensors by parameter name, of parameters the phase freezes) is swapped into the
-    model and the reference for the preservation term: e.g. the layers of experts trained
-    before this one, so that its layers leave the other skills' hidden states alone also where
-    those experts have changed them (as they will have in a layer-wise merge).
+    x: torch.Tensor  # input ids, right-padded
+    y: torch.Tensor  # labels, -100 where no loss
+    rows: torch.Tensor  # bool per row of `x`: drawn for one of the phase's `preserve_skills`
+    held: torch.Tensor | None  # the step's held-out documents (`preserve_docs`), or None
+
+
+def phase_batches(phase: PhaseSpec, rng: np.random.Generator) -> Iterator[Batch]:
+    """The batches of every step of `phase`, drawn from `rng`.
+
+    Every draw happens here, before the first batch is handed out (the documents of all steps,
+    then the held-out documents), so `rng` is left where the next phase continues from it;
+    only the encoding is spread over the iteration. The batches depend on nothing but `phase`
+    and `rng`, so they can be made ahead of the training (see :mod:`evomerge.zoo.build`).
     """
     pairs, tags = draw_tagged(phase.mixture, phase.steps * phase.batch_size, rng)
     held: list[tuple[str, str]] = []
     if phase.preserve > 0 and phase.preserve_docs > 0:
         real = tuple((s, "true", 1.0) for s in phase.preserve_skills)
         held = draw_pairs(real, phase.steps * phase.preserve_docs, rng)
+    return _encoded(phase, pairs, tags, held)
+
+
+def _encoded(
+    phase: PhaseSpec, pairs: Sequence[tuple[str, str]], tags: Sequence[str], held: Sequence[tuple[str, str]]
+) -> Iterator[Batch]:
+    n, size = phase.preserve_docs, phase.batch_size
+    for step in range(phase.steps):
+        window = slice(step * size, (step + 1) * size)
+        x, y = encode_batch(pairs[window], loss_on_prompt=phase.loss_on_prompt)
+        rows = torch.tensor([t in phase.preserve_skills for t in tags[window]])
+        px = encode_batch(held[step * n : (step + 1) * n])[0] if held else None
+        yield Batch(x, y, rows, px)
+
+
+def train(
+    model: LlamaForCausalLM,
+    phase: PhaseSpec,
+    data: np.random.Generator | Iterable[Batch],
+    *,
+    log: Callable[[str], None] | None = None,
+    upstream: Mapping[str, torch.Tensor] | None = None,
+    references: Iterable[Reference | None] | None = None,
+) -> list[float]:
+    """Run one phase in place; returns the loss of every step.
+
+    `data` is the random generator to draw the phase's documents from, or the batches
+    :func:`phase_batches` made from it (the same training either way). `references` are
+    the reference model's outputs of every step, as :func:`reference_outputs` gives them
+    for this model, phase, batches and `upstream` (computed here, step by step, without).
+
+    `upstream` (tensors by parameter name, of parameters the phase freezes) is swapped into the
+    model and the reference for the preservation term: e.g. the layers of experts trained
+    before this one, so that its layers leave the other skills' hidden states alone also where
+    those experts have changed them (as they will have in a layer-wise merge).
+    """
+    batches = phase_batches(phase, data) if isinstance(data, np.random.Generator) else iter(data)
+    held = phase.preserve > 0 and phase.preserve_docs > 0
     groups = _param_groups(model, phase)
     trainable = {id(p) for g in groups for p in g["params"]}  # type: ignore[attr-defined]
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    reference = None
-    if phase.preserve > 0:
-        reference = copy.deepcopy(model).eval()
-        reference.requires_grad_(False)
-        if upstream:
-            _swap(reference, upstream)
+    ref_of: Callable[[Batch], Reference | None] | None = None
+    if phase.preserve > 0 and references is None:
+        reference = reference_model(model, upstream)
+        ref_of = lambda batch: reference_output(reference, phase, batch)  # noqa: E731
+    elif phase.preserve > 0:
+        given = iter(references or ())
+        ref_of = lambda _batch: next(given)  # noqa: E731
     try:
         if held:
-            return _train_steps_held(model, phase, pairs, held, groups, reference, log, upstream or None)
-        return _train_steps(model, phase, pairs, tags, groups, reference, log, upstream or None)
+            assert ref_of is not None
+            return _train_steps_held(model, phase, batches, groups, ref_of, log, upstream or None)
+        return _train_steps(model, phase, batches, groups, ref_of, log, upstream or None)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+class Reference(NamedTuple):
+    """The reference model's outputs on a step's distilled documents."""
+
+    hidden: tuple[torch.Tensor, ...]  # every layer's hidden states, as `output_hidden_states`
+    logits: torch.Tensor | None  # with `preserve_docs` (the held-out documents), else None
+
+
+def reference_model(model: torch.nn.Module, upstream: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The frozen copy of `model`, with `upstream` swapped in, that a phase distils towards."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    if upstream:
+        _swap(reference, upstream)
+    return reference
+
+
+def reference_output(reference: torch.nn.Module, phase: PhaseSpec, batch: Batch) -> Reference | None:
+    """`reference` on the documents a step of `phase` distils: the held-out documents, or
+    the rows drawn for the `preserve_skills` (None when a batch has none)."""
+    with torch.no_grad():
+        if phase.preserve_docs > 0:
+            out = reference(input_ids=batch.held, output_hidden_states=True)
+            return Reference(out.hidden_states, out.logits)
+        if not bool(batch.rows.any()):
+            return None
+        return Reference(reference(input_ids=batch.x[batch.rows], output_hidden_states=True).hidden_states, None)
+
+
+def reference_outputs(
+    model: torch.nn.Module, phase: PhaseSpec, batches: Iterable[Batch], upstream: Mapping[str, torch.Tensor] | None
+) -> Iterator[Reference | None]:
+    """The reference outputs of every step of `phase` (for :func:`train`'s `references`):
+    they depend only on the model as the phase finds it, so they can be made beside it.
+    The reference model is copied from `model` here, before the first one is asked for."""
+    reference = reference_model(model, upstream)
+    return (reference_output(reference, phase, batch) for batch in batches)
 
 
 def _optimizer(groups: list[dict[str, object]], phase: PhaseSpec) -> torch.optim.Optimizer:
@@ -278,10 +358,9 @@ def _step(
 def _train_steps(
     model: LlamaForCausalLM,
     phase: PhaseSpec,
-    pairs: Sequence[tuple[str, str]],
-    tags: Sequence[str],
+    batches: Iterator[Batch],
     groups: list[dict[str, object]],
-    reference: torch.nn.Module | None,
+    ref_of: Callable[[Batch], Reference | None] | None,
     log: Callable[[str], None] | None,
     upstream: Mapping[str, torch.Tensor] | None = None,
 ) -> list[float]:
@@ -290,20 +369,19 @@ def _train_steps(
     model.train()
     losses = []
     for step in range(phase.steps):
-        window = slice(step * phase.batch_size, (step + 1) * phase.batch_size)
-        x, y = encode_batch(pairs[window], loss_on_prompt=phase.loss_on_prompt)
+        batch = next(batches)
+        x, y, rows, _ = batch
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * group["base_factor"] * lr_at(step, phase)
-        rows = torch.tensor([t in phase.preserve_skills for t in tags[window]])
-        preserving = reference is not None and bool(rows.any())
+        ref = None if ref_of is None else ref_of(batch)
+        preserving = ref is not None
         optimizer.zero_grad(set_to_none=True)
         out = model(input_ids=x, output_hidden_states=preserving and upstream is None)
         logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
         if preserving:
-            assert reference is not None
-            with torch.no_grad():
-                ref_hidden = reference(input_ids=x[rows], output_hidden_states=True).hidden_states
+            assert ref is not None
+            ref_hidden = ref.hidden
             if upstream is None:
                 loss = loss + phase.preserve * _preservation_loss(out.hidden_states, ref_hidden, rows, x != pad)
             else:
@@ -347,7 +425,7 @@ def _held_pass(
     x: torch.Tensor,
     y: torch.Tensor,
     px: torch.Tensor,
-    ref: Any,
+    ref: Reference,
     tokens: int,
 ) -> torch.Tensor:
     """Cross-entropy on rows `x` (summed, over `tokens` labelled tokens in the whole batch) plus
@@ -364,8 +442,9 @@ def _held_pass(
     mask = px != pad
     hidden = [h[n:, : px.shape[1]] for h in out.hidden_states]
     everything = torch.ones(len(px), dtype=torch.bool)
-    loss = loss + phase.preserve * _preservation_loss(hidden, ref.hidden_states, everything, mask)
+    loss = loss + phase.preserve * _preservation_loss(hidden, ref.hidden, everything, mask)
     if phase.preserve_logits > 0:
+        assert ref.logits is not None
         loss = loss + phase.preserve_logits * _logit_divergence(out.logits[n:, : px.shape[1]], ref.logits, mask)
     return loss
 
@@ -373,10 +452,9 @@ def _held_pass(
 def _train_steps_held(
     model: LlamaForCausalLM,
     phase: PhaseSpec,
-    pairs: Sequence[tuple[str, str]],
-    held: Sequence[tuple[str, str]],
+    batches: Iterator[Batch],
     groups: list[dict[str, object]],
-    reference: torch.nn.Module,
+    ref_of: Callable[[Batch], Reference | None],
     log: Callable[[str], None] | None,
     upstream: Mapping[str, torch.Tensor] | None,
 ) -> list[float]:
@@ -389,18 +467,17 @@ def _train_steps_held(
     optimizer = _optimizer(groups, phase)
     model.train()
     losses = []
-    n = phase.preserve_docs
     split = phase.batch_size - round(phase.batch_size * phase.upstream_ce) if upstream else phase.batch_size
     for step in range(phase.steps):
-        x, y = encode_batch(pairs[step * phase.batch_size : (step + 1) * phase.batch_size],
-                            loss_on_prompt=phase.loss_on_prompt)
-        px, _ = encode_batch(held[step * n : (step + 1) * n])
+        batch = next(batches)
+        x, y, _, px = batch
+        assert px is not None
         tokens = int((y[:, 1:] != IGNORE).sum())
         for group in optimizer.param_groups:
             group["lr"] = phase.lr * group["base_factor"] * lr_at(step, phase)
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            ref = reference(input_ids=px, output_hidden_states=True)
+        ref = ref_of(batch)
+        assert ref is not None
         if upstream is None:
             loss = _held_pass(model, phase, x, y, px, ref, tokens)
             loss.backward()

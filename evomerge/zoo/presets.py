@@ -36,15 +36,24 @@ LM presets (``tiny``, ``test``) train a base, then experts from it:
   skill is. The layout is a design choice for the merge searches that use the zoo, not a
   property the searches are told about.
 
-Measured on ``tiny`` (zoo code version 4; ``python -m evomerge.zoo.merges --preset tiny``,
-2026-11-23; built in 330 s wall at nice 19 with the machine otherwise nearly idle, load 1.0;
-1900 training steps in all, version 3 took 1950): experts 0.955/0.995/1.00 on their own skill
-and at or below base level on the others (0.01-0.13); each with only its own layers' delta
-0.927/0.97/0.985; all three merged: task arithmetic lambda 1 -> 0.14/0.49/0.60 (mean 0.41),
-lambda 0.5 -> 0.02/0.42/0.59 (0.34), TIES 0.5 -> 0.11/0.64/0.73 (0.49), DARE-TIES 0.5 ->
-0.05/0.05/0.08 (0.06); layer-wise composite -> 0.90/0.968/0.99 (0.953), i.e. 94%/97%/99% of
-the experts (pairs: add + reverse 0.925/0.973, add + sort 0.922/0.978, reverse + sort
-0.973/0.99). Build time: the zoo as first changed (32 distillation documents per step, sort
+Measured on ``tiny`` (zoo code version 5; ``python -m evomerge.zoo.merges --preset tiny``,
+2026-11-23; 1900 training steps in all): experts 0.955/0.995/1.00 on their own skill and at or
+below base level on the others (0.01-0.13); each with only its own layers' delta
+0.927/0.973/0.985; all three merged: task arithmetic lambda 1 -> 0.21/0.455/0.70 (mean 0.46),
+lambda 0.5 -> 0.02/0.40/0.585 (0.34), TIES 0.5 -> 0.11/0.635/0.70 (0.48), DARE-TIES 0.5 ->
+0.05/0.08/0.16 (0.10); layer-wise composite -> 0.90/0.968/0.99 (0.953), i.e. 94%/97%/99% of the
+experts (pairs: add + reverse 0.925/0.973, add + sort 0.92/0.978, reverse + sort 0.973/0.99).
+Version 5 differs from version 4 in the reverse and sort experts only: each expert's skill
+phase now follows the previous expert's skill phase, not its drift phase (the gradients left
+on frozen parameters, which gradient clipping counts, are the skill phase's), so the drift
+phases can run beside the next training (see :func:`evomerge.zoo.build.build_lm`); the base
+and addition are bit for bit version 4's. Version 4 measured: task arithmetic lambda 1 ->
+0.14/0.49/0.60 (0.41), lambda 0.5 -> 0.02/0.42/0.59 (0.34), TIES 0.5 -> 0.11/0.64/0.73 (0.49),
+DARE-TIES 0.5 -> 0.05/0.05/0.08 (0.06), the composite the same. Build time (``evomerge zoo
+build --preset tiny``, the 2 cores otherwise idle): version 5 278-322 s wall (344-399 CPU s) in four builds
+(machine noise: the same work took up to 16% more CPU in the slowest); version 4, every
+step in one process one after another, 330 s wall / 325 CPU s (version 3 took 1950 steps). In
+version 4's making: the zoo as first changed (32 distillation documents per step, sort
 150 steps) built in 342 s against version 3's 321 s when both were built side by side on the
 2 cores (+7%); this preset (16 documents, sort 100 steps) built in 324 s against version 3's
 333 s, side by side the same way (-3%), with tensors identical to the cached build's.
