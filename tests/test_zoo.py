@@ -130,31 +130,42 @@ def test_models_load_offline_with_auto_classes(test_zoo: Path) -> None:
     assert set(tensors) == set(model.state_dict())
 
 
-def test_forked_build_equals_the_in_process_build(tmp_path: Path) -> None:
-    """Batches, drift phases, scoring and task arithmetic in forked processes: the same tensors
-    and figures as the build that runs everything in this process, one step after another."""
+def compare_forked_and_inline_builds(root: Path) -> None:
+    """Build the `test` preset forked and in-process under `root`; fail unless they agree."""
+    import multiprocessing
+
     from evomerge.zoo.build import build_lm, can_fork
     from evomerge.zoo.presets import PRESET_SPECS
 
-    if not can_fork():
-        import threading
-
-        pytest.skip(f"this process cannot fork (not POSIX, or other threads: {threading.enumerate()})")
+    assert can_fork(), "the forked build needs a process with no other thread"
     spec = PRESET_SPECS["test"]
     lines: list[str] = []
-    forked = build_lm(spec, tmp_path / "forked", lines.append)
-    inline = build_lm(spec, tmp_path / "inline", lambda _m: None, parallel=False)
+    forked = build_lm(spec, root / "forked", lines.append)
+    inline = build_lm(spec, root / "inline", lambda _m: None, parallel=False)
     assert forked["models"] == inline["models"] and forked["task_arithmetic"] == inline["task_arithmetic"]
     for name in spec.model_names():
-        a = load_file(str(tmp_path / "forked" / name / "model.safetensors"))
-        b = load_file(str(tmp_path / "inline" / name / "model.safetensors"))
+        a = load_file(str(root / "forked" / name / "model.safetensors"))
+        b = load_file(str(root / "inline" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # The forked processes' progress lines reach the caller.
     assert any(line.startswith("sort: drift phase") for line in lines)
     assert any(line.startswith("base: holdout accuracy") for line in lines)
-    import multiprocessing
-
     assert multiprocessing.active_children() == []
+
+
+def test_forked_build_equals_the_in_process_build(tmp_path: Path) -> None:
+    """Batches, drift phases, scoring and task arithmetic in forked processes: the same tensors
+    and figures as the build that runs everything in this process, one step after another.
+
+    The build forks only where no other thread runs (`can_fork`), as in `evomerge zoo` or
+    `evomerge demo` before Ray starts; this test process has threads (Ray's, tqdm's), so the
+    comparison runs in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = f"from pathlib import Path; from tests.test_zoo import compare_forked_and_inline_builds as c; c(Path({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("parallel", [True, False])

@@ -33,12 +33,19 @@ Figures:
     above what is resident when the evaluator starts. Any worker that evaluates pays it,
     whatever the merge machinery does; it scales with the evaluator's batch size. The
     total peak (max of the merge peak and resident + working set) is printed too.
+  - second_worker_bytes_per_merged_byte and second_worker_fixed_bytes: the same memory figure
+    measured again on sources of `--scaling-hidden` (default 512: a 71 MB model, 1 and 2
+    workers, `--scaling-evaluations` each); the line through the two points is what a second
+    worker adds as a function of the merged model's size: its slope (1.0 = one merged model
+    per merged model) and what is left at size 0 (the per-process state a worker keeps after
+    its first job, whatever the model).
 Each configuration starts its own Ray; after one untimed warm-up session (the first Ray session
 of a process runs slower), the configurations alternate `--runs` times and each keeps its fastest
 run (its memory figures come from that run). The machine's load (`uptime`) is printed beside
 each run: the cores are shared.
 
     .venv/bin/python experiments/benchmarks/scheduler.py [--evaluations 24] [--runs 2] [--method ties] [--optimizer cmaes]
+        [--scaling-hidden 512]
 """
 
 from __future__ import annotations
@@ -254,6 +261,14 @@ def run_config(
     }
 
 
+def second_worker_bytes(one: dict, two: dict) -> tuple[int, int]:
+    """(what the second worker adds to the node, merged_model_bytes) from a 1-worker and a
+    2-worker run: the object store's growth plus the merge-phase peak of whichever of the two
+    workers grew most (both are "a second worker")."""
+    holding = max(m["merge_peak"] for m in two["memory"])
+    return two["store_bytes"] - one["store_bytes"] + holding, two["merged_model_bytes"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evaluations", type=int, default=24)
@@ -262,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="where sources and ledgers go (default: a temp dir)")
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="the sources' hidden size (memory scaling checks)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per configuration, alternating (best kept)")
+    parser.add_argument("--scaling-hidden", type=int, default=512,
+                        help="also measure a second worker's memory on sources of this hidden size (0: skip)")
+    parser.add_argument("--scaling-evaluations", type=int, default=12, help="evaluations per run at --scaling-hidden")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -287,12 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     one, two = (max(runs[w], key=lambda r: r["per_second"]) for w in (1, 2))
     speedup = two["per_second"] / one["per_second"]
     warm_speedup = two["per_second_after_warmup"] / one["per_second_after_warmup"]
-    merged = two["merged_model_bytes"]
-    # the second worker: whichever of the two grew most (both are "a second worker")
+    extra, merged = second_worker_bytes(one, two)
     holding = [m["merge_peak"] for m in two["memory"]]
     second = max(range(len(holding)), key=holding.__getitem__)
-    store_growth = two["store_bytes"] - one["store_bytes"]
-    extra = store_growth + holding[second]
     working_set = two["memory"][second]["eval_working_set"]
     total_peak = max(two["memory"][second]["merge_peak"], two["memory"][second]["evaluate_peak"])
     print(f"load during the runs: 1 worker [{one['load']}], 2 workers [{two['load']}]")
@@ -315,8 +330,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{holding[second]} (counted in second_worker_extra_bytes); while evaluating, what stays resident "
           f"{two['memory'][second]['resident']} plus the evaluator's working set at batch {BATCH}, {working_set} "
           f"(any worker pays it: printed apart, not counted)")  # fmt: skip
-    print(f"second worker beyond one merged model: {extra - merged} bytes (run with --hidden 512 to see whether it "
-          f"grows with the model)")  # fmt: skip
+    print(f"second worker beyond one merged model: {extra - merged} bytes")
+    if args.scaling_hidden and args.scaling_hidden != args.hidden:
+        # The same 2-worker memory figures on sources of another size: a line through the two
+        # points splits what a second worker adds into bytes per merged-model byte (the slope)
+        # and a part that does not grow with the model (per-process state after a first job).
+        big_sources = build_sources(work / f"sources-h{args.scaling_hidden}", args.scaling_hidden)
+        big = {w: run_config(w, big_sources, args.method, args.optimizer, args.scaling_evaluations, work) for w in (1, 2)}
+        big_extra, big_merged = second_worker_bytes(big[1], big[2])
+        slope = (big_extra - extra) / (big_merged - merged)
+        print(f"hidden {args.scaling_hidden}: second_worker_extra_bytes {big_extra} against merged_model_bytes "
+              f"{big_merged} ({big_extra - big_merged} beyond one merged model), load [{big[2]['load']}]")  # fmt: skip
+        print(f"second_worker_bytes_per_merged_byte: {slope:.3f}")
+        print(f"second_worker_fixed_bytes: {extra - slope * merged:.0f}")
     print(f"second_worker_eval_working_set_bytes: {working_set}")
     print(f"speedup_2_workers_after_warmup: {warm_speedup:.2f}")
     print(f"worker_busy_fraction: {two['busy_fraction']:.3f}")
