@@ -44,9 +44,6 @@ def test_release_blas_buffers_gives_back_mkl_scratch():
 
 def test_meter_splits_a_job_where_the_evaluator_is_called():
     meter = MemoryMeter()
-    # as a worker does after setup: without it the "skeleton" below may reuse pages that
-    # earlier tests freed and glibc kept, which the base already counts
-    release_free_memory()
     meter.set_base()
     meter.job_starts()
     held = torch.ones(4 * 2**20 // 4)  # 4 MiB "skeleton", kept through the evaluation

@@ -163,8 +163,9 @@ def test_forked_build_equals_the_in_process_build(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = f"from pathlib import Path; from tests.test_zoo import compare_forked_and_inline_builds as c; c(Path({str(tmp_path)!r}))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_zoo", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -333,3 +334,9 @@ def test_demo_merges_two_experts_and_reports(test_zoo: Path, tmp_path: Path) -> 
     assert set(result["accuracy"]) == {"zoo:test/add", "zoo:test/reverse", "ties merge"}
     assert f"merged model: {result['model'].resolve()}" in lines
     assert any(line.startswith("ties merge") for line in lines)
+
+
+if __name__ == "__main__":  # test_forked_build_equals_the_in_process_build's fresh interpreter
+    import sys
+
+    compare_forked_and_inline_builds(Path(sys.argv[1]))

@@ -129,7 +129,10 @@ class MemoryMeter:
         self.set_base(0)
 
     def set_base(self, base: int | None = None) -> None:
-        """Measure from here on (default: from this process's private memory now)."""
+        """Measure from here on (default: from this process's private memory now, once freed
+        memory is given back: pages glibc kept would count in the base and then be reused)."""
+        if base is None:
+            release_free_memory()
         self.base = private_memory()[0] if base is None else base
         self.jobs = 0
         self._resettable = True

@@ -214,7 +214,6 @@ class _WorkerActor:
             self.core.evaluator = MeteredEvaluator(self.core.evaluator, self._meter)
             # workers start merging at different tensors: their first jobs share rank tables
             self.core.merge_offset = (self.slot % self.workers) / self.workers
-            release_free_memory()
             self._meter.set_base()  # interpreter, libraries, evaluator; sources are shared memory
         except Exception as exc:
             self.setup_error = f"worker setup failed: {type(exc).__name__}: {exc}"

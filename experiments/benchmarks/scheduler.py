@@ -261,12 +261,16 @@ def run_config(
     }
 
 
+def second_worker(two: dict) -> dict:
+    """The memory figures of the 2-worker run's worker that grew most while holding and merging
+    (both are "a second worker")."""
+    return max(two["memory"], key=lambda m: m["merge_peak"])
+
+
 def second_worker_bytes(one: dict, two: dict) -> tuple[int, int]:
     """(what the second worker adds to the node, merged_model_bytes) from a 1-worker and a
-    2-worker run: the object store's growth plus the merge-phase peak of whichever of the two
-    workers grew most (both are "a second worker")."""
-    holding = max(m["merge_peak"] for m in two["memory"])
-    return two["store_bytes"] - one["store_bytes"] + holding, two["merged_model_bytes"]
+    2-worker run: the object store's growth plus that worker's merge-phase peak."""
+    return two["store_bytes"] - one["store_bytes"] + second_worker(two)["merge_peak"], two["merged_model_bytes"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,10 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     speedup = two["per_second"] / one["per_second"]
     warm_speedup = two["per_second_after_warmup"] / one["per_second_after_warmup"]
     extra, merged = second_worker_bytes(one, two)
-    holding = [m["merge_peak"] for m in two["memory"]]
-    second = max(range(len(holding)), key=holding.__getitem__)
-    working_set = two["memory"][second]["eval_working_set"]
-    total_peak = max(two["memory"][second]["merge_peak"], two["memory"][second]["evaluate_peak"])
+    second = second_worker(two)
+    working_set = second["eval_working_set"]
+    total_peak = max(second["merge_peak"], second["evaluate_peak"])
     print(f"load during the runs: 1 worker [{one['load']}], 2 workers [{two['load']}]")
     print(f"evaluations/s: 1 worker {one['per_second']:.2f}, 2 workers {two['per_second']:.2f}; "
           f"cores the workers got: {one['cpu_share']:.2f} vs {two['cpu_share']:.2f} "
@@ -327,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{m['resident']}, evaluating {m['evaluate_peak']} (evaluator working set "
                   f"{m['eval_working_set']}), after the last job {m['after_job']}")  # fmt: skip
     print(f"second worker: peak private growth {total_peak} bytes in all; holding and merging a candidate "
-          f"{holding[second]} (counted in second_worker_extra_bytes); while evaluating, what stays resident "
-          f"{two['memory'][second]['resident']} plus the evaluator's working set at batch {BATCH}, {working_set} "
+          f"{second['merge_peak']} (counted in second_worker_extra_bytes); while evaluating, what stays resident "
+          f"{second['resident']} plus the evaluator's working set at batch {BATCH}, {working_set} "
           f"(any worker pays it: printed apart, not counted)")  # fmt: skip
     print(f"second worker beyond one merged model: {extra - merged} bytes")
     if args.scaling_hidden and args.scaling_hidden != args.hidden:
