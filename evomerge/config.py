@@ -37,14 +37,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.recipe import DTYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number finite
 
 
 class ModelsSpec(_Strict):
@@ -258,23 +258,7 @@ def parse_experiment(data: dict, *, file: str | None = None) -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as exc:
-        raise _one_line(exc, file) from None
-
-
-def _one_line(exc: ValidationError, file: str | None) -> ConfigError:
-    err = exc.errors()[0]
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "str", "dict")))]
-    field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        parent = field.rsplit(".", 1)[0] if "." in field else ""
-        valid = _valid_fields(parent)
-        message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
-    if err["type"] == "missing":
-        message = "missing (required)"
-    if message.startswith("stages["):  # validators that name their own field
-        field, _, message = message.partition(": ")
-    return ConfigError(message, file=file, field=field or None)
+        raise schema_error(exc, file=file, valid_fields=_valid_fields) from None
 
 
 def _valid_fields(parent: str) -> list[str]:
@@ -343,11 +327,10 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
             try:
                 spec, _ = load_space_spec(_absolute_yaml(stage["space"], base_dir), stage["space_overrides"] or None)
             except EvomergeError as exc:
-                message = exc.message.removeprefix("Value error, ")
                 if exc.file:  # a problem inside the search-space file: name that file and field
-                    raise ConfigError(message, file=exc.file, field=exc.field) from None
+                    raise ConfigError(exc.message, file=exc.file, field=exc.field) from None
                 field = f"stages[{i}].space" + (f".{exc.field}" if exc.field else "")
-                raise ConfigError(message, file=file, field=field) from None
+                raise ConfigError(exc.message, file=file, field=field) from None
             stage["space"] = spec.model_dump(mode="json")
             stage["space_overrides"] = {}
         try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any
+
 
 class EvomergeError(Exception):
     """A problem with the user's input. The CLI prints it as one line and exits with code 2."""
@@ -31,3 +35,50 @@ class ConfigError(EvomergeError):
 
 class SourceError(EvomergeError):
     """A model reference that cannot be opened, or tensors that do not fit together."""
+
+
+# ---- schema errors (pydantic) as one line ----------------------------------------------------
+
+_MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
+# A validator that knows the field better than pydantic's location starts its message with it.
+_SELF_LOCATED = re.compile(r"^([A-Za-z_]\w*\[\d+\][\w.\[\]]*): (.+)$", re.S)
+# Union members and validator wrappers that pydantic puts in an error's location.
+_TAG = re.compile(r"^(str|int|float|bool|dict|list|tuple|none|function-\w+)(\[.*\])?$|^[A-Z]\w*$")
+
+
+def schema_error(
+    exc: Any,
+    *,
+    file: str | None = None,
+    prefix: str = "",
+    skip: tuple[str, ...] = (),
+    valid_fields: Callable[[str], list[str]] | None = None,
+) -> ConfigError:
+    """The first error of a pydantic ValidationError as one line naming the file and the field.
+
+    The one formatting path of schema errors (recipes, experiments, search spaces): pydantic's
+    "Value error, " prefix never reaches a message, union tags and `skip` (e.g. a discriminator
+    value) are dropped from the field, an unknown field says what is valid (`valid_fields(parent
+    field)`), and a validator may name its own field as "stages[0].x: message".
+    """
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in skip or _TAG.match(p)))]
+    field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    message = str(err["msg"])
+    for known in _MESSAGE_PREFIXES:
+        message = message.removeprefix(known)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = field.rsplit(".", 1)[0] if "." in field else ""
+        valid = valid_fields(parent) if valid_fields else []
+        message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
+    elif kind == "missing":
+        message = "missing (required)"
+    elif kind == "finite_number":
+        message = f"must be a finite number, got {err.get('input')!r}"
+    elif kind in ("too_short", "list_too_short") and not err.get("input"):
+        message = "is empty; give at least one item"
+    located = _SELF_LOCATED.match(message)
+    if located:
+        field, message = located.group(1), located.group(2)
+    return ConfigError(message, file=file, field=field.rstrip(".") or None)

@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, schema_error
+
+if TYPE_CHECKING:
+    from evomerge.merge.specs import ParamSpec
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -69,12 +73,17 @@ class EvomergeBlock(BaseModel):
     """evomerge-only facts (seed of random methods, source content hashes, DFS path, scores).
 
     mergekit's parser ignores unknown top-level keys, so a recipe with this block stays a valid
-    mergekit config. Free-form extra keys are kept."""
+    mergekit config. Free-form extra keys are kept.
+
+    `allow_mixed_architectures`: merge sources of different model types (e.g. a Llama and a
+    Qwen2 of the same shapes); the result takes the reference model's (base's) architecture,
+    and tensors it has no place for are dropped with a warning. Refused without it."""
 
     model_config = ConfigDict(extra="allow")
 
     seed: int = 0
     source_hashes: dict[str, str] = Field(default_factory=dict)
+    allow_mixed_architectures: StrictBool = False
 
 
 class Recipe(_Strict):
@@ -98,7 +107,7 @@ class Recipe(_Strict):
         try:
             recipe = cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise _one_line(exc, file, valid_fields=list(cls.model_fields)) from None
+            raise schema_error(exc, file=file, valid_fields=_valid_fields) from None
         recipe.check(file=file)
         return recipe
 
@@ -145,8 +154,16 @@ class Recipe(_Strict):
             for name, value in (params or {}).items():
                 if name not in allowed:
                     fail(f"{field}.{name}", f"method '{self.merge_method}' has no parameter '{name}'; valid: {valid_text}")
-                _check_value(value, file=file, field=f"{field}.{name}")
+                spec = method.param(name)
+                assert spec is not None
+                check_setting(value, spec, file=file, field=f"{field}.{name}")
 
+        if self.models is not None and not self.models:
+            fail("models", "is empty; list the models to merge")
+        if self.slices is not None and not self.slices:
+            fail("slices", "is empty; list at least one output slice")
+        if method.requires_base and self.models is not None and all(m.model == self.base_model for m in self.models):
+            fail("models", f"method '{self.merge_method}' needs at least one model besides base_model '{self.base_model}'")
         # Top-level and slice-level parameters may set per-model defaults as in mergekit.
         check_params(self.parameters, "parameters", model_names | global_names)
         for i, model in enumerate(self.models or []):
@@ -231,38 +248,46 @@ def _round_floats(value: Any) -> Any:
     return value
 
 
-def _check_value(value: Any, *, file: str | None, field: str) -> None:
-    """Accept what mergekit accepts for a parameter value."""
-    if isinstance(value, bool | int | float | str):
-        return
+def check_setting(value: Any, spec: ParamSpec, *, file: str | None, field: str) -> None:
+    """Accept what mergekit accepts for a parameter setting (a scalar, a gradient list of numbers,
+    `{filter, value}` conditions, nested), with every value valid for `spec` (finite, in range,
+    booleans as booleans). Raises a ConfigError naming the exact value's field."""
+
+    def bad(message: str, where: str) -> ConfigError:
+        return ConfigError(message, file=file, field=where)
+
     if isinstance(value, Mapping):
         unknown = set(value) - {"filter", "value"}
         if unknown or "value" not in value:
-            raise ConfigError("a conditional parameter is {filter: NAME, value: V}", file=file, field=field)
-        _check_value(value["value"], file=file, field=f"{field}.value")
+            raise bad("a conditional parameter is {filter: NAME, value: V}", field)
+        if value.get("filter") is not None and not isinstance(value["filter"], str):
+            raise bad(f"a filter is a substring of tensor names, got {value['filter']!r}", f"{field}.filter")
+        check_setting(value["value"], spec, file=file, field=f"{field}.value")
         return
-    if isinstance(value, list) and value:
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            return
+    if isinstance(value, list):
+        if not value:
+            raise bad(f"is an empty list; give {spec.valid}, a gradient list of numbers or {{filter, value}} conditions", field)
         if all(isinstance(v, Mapping) for v in value):
             for i, cond in enumerate(value):
-                _check_value(cond, file=file, field=f"{field}[{i}]")
+                check_setting(cond, spec, file=file, field=f"{field}[{i}]")
             return
-    raise ConfigError(
-        "a parameter is a number, a gradient list of numbers, or a list of {filter, value}",
-        file=file,
-        field=field,
-    )
+        if spec.kind == "bool":
+            raise bad(f"{spec.name} is {spec.valid} (a gradient list is for numbers), got {value!r}", field)
+        for i, item in enumerate(value):
+            problem = spec.problem(item)
+            if problem:
+                raise bad(f"{problem} (an anchor of a gradient list)", f"{field}[{i}]")
+        return
+    problem = spec.problem(value)
+    if problem:
+        raise bad(problem, field)
 
 
-def _one_line(exc: ValidationError, file: str | None, valid_fields: list[str]) -> ConfigError:
-    err = exc.errors()[0]
-    field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
-    if err["type"] == "extra_forbidden":
-        parent = field.rsplit(".", 1)[0] if "." in field else ""
-        hint = f"; valid top-level fields: {', '.join(valid_fields)}" if not parent else ""
-        return ConfigError(f"unknown field{hint}", file=file, field=field)
-    return ConfigError(err["msg"], file=file, field=field or None)
+def _valid_fields(parent: str) -> list[str]:
+    """Fields of the recipe object at `parent` (a field path), for "unknown field" messages."""
+    leaf = re.sub(r"\[\d+\]", "", parent.rsplit(".", 1)[-1]) if parent else ""
+    model = {"": Recipe, "models": InputModel, "slices": OutputSlice, "sources": InputSlice}.get(leaf)
+    return list(model.model_fields) if model else []
 
 
 # ---- parameter resolution (mergekit's precedence and gradient rules) -------------------------

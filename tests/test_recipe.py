@@ -101,7 +101,7 @@ parameters: {weight: 0.1}
             "slices[0].sources",
             ["differ in length"],
         ),
-        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: {value: [1, x]}}}]", "models[0].parameters.weight.value", ["gradient"]),
+        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: {value: [1, x]}}}]", "models[0].parameters.weight.value[1]", ["gradient"]),
     ],
 )
 def test_bad_recipes_name_file_field_and_valid_values(text: str, field: str, words: list[str]) -> None:

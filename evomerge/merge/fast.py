@@ -31,6 +31,7 @@ import numpy as np
 from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, task_size
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.specs import _DENSITY
 
 FAST_METHODS = ("linear", "task_arithmetic")
 CHUNK = 1 << 16  # elements per chunk: the float64 temporaries stay in a core's L2
@@ -80,8 +81,8 @@ def _check_params(plan: MergePlan, task: TensorTask) -> None:
             raise ValueError("weights sum to 0")
         return
     for p in task.model_params:
-        if not 0 <= float(p["density"]) <= 1:
-            raise ValueError("density out of [0, 1]")
+        if problem := _DENSITY.problem(float(p["density"])):
+            raise ValueError(problem)
     float(task.params["lambda"])
 
 

@@ -404,8 +404,8 @@ class TaskArithmeticFamily(_Method):
             return sp.magnitude(key, delta, n, 0, k)
         if self.sparsify == "outliers":
             gamma = _as_float(self._model_value(values, _GAMMA, i), "gamma")
-            if not 0 <= gamma < 1:
-                raise ValueError(f"gamma must be in [0, 1), got {gamma} (model #{i}, tensor '{ctx.tensor_name}')")
+            if problem := _GAMMA.problem(gamma):
+                raise ValueError(f"{problem} (model #{i}, tensor '{ctx.tensor_name}')")
             target = max(0, int(density * n))
             n_top = int(gamma * n)
             n_bot = max(0, n - target - n_top)
@@ -438,10 +438,8 @@ class TaskArithmeticFamily(_Method):
         weights = [_as_float(w, "weight") for w in self._per_model(model_params, "weight", len(tensors))]
         for i, density in enumerate(self._per_model(model_params, "density", len(tensors))):
             # mergekit silently treats density > 1 as 1 and < 0 as 0; out of [0, 1] is a typo here.
-            if not 0 <= _as_float(density, "density") <= 1:
-                raise ValueError(
-                    f"density must be in [0, 1], got {density} (model #{i}, tensor '{ctx.tensor_name}')"
-                )
+            if problem := _DENSITY.problem(_as_float(density, "density")):
+                raise ValueError(f"{problem} (model #{i}, tensor '{ctx.tensor_name}')")
         g = {spec.name: self._global_value(params, spec) for spec in self.global_params}
         dtype = _work_dtype([base, *tensors])
         masks = [self._mask(i, base, t, model_params[i], ctx, dtype) for i, t in enumerate(tensors)]

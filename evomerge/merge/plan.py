@@ -10,13 +10,14 @@ the element-wise methods on the `evomerge merge` path).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError, SourceError
 from evomerge.merge.layout import layer_count, place_of, with_layer_count
 from evomerge.merge.sources import SourcePool
-from evomerge.merge.specs import MethodSpec, get_spec
+from evomerge.merge.specs import MethodSpec, ParamSpec, get_spec
 from evomerge.recipe import (
     DTYPES,
     InputSlice,
@@ -75,11 +76,16 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name)
 
 
+class MixedArchitectureWarning(UserWarning):
+    """Sources of different architectures merged (the recipe allowed it): what was dropped."""
+
+
 def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
     """Resolve a recipe against its sources; raises ConfigError/SourceError on any mismatch."""
     method = get_spec(recipe.merge_method)
     slices = _as_slices(recipe, pool)
     reference = recipe.base_model or slices[0].sources[0].model
+    _check_architectures(recipe, pool, reference)
     ref_source = pool.get(reference)
     ref_layers = layer_count(ref_source.config)
     ref_names = ref_source.names
@@ -123,8 +129,73 @@ def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
     return MergePlan(recipe, method, tasks, reference, out_index, config, compute_dtype, out_dtype)
 
 
+def architecture_of(config: dict) -> str:
+    """A model's architecture in words: its `model_type` (else its `architectures`)."""
+    archs = config.get("architectures") or [config.get("architecture")]
+    return str(config.get("model_type") or archs[0] or "unknown")
+
+
+def _tensor_refs(recipe: Recipe) -> list[str]:
+    """The models whose tensors a recipe merges (the tokenizer source aside)."""
+    refs = [*([recipe.base_model] if recipe.base_model else []), *(m.model for m in recipe.models or [])]
+    for out_slice in recipe.slices or []:
+        refs += [s.model for s in out_slice.sources] + ([out_slice.base_model] if out_slice.base_model else [])
+    return list(dict.fromkeys(refs))
+
+
+def _check_architectures(recipe: Recipe, pool: SourcePool, reference: str) -> None:
+    """Sources of different model types (or `architectures`) are refused unless the recipe says
+    `evomerge: {allow_mixed_architectures: true}`; then the result takes the reference model's
+    architecture and the tensors it has no place for are named in a MixedArchitectureWarning."""
+    refs = _tensor_refs(recipe)
+    configs = {ref: pool.get(ref).config for ref in refs}
+    ref_config = configs[reference]
+    ref_archs = ref_config.get("architectures")
+
+    def differs(config: dict) -> bool:
+        archs = config.get("architectures")
+        return architecture_of(config) != architecture_of(ref_config) or bool(archs and ref_archs and archs != ref_archs)
+
+    others = [ref for ref in refs if differs(configs[ref])]
+    if not others:
+        return
+
+    def label(ref: str) -> str:
+        archs = configs[ref].get("architectures")
+        return f"'{ref}' ({architecture_of(configs[ref])}" + (f", {', '.join(archs)})" if archs else ")")
+
+    listing = ", ".join(label(ref) for ref in [reference, *others])
+    if not (recipe.evomerge and recipe.evomerge.allow_mixed_architectures):
+        raise SourceError(
+            f"the sources have different architectures: {listing}; merge models of one architecture, or set "
+            "`evomerge: {allow_mixed_architectures: true}` to merge into the reference model's architecture",
+            field="models",
+        )
+    ref_names = {_pattern(name) for name in pool.get(reference).names}
+    dropped: dict[str, list[str]] = {}
+    for ref in others:
+        for name in pool.get(ref).names:
+            if _pattern(name) not in ref_names:
+                dropped.setdefault(_pattern(name), []).append(ref)
+    lost = "; ".join(f"{name} (from {', '.join(dict.fromkeys(models))})" for name, models in dropped.items()) or "none"
+    warnings.warn(
+        f"merging mixed architectures {listing}: the result is {architecture_of(ref_config)} like '{reference}'; "
+        f"tensors it has no place for are dropped: {lost}",
+        MixedArchitectureWarning,
+        stacklevel=3,
+    )
+
+
+def _pattern(name: str) -> str:
+    """A tensor name with its layer index as '*' (model.layers.*.self_attn.q_proj.bias)."""
+    place = place_of(name)
+    return f"{place.prefix}.*.{place.rest}" if place.kind == "layer" else name
+
+
 def _as_slices(recipe: Recipe, pool: SourcePool) -> list[OutputSlice]:
     """`models:` is one slice over every layer, as mergekit reads it."""
+    if not recipe.models and not recipe.slices:
+        raise ConfigError("the recipe merges no model (models: and slices: are empty)", field="slices" if recipe.slices is not None else "models")
     if recipe.slices is not None:
         for i, out_slice in enumerate(recipe.slices):
             for j, source in enumerate(out_slice.sources):
@@ -189,6 +260,8 @@ def _task(
                         field="parameters",
                     )
                 value = spec.default
+            else:
+                _check_resolved(spec, value, f"model '{ref.model}', tensor {out_name}")
             values[spec.name] = value
         model_params.append(values)
     params = {}
@@ -198,8 +271,17 @@ def _task(
             if spec.required:
                 raise ConfigError(f"method '{method.name}' needs parameter '{spec.name}' (tensor {out_name})", field="parameters")
             value = spec.default
+        else:
+            _check_resolved(spec, value, f"tensor {out_name}")
         params[spec.name] = value
     return TensorTask(out_name, inputs, base, model_params, params)
+
+
+def _check_resolved(spec: ParamSpec, value: Any, where: str) -> None:
+    """A resolved value valid for its declaration (a recipe built in code skips `Recipe.check`)."""
+    problem = spec.problem(value)
+    if problem:
+        raise ConfigError(f"{problem} ({where})", field="parameters")
 
 
 def task_size(task: TensorTask, pool: SourcePool) -> int:

@@ -27,6 +27,20 @@ def valid_options(name: str) -> list[str]:
     return sorted({**cls.COMMON_OPTIONS, **cls.OPTIONS})
 
 
+def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's options with their defaults, checked without building it (unknown
+    optimizers and options, wrong types, out-of-range values: a one-line ConfigError whose field
+    is `optimizer` or `optimizer.OPTION`)."""
+    cls = OPTIMIZERS.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown optimizer '{name}'; valid: {', '.join(sorted(OPTIMIZERS))}", field="optimizer")
+    try:
+        return cls.check_options(options)
+    except ConfigError as exc:
+        exc.field = f"optimizer.{exc.field}" if exc.field else "optimizer"
+        raise
+
+
 def make_optimizer(
     name: str,
     *,
@@ -44,18 +58,11 @@ def make_optimizer(
     objectives: every objective of the evaluator, name -> higher_is_better; the optimized one
         is the first unless the option `objective` names another (`multi_objective: true` for a
         Pareto search, where the optimizer can do it).
-    options: per optimizer, see `valid_options(name)`; unknown ones are refused.
+    options: per optimizer, see `valid_options(name)` and `OPTIONS`; unknown or invalid ones
+        are refused (`check_options`).
     """
-    cls = OPTIMIZERS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown optimizer '{name}'; valid: {', '.join(sorted(OPTIMIZERS))}", field="optimizer")
-    unknown = sorted(set(options) - set(valid_options(name)))
-    if unknown:
-        raise ConfigError(
-            f"optimizer '{name}' has no option '{unknown[0]}'; valid: {', '.join(valid_options(name))}",
-            field=f"optimizer.{unknown[0]}",
-        )
-    return cls(dim=dim, bounds=bounds, x0=x0, seed=seed, objectives=objectives, **options)
+    check_options(name, options)
+    return OPTIMIZERS[name](dim=dim, bounds=bounds, x0=x0, seed=seed, objectives=objectives, **options)
 
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "ArchivePort",
     "Candidate",
     "Optimizer",
+    "check_options",
     "load_state",
     "make_optimizer",
     "save_state",

@@ -31,6 +31,7 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.fitness import Objectives, dominates, fill_failures
+from evomerge.optim.options import Option, check_all
 from evomerge.optim.state import FORMAT, decode_array, encode_array
 from evomerge.recipe import Recipe
 
@@ -101,13 +102,13 @@ class Optimizer(ABC):
     """
 
     name: ClassVar[str] = ""
-    #: option name -> default; make_optimizer rejects any other option.
-    OPTIONS: ClassVar[dict[str, Any]] = {}
-    COMMON_OPTIONS: ClassVar[dict[str, Any]] = {
-        "objective": None,  # the optimized objective (default: the first)
-        "multi_objective": False,  # Pareto search over every objective
-        "max_evals": None,  # stop after this many candidates asked
-        "max_seconds": None,  # stop after this much wall time spent (summed over resumes)
+    #: option name -> declaration (default, valid values); any other option is refused.
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    COMMON_OPTIONS: ClassVar[dict[str, Option]] = {
+        "objective": Option(None, "str"),  # the optimized objective (default: the first)
+        "multi_objective": Option(False, "bool"),  # Pareto search over every objective
+        "max_evals": Option(None, "int", low=1),  # stop after this many candidates asked
+        "max_seconds": Option(None, "number", low=0),  # stop after this much wall time (summed over resumes)
     }
     MULTI_OBJECTIVE: ClassVar[bool] = False
 
@@ -132,7 +133,7 @@ class Optimizer(ABC):
             raise ConfigError("x0 lies outside the bounds", field="x0")
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
-        opts = {**self.COMMON_OPTIONS, **self.OPTIONS, **options}
+        opts = self.check_options(options)
         self.options = opts
         if opts["multi_objective"] and not self.MULTI_OBJECTIVE:
             raise ConfigError(
@@ -155,6 +156,11 @@ class Optimizer(ABC):
         self._best: tuple[Candidate, EvalResult] | None = None
         self._front: list[tuple[Candidate, EvalResult]] = []
         self._worst_seen: float | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Every option with its default, the given ones checked against their declarations."""
+        return check_all({**cls.COMMON_OPTIONS, **cls.OPTIONS}, options, owner=f"optimizer '{cls.name}'")
 
     # ---- the public contract ------------------------------------------------------------
     def ask(self, n: int | None = None) -> list[Candidate]:

@@ -29,6 +29,7 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
+from evomerge.optim.options import Option
 from evomerge.optim.state import decode_array, encode_array, pickle_blob, unpickle_blob
 
 # pycma's stop reasons that come from budgets we manage ourselves, not from convergence.
@@ -51,13 +52,13 @@ class GeneratorRandn:
 class CMAES(Optimizer):
     name = "cmaes"
     OPTIONS = {
-        "popsize": None,  # pycma's default 4 + 3 ln(n)
-        "sigma0": None,  # default: a quarter of the median bound width (1.0 when unbounded)
-        "diagonal": False,
-        "restarts": 0,
-        "min_generations": 10,
-        "incpopsize": 2,
-        "cma_options": None,  # extra pycma options, passed through
+        "popsize": Option(None, "int", low=2),  # pycma's default 4 + 3 ln(n)
+        "sigma0": Option(None, "number", low=0, low_open=True),  # default: a quarter of the median bound width (1.0 when unbounded)
+        "diagonal": Option(False, "bool"),
+        "restarts": Option(0, "int", low=0),
+        "min_generations": Option(10, "int", low=0),
+        "incpopsize": Option(2, "int", low=1),
+        "cma_options": Option(None, "mapping"),  # extra pycma options, passed through
     }
 
     def __init__(self, **kwargs: Any):
@@ -65,8 +66,6 @@ class CMAES(Optimizer):
         import cma  # noqa: F401  (fail early with the import error if missing)
 
         opts = self.options
-        if opts["popsize"] is not None and int(opts["popsize"]) < 2:
-            raise ConfigError(f"popsize must be at least 2, got {opts['popsize']}", field="popsize")
         finite = np.isfinite(self.lower) & np.isfinite(self.upper)
         widths = (self.upper - self.lower)[finite]
         if opts["sigma0"] is not None:

@@ -43,6 +43,7 @@ from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.optim.m2n2_recipe import child_recipe, initial_recipe, split_units
+from evomerge.optim.options import Option
 from evomerge.optim.state import decode_array, encode_array
 from evomerge.recipe import Recipe
 
@@ -105,37 +106,29 @@ def _slerp_coefficients(x: np.ndarray, y: np.ndarray, norm_x: float | None = Non
 class M2N2(Optimizer):
     name = "m2n2"
     OPTIONS = {
-        "mode": "genome",
-        "archive_size": 20,
-        "alpha": 1.0,
-        "attraction": True,
-        "crossover": True,
-        "split": True,
-        "mutation_sigma": 0.0,
-        "initial": None,  # genome mode: list of initial genomes
-        "n_init": 2,  # genome mode without `initial`: how many initial genomes to draw
-        "init_sigma": None,  # genome mode: draw the initial genomes from N(x0, init_sigma^2)
-        "initial_models": None,  # model mode: model references of the initial members
-        "tensor_names": None,  # model mode: the members' tensor names in checkpoint order
-        "archive_port": None,  # model mode: object with persist(member_id, candidate)
+        "mode": Option("genome", "str", choices=MODES, label="m2n2 mode"),
+        "archive_size": Option(20, "int", low=2),
+        "alpha": Option(1.0, "number", low=0),
+        "attraction": Option(True, "bool"),
+        "crossover": Option(True, "bool"),
+        "split": Option(True, "bool"),
+        "mutation_sigma": Option(0.0, "number", low=0),
+        "initial": Option(None, "list"),  # genome mode: list of initial genomes
+        "n_init": Option(2, "int", low=1),  # genome mode without `initial`: how many initial genomes to draw
+        "init_sigma": Option(None, "number", low=0),  # genome mode: draw the initial genomes from N(x0, init_sigma^2)
+        "initial_models": Option(None, "list"),  # model mode: model references of the initial members
+        "tensor_names": Option(None, "list"),  # model mode: the members' tensor names in checkpoint order
+        "archive_port": Option(None, "any"),  # model mode: object with persist(member_id, candidate)
     }
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        o = self.options
+        o = self.options  # types and ranges checked against OPTIONS
         self.mode = str(o["mode"])
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown m2n2 mode '{self.mode}'; valid: {', '.join(MODES)}", field="mode")
         self.P = int(o["archive_size"])
-        if self.P < 2:
-            raise ConfigError(f"archive_size must be at least 2, got {self.P}", field="archive_size")
         self.alpha = float(o["alpha"])
-        if self.alpha < 0:
-            raise ConfigError(f"alpha must be >= 0, got {self.alpha}", field="alpha")
         self.attraction, self.crossover, self.split = bool(o["attraction"]), bool(o["crossover"]), bool(o["split"])
         self.sigma = float(o["mutation_sigma"])
-        if self.sigma < 0:
-            raise ConfigError(f"mutation_sigma must be >= 0, got {self.sigma}", field="mutation_sigma")
         self._bounded = bool(np.isfinite(self.lower).any() or np.isfinite(self.upper).any())
         self.port: ArchivePort | None = o["archive_port"]
         if self.mode == "genome":
@@ -177,8 +170,6 @@ class M2N2(Optimizer):
                 raise ConfigError("initial needs at least one genome", field="initial")
             return [self._clip(g) for g in genomes]
         n = int(o["n_init"])
-        if n < 1:
-            raise ConfigError(f"n_init must be at least 1, got {n}", field="n_init")
         if o["init_sigma"] is not None:
             if self.x0 is None:
                 raise ConfigError("init_sigma draws around x0; the space gives no x0", field="init_sigma")

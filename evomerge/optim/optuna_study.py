@@ -29,6 +29,7 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
+from evomerge.optim.options import Option
 from evomerge.optim.state import pickle_blob, unpickle_blob
 
 SAMPLERS = ("tpe", "cmaes", "nsgaii", "random")
@@ -72,13 +73,13 @@ def storage_url(storage: str | None, run_dir: str | Path | None) -> str | None:
 class OptunaSearch(Optimizer):
     name = "optuna"
     OPTIONS = {
-        "sampler": "tpe",
-        "storage": None,  # an Optuna storage URL; None (and no run_dir) keeps the study in memory
-        "run_dir": None,  # the run directory: the study goes to sqlite:///RUN_DIR/optuna.db
-        "study_name": "evomerge",
-        "popsize": None,  # nsgaii population / cmaes popsize; also the natural ask batch
-        "param_names": None,
-        "sampler_options": None,  # passed to the Optuna sampler's constructor
+        "sampler": Option("tpe", "str", choices=SAMPLERS, label="optuna sampler"),
+        "storage": Option(None, "str"),  # an Optuna storage URL; None (and no run_dir) keeps the study in memory
+        "run_dir": Option(None, "path"),  # the run directory: the study goes to sqlite:///RUN_DIR/optuna.db
+        "study_name": Option("evomerge", "str"),
+        "popsize": Option(None, "int", low=2),  # nsgaii population / cmaes popsize; also the natural ask batch
+        "param_names": Option(None, "list"),
+        "sampler_options": Option(None, "mapping"),  # passed to the Optuna sampler's constructor
     }
     MULTI_OBJECTIVE = True
 
@@ -86,10 +87,8 @@ class OptunaSearch(Optimizer):
         super().__init__(**kwargs)
         import optuna
 
-        opts = self.options
+        opts = self.options  # types and ranges checked against OPTIONS
         self.sampler_name = str(opts["sampler"])
-        if self.sampler_name not in SAMPLERS:
-            raise ConfigError(f"unknown optuna sampler '{self.sampler_name}'; valid: {', '.join(SAMPLERS)}", field="sampler")
         if self.objectives.multi and self.sampler_name in _SINGLE_ONLY:
             raise ConfigError(
                 f"optuna sampler '{self.sampler_name}' optimizes one objective; for a Pareto search use nsgaii, tpe or random",
@@ -97,9 +96,7 @@ class OptunaSearch(Optimizer):
             )
         if not (np.isfinite(self.lower).all() and np.isfinite(self.upper).all()):
             raise ConfigError("optuna needs finite bounds on every gene", field="bounds")
-        self.popsize = None if opts["popsize"] is None else int(opts["popsize"])
-        if self.popsize is not None and self.popsize < 2:
-            raise ConfigError(f"popsize must be at least 2, got {self.popsize}", field="popsize")
+        self.popsize = opts["popsize"]
         names = opts["param_names"] or [f"x{i}" for i in range(self.dim)]
         if len(names) != self.dim or len(set(names)) != self.dim:
             raise ConfigError(f"param_names needs {self.dim} distinct names", field="param_names")

@@ -11,26 +11,19 @@ import numpy as np
 from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
-
-
-def check_popsize(value: Any) -> int:
-    """The popsize option as an int >= 2 (every optimizer with a popsize refuses fewer)."""
-    popsize = int(value)
-    if popsize < 2:
-        raise ConfigError(f"popsize must be at least 2, got {popsize}", field="popsize")
-    return popsize
+from evomerge.optim.options import Option
 
 
 class RandomSearch(Optimizer):
     """Uniform in the bounds. Genes with an infinite bound are drawn from N(x0, sigma^2) instead."""
 
     name = "random"
-    OPTIONS = {"popsize": 16, "sigma": None}
+    OPTIONS = {"popsize": Option(16, "int", low=2), "sigma": Option(None, "number", low=0, low_open=True)}
     MULTI_OBJECTIVE = True
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.popsize = check_popsize(self.options["popsize"])
+        self.popsize = self.options["popsize"]
         self._open = ~(np.isfinite(self.lower) & np.isfinite(self.upper))
         if self._open.any() and (self.options["sigma"] is None or self.x0 is None):
             raise ConfigError(
@@ -66,7 +59,7 @@ class GridSearch(Optimizer):
     """
 
     name = "grid"
-    OPTIONS = {"points": 10, "max_candidates": 100_000, "popsize": 16}
+    OPTIONS = {"points": Option(10, "ints", low=1), "max_candidates": Option(100_000, "int", low=1), "popsize": Option(16, "int", low=2)}
     MULTI_OBJECTIVE = True
 
     def __init__(self, **kwargs: Any):
@@ -84,7 +77,7 @@ class GridSearch(Optimizer):
                 f"{self.options['max_candidates']}; use fewer points or another optimizer",
                 field="points",
             )
-        self.popsize = check_popsize(self.options["popsize"])
+        self.popsize = self.options["popsize"]
         self._axes = [
             np.linspace(lo, hi, p) if p > 1 else np.array([(lo + hi) / 2])
             for lo, hi, p in zip(self.lower, self.upper, self.points, strict=True)

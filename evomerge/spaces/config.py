@@ -8,13 +8,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from evomerge.errors import ConfigError
-from evomerge.recipe import DTYPES
+from evomerge.errors import ConfigError, schema_error
+from evomerge.recipe import DTYPES, check_setting
 from evomerge.resources import find_yaml
+
+KINDS = ("ps", "dfs", "weights")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class GeneRange(_Spec):
@@ -65,6 +67,14 @@ class DFSSpec(_Spec):
     pin_ends: bool = False
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
 
+    @model_validator(mode="after")
+    def _positive_scales(self) -> DFSSpec:
+        if self.scale_range.low <= 0:
+            raise ValueError(
+                f"scale_range.low: input scales must be > 0 (the exported path divides by their product), got {self.scale_range.low}"
+            )
+        return self
+
 
 class WeightsSpec(_Spec):
     kind: Literal["weights"]
@@ -90,15 +100,43 @@ def load_space_spec(ref: str | Path | dict, overrides: dict | None = None) -> tu
             raise ConfigError(f"not valid YAML ({exc})".replace("\n", " "), file=file) from None
     data.update(overrides or {})
     try:
-        return _ADAPTER.validate_python(data), file
+        spec = _ADAPTER.validate_python(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        if loc and loc[0] in ("ps", "dfs", "weights"):
-            loc = loc[1:]
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        if err["type"] == "union_tag_invalid" or (err["type"] == "union_tag_not_found"):
-            message, loc = "kind must be one of: ps, dfs, weights", ["kind"]
-        raise ConfigError(message, file=file, field=".".join(loc) or None) from None
+        if exc.errors()[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            raise ConfigError(f"kind must be one of: {', '.join(KINDS)}", file=file, field="kind") from None
+        raise schema_error(exc, file=file, skip=KINDS) from None
+    if isinstance(spec, PSSpec):
+        check_ps_spec(spec, file=file)
+    return spec, file
+
+
+def check_ps_spec(spec: PSSpec, *, file: str | None = None) -> None:
+    """A PS space against its method's declared parameters (`evomerge.merge.specs`): genes are
+    numeric parameters that have an effect, with bounds valid for the parameter (density in
+    [0, 1], t in [0, 1], every bound finite); fixed values are valid settings. Needs no model."""
+    from evomerge.merge.specs import METHOD_SPECS
+
+    method = METHOD_SPECS.get(spec.method)
+    if method is None:
+        raise ConfigError(f"unknown method '{spec.method}'; valid: {', '.join(sorted(METHOD_SPECS))}", file=file, field="method")
+    valid = ", ".join(sorted(p.name for p in (*method.model_params, *method.global_params)))
+    for name, rng in spec.genes.items():
+        param = method.param(name)
+        field = f"genes.{name}"
+        if param is None:
+            raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {valid}", file=file, field=field)
+        if param.kind != "number":
+            raise ConfigError(f"{name} is {param.valid}, not a number to search; set it under fixed:", file=file, field=field)
+        if param.inert:
+            raise ConfigError(f"{name} has no effect in method '{method.name}' ({param.doc}); search another parameter", file=file, field=field)
+        ends = {"low": rng.low, "high": rng.high}
+        if name == "weight" and spec.allow_negative_weights and rng.low >= 0:
+            ends["low"] = -rng.high  # what the space searches (see ParameterSpace)
+        for end, value in ends.items():
+            if problem := param.problem(value):
+                raise ConfigError(f"the bounds must be valid values: {problem}", file=file, field=f"{field}.{end}")
+    for name, value in spec.fixed.items():
+        param = method.param(name)
+        if param is None:
+            raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {valid}", file=file, field=f"fixed.{name}")
+        check_setting(value, param, file=file, field=f"fixed.{name}")

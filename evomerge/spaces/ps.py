@@ -20,7 +20,7 @@ from evomerge.errors import ConfigError
 from evomerge.merge.methods import get_method
 from evomerge.recipe import EvomergeBlock, InputModel, InputSlice, OutputSlice, Recipe
 from evomerge.spaces.base import Gene, SearchSpace
-from evomerge.spaces.config import PSSpec
+from evomerge.spaces.config import PSSpec, check_ps_spec
 
 REST = "*"
 
@@ -29,6 +29,7 @@ class ParameterSpace(SearchSpace):
     kind = "ps"
 
     def __init__(self, spec: PSSpec, *, base: str | None, models: list[str], layer_count: int | None, file: str | None = None):
+        check_ps_spec(spec, file=file)  # method, parameters, bounds (checked on loading too; a spec may be built in code)
         self.spec = spec
         self.method = get_method(spec.method)
         self.base = base if self.method.requires_base else None
@@ -44,17 +45,6 @@ class ParameterSpace(SearchSpace):
     # ---- validation ---------------------------------------------------------------------
     def _check(self, file: str | None) -> None:
         spec, method = self.spec, self.method
-        valid = {p.name for p in method.model_params} | {p.name for p in method.global_params}
-        for name in spec.genes:
-            if name not in valid:
-                raise ConfigError(
-                    f"method '{method.name}' has no parameter '{name}'; valid: {', '.join(sorted(valid))}",
-                    file=file,
-                    field=f"genes.{name}",
-                )
-        for name in spec.fixed:
-            if name not in valid:
-                raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {', '.join(sorted(valid))}", file=file, field=f"fixed.{name}")
         if method.requires_base and not self.base:
             raise ConfigError(f"method '{method.name}' needs a base model", file=file, field="models.base")
         if not self.models:
