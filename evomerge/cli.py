@@ -28,12 +28,18 @@ def main() -> None:
     """Evolutionary search for model-merge recipes."""
 
 
+_FORCE_HELP = (
+    "Write into a non-empty --out that evomerge did not write: files of the model's names are replaced, nothing is removed."
+)
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) checkpoints as sources.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB, 500MB.")
-def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str) -> None:
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str, force: bool) -> None:
     """Build the model a mergekit-format RECIPE describes and write it to --out."""
     from evomerge.merge.sources import SourcePool
     from evomerge.merge.writer import write_model
@@ -46,7 +52,7 @@ def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str) 
     start = time.perf_counter()
     try:
         with Progress("merging tensors") as bar:
-            out = write_model(parsed, pool, out_dir, max_shard_bytes=shard_bytes, progress=bar.update)
+            out = write_model(parsed, pool, out_dir, max_shard_bytes=shard_bytes, progress=bar.update, force=force)
     except EvomergeError as exc:
         raise exc.located(file=str(recipe)) from None
     click.echo(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
@@ -157,12 +163,13 @@ def status(run_dir: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Also write the merged model here.")
-def export(run_dir: Path, out_dir: Path | None) -> None:
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Also write the merged model here (outside RUN_DIR).")
+@click.option("--force", is_flag=True, help=_FORCE_HELP)
+def export(run_dir: Path, out_dir: Path | None, force: bool) -> None:
     """Write RUN_DIR/best/recipe.yaml (a mergekit config) and, with --out, the merged model."""
     from evomerge.run.export import export_run
 
-    recipe_path, model_dir = export_run(run_dir, out_dir)
+    recipe_path, model_dir = export_run(run_dir, out_dir, force=force)
     click.echo(f"recipe: {recipe_path}")
     if model_dir is not None:
         click.echo(f"model: {model_dir}")

@@ -3,8 +3,9 @@
 Layout: `config.json` (layer count set for slices), `model.safetensors` or shards with
 `model.safetensors.index.json` past the size limit, the tokenizer files of `tokenizer_source`
 (or the base / first model), `generation_config.json` when the reference has one, the recipe as
-`mergekit_config.yml`, and a README model card. The directory appears whole or not at all: it is
-written beside the target and renamed into place.
+`mergekit_config.yml`, and a README model card. What happens to an existing target directory
+(refused unless evomerge wrote it or `force`; only the model's files are ever replaced) and how
+the files are staged then moved into place: `evomerge.modeldir`.
 
 The tensors come from the torch engine, or, for plans it reproduces exactly (linear and
 task_arithmetic on float16/float32 safetensors sources), from the numpy executor in
@@ -19,10 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.fsutil import atomic_dir
+from evomerge.errors import ConfigError
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.stfile import SafetensorsWriter, header_room
+from evomerge.modeldir import check_target, model_dir_writer
 from evomerge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -53,24 +55,32 @@ def write_model(
     scores: dict[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
     engine: str = "auto",
+    force: bool = False,
+    card_extra: str = "",
 ) -> Path:
     """Merge and write; returns the model directory. Raises before writing anything if the
-    recipe does not fit its sources.
+    recipe does not fit its sources or `out_dir` is refused (a non-empty directory evomerge did
+    not write, unless `force`; a file; a source's directory: `evomerge.modeldir`).
 
     ``engine``: "torch", "numpy" (`evomerge.merge.fast`; ValueError when it does not cover the
     plan) or "auto" (numpy where it covers the plan, else torch; both give the same tensors).
+    ``card_extra`` is appended to the model card.
     """
     out_dir = Path(out_dir).resolve()
+    check_target(out_dir, force)
     plan = plan_merge(recipe, pool)
     tensors = _executor(plan, pool, sparsifier, engine)
     hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
+    for ref in recipe.model_refs():
+        if pool.get(ref).path.resolve() == out_dir:
+            raise ConfigError(f"is the directory of the source model '{ref}'; writing there would replace it: choose another directory", file=str(out_dir))
     recipe = recipe.with_evomerge(source_hashes=hashes)
-    with atomic_dir(out_dir) as tmp:
+    with model_dir_writer(out_dir, force=force) as tmp:
         _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe, hashes, scores))
+        (tmp / "README.md").write_text(model_card(recipe, hashes, scores) + card_extra)
     return out_dir
 
 

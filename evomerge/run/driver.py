@@ -515,24 +515,23 @@ def best_tensors(best: dict[str, Any], pool: SourcePool) -> tuple[Path, dict[str
     return source.path, tensors
 
 
-def write_best_model(best: dict[str, Any], pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "") -> Path:
+def write_best_model(
+    best: dict[str, Any], pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "", force: bool = False
+) -> Path:
     """The best's model as a directory: the merge written by the engine (of `recipe`, default
     the best's own), or for a weights-space best its evolved tensors beside the template's
     config.json; the README (model card) says which, with the scores and, in `card_extra`, how
-    the best was chosen."""
+    the best was chosen. An existing `out` is treated as `evomerge.modeldir` says (`force`)."""
     weights = best_tensors(best, pool)
     if weights is not None:
         from evomerge.run.weights import write_weights_model
 
         template_dir, tensors = weights
-        return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra)
+        return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra, force=force)
     from evomerge.merge.writer import write_model
 
-    model_dir = write_model(recipe or Recipe.from_string(best["recipe_yaml"]), pool, out, scores=_flat_scores(best))
-    if card_extra:
-        card = model_dir / "README.md"
-        atomic_write_text(card, card.read_text() + card_extra)
-    return model_dir
+    recipe = recipe or Recipe.from_string(best["recipe_yaml"])
+    return write_model(recipe, pool, out, scores=_flat_scores(best), card_extra=card_extra, force=force)
 
 
 def weights_card(best: dict[str, Any], template_dir: Path) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from evomerge.errors import ConfigError
 from evomerge.merge.sources import SourcePool
+from evomerge.modeldir import check_target
 from evomerge.run.driver import (
     LEDGER_FILE,
     is_run_dir,
@@ -46,13 +47,19 @@ def run_sources(run_dir: Path, allow_pickle: bool = False) -> SourcePool:
     return pool
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path | None]:
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> tuple[Path, Path | None]:
     """Write `best/recipe.yaml` (+ `best/scores.json`) and, with `out`, the merged model there.
-    Returns (recipe path, model directory or None)."""
+    Returns (recipe path, model directory or None). An `out` that is, holds or lies inside the
+    run directory is refused, and so is a non-empty one evomerge did not write unless `force`
+    (`evomerge.modeldir`), before anything is written."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
     exp = read_experiment(run_dir)
+    if out is not None:
+        out = Path(out).resolve()
+        check_out_outside_run(out, run_dir)
+        check_target(out, force)
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         best = run_best(exp.stages, ledger)
     if best is None:
@@ -65,5 +72,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
     recipe = write_best(run_dir, best, pool)
     model_dir = None
     if out is not None:
-        model_dir = write_best_model(best, pool, out, recipe=recipe, card_extra=selection_note(best))
+        model_dir = write_best_model(best, pool, out, recipe=recipe, card_extra=selection_note(best), force=force)
     return run_dir / "best" / "recipe.yaml", model_dir
+
+
+def check_out_outside_run(out: Path, run_dir: Path) -> None:
+    """Refuse an export target that is the run directory, lies inside it or contains it."""
+    out, run = Path(out).resolve(), Path(run_dir).resolve()
+    if out == run:
+        where = "is the run directory itself"
+    elif out.is_relative_to(run):
+        where = f"is inside the run directory '{run}'"
+    elif run.is_relative_to(out):
+        where = f"contains the run directory '{run}'"
+    else:
+        return
+    raise ConfigError(f"{where}; export the model to a directory outside the run", file=str(out))

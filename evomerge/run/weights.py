@@ -29,7 +29,7 @@ import torch
 from pydantic import PrivateAttr
 
 from evomerge.errors import ConfigError
-from evomerge.fsutil import atomic_dir
+from evomerge.modeldir import model_dir_writer
 from evomerge.recipe import Recipe
 
 GENOME_PREFIX = "genome:"
@@ -108,13 +108,13 @@ def encode_model(space: Any, source: Any) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def write_weights_model(tensors: dict[str, torch.Tensor], template_dir: Path, out_dir: str | Path, card: str) -> Path:
+def write_weights_model(tensors: dict[str, torch.Tensor], template_dir: Path, out_dir: str | Path, card: str, *, force: bool = False) -> Path:
     """Write the tensors as `model.safetensors` beside the template's `config.json` and a README
-    model card; the directory appears whole or not at all."""
+    model card; an existing `out_dir` is treated as `evomerge.modeldir` says (`force`)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).resolve()
-    with atomic_dir(out_dir) as tmp:
+    with model_dir_writer(out_dir, force=force) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         config = json.loads((Path(template_dir) / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

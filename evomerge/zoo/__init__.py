@@ -11,7 +11,8 @@ A build is cached under ``$EVOMERGE_CACHE/zoo/<preset>-<hash12>``, where the has
 the preset's full spec and :data:`CODE_VERSION`; a changed recipe is a new directory. Each
 build goes into a fresh temporary directory beside the target and is renamed into place
 when complete, under a file lock, so a reader never sees half a zoo and two processes
-building the same preset do the work once. ``zoo.json`` in the directory is the manifest:
+building the same preset do the work once; what a killed build left there is removed by the
+next build. ``zoo.json`` in the directory is the manifest:
 preset, spec, hash, and per model its skill and measured holdout accuracy (plus, for LM
 presets, the task-arithmetic figures of the experts).
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, SourceError
-from evomerge.fsutil import atomic_write_text, cache_dir
+from evomerge.fsutil import UMASK, atomic_write_text, cache_dir
 
 # Bump when a code change alters what a build produces (training loop, tokenizer, data).
 CODE_VERSION = 5
@@ -92,8 +93,10 @@ def build_zoo(
                 f"'{target}' exists and is not a zoo directory; give an empty or new --out",
                 field="out",
             )
+        _remove_leftovers(target)
         say(f"zoo {preset}: building into {target}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~UMASK)  # the mode a plain mkdir gives (mkdtemp makes 0700)
         try:
             started = time.perf_counter()
             measured = _build_into(preset, spec, tmp, say)
@@ -153,6 +156,17 @@ def _is_build(path: Path, digest: str) -> bool:
         return read_manifest(path).get("hash") == digest
     except (OSError, ValueError):
         return False
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the temporary directories of builds of `target` that a killed process left
+    (`.NAME.tmp-*`, `.NAME.old-*`); called under the build lock, which every builder holds
+    while its own exist, so none of them is in use."""
+    for prefix in (f".{target.name}.tmp-", f".{target.name}.old-"):
+        for name in os.listdir(target.parent):
+            leftover = target.parent / name
+            if name.startswith(prefix) and len(name) == len(prefix) + 8 and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace(tmp: Path, target: Path) -> None:
