@@ -250,6 +250,8 @@ def test_weights_exports_follow_the_same_rules(tmp_path: Path) -> None:
     tensors = {"w": torch.ones(2, 2)}
     with pytest.raises(ConfigError, match="--force"):
         write_weights_model(tensors, template, out, "card\n")
+    with pytest.raises(ConfigError, match="template model"):
+        write_weights_model(tensors, template, template, "card\n", force=True)
     write_weights_model(tensors, template, out, "card\n", force=True)
     assert (out / "keep").read_text() == "x" and (out / "model.safetensors").is_file()
     with model_dir_writer(out) as stage:  # evomerge's now: no force needed

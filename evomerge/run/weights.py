@@ -114,6 +114,8 @@ def write_weights_model(tensors: dict[str, torch.Tensor], template_dir: Path, ou
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).resolve()
+    if out_dir == Path(template_dir).resolve():
+        raise ConfigError("is the directory of the template model; writing there would replace it: choose another directory", file=str(out_dir))
     with model_dir_writer(out_dir, force=force) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         config = json.loads((Path(template_dir) / "config.json").read_text())
