@@ -48,7 +48,7 @@ def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str, 
 
     parsed = Recipe.from_yaml(recipe)
     shard_bytes = parse_size(max_shard_size)
-    pool = SourcePool(allow_pickle=allow_pickle, search_dirs=(recipe.resolve().parent,))
+    pool = SourcePool(allow_pickle=allow_pickle, search_dirs=(recipe.resolve().parent,), pickle_switch="pass --allow-pickle")
     start = time.perf_counter()
     try:
         with Progress("merging tensors") as bar:
@@ -69,9 +69,15 @@ def space() -> None:
 @click.option("--base", default=None, help="Base model, for methods that need one.")
 def space_describe(space_ref: str, models: str, base: str | None) -> None:
     """Print the genome size of SPACE_REF (a built-in name or a YAML path) and what each gene controls."""
+    from evomerge.merge.sources import SourcePool
     from evomerge.spaces import build_space
 
-    built = build_space(space_ref, models=[m.strip() for m in models.split(",") if m.strip()], base=base)
+    refs = [m.strip() for m in models.split(",") if m.strip()]
+    if not refs:
+        raise EvomergeError("no model given (comma-separated references, e.g. zoo:tiny/add,zoo:tiny/reverse)", field="--models")
+    pool = SourcePool(pickle_switch=None)
+    pool.open_all([*(("--models", ref) for ref in refs), *((("--base", base),) if base else ())])
+    built = build_space(space_ref, models=refs, base=base, pool=pool)
     click.echo(built.describe())
 
 

@@ -204,6 +204,18 @@ class Recipe(_Strict):
             refs.append(self.tokenizer_source)
         return list(dict.fromkeys(refs))
 
+    def ref_fields(self) -> list[tuple[str, str]]:
+        """(field, model reference) for every place the recipe names a model, in order."""
+        named = [("base_model", self.base_model)] if self.base_model else []
+        named += [(f"models[{i}].model", m.model) for i, m in enumerate(self.models or [])]
+        for i, out_slice in enumerate(self.slices or []):
+            named += [(f"slices[{i}].sources[{j}].model", s.model) for j, s in enumerate(out_slice.sources)]
+            if out_slice.base_model:
+                named.append((f"slices[{i}].base_model", out_slice.base_model))
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+            named.append(("tokenizer_source", self.tokenizer_source))
+        return named
+
     @property
     def seed(self) -> int:
         return self.evomerge.seed if self.evomerge else 0

@@ -236,7 +236,7 @@ def test_pickle_needs_allow_pickle(llama_family: dict[str, Path], recipe_file, t
     torch.save(state(llama_family["a"]), pickled / "pytorch_model.bin")
     path = recipe_file(f"merge_method: linear\nmodels: [{{model: {pickled}, parameters: {{weight: 1}}}}]")
     out = tmp_path / "out"
-    assert_refused(run_cli("merge", str(path), "--out", str(out)), out, "pytorch_model.bin", "allow_pickle")
+    assert_refused(run_cli("merge", str(path), "--out", str(out)), out, "pytorch_model.bin", "--allow-pickle")
     assert run_cli("merge", str(path), "--out", str(out), "--allow-pickle").returncode == 0
     torch.testing.assert_close(state(out)["lm_head.weight"], state(llama_family["a"])["lm_head.weight"])
 

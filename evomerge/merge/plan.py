@@ -82,6 +82,7 @@ class MixedArchitectureWarning(UserWarning):
 
 def plan_merge(recipe: Recipe, pool: SourcePool) -> MergePlan:
     """Resolve a recipe against its sources; raises ConfigError/SourceError on any mismatch."""
+    pool.open_all(recipe.ref_fields())  # a missing or damaged model is named by its field first
     method = get_spec(recipe.merge_method)
     slices = _as_slices(recipe, pool)
     reference = recipe.base_model or slices[0].sources[0].model

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ import xxhash
 
 from evomerge.errors import SourceError
 from evomerge.fsutil import atomic_write_text, cache_dir
+from evomerge.merge.layout import LAYER_COUNT_KEYS
 from evomerge.merge.stfile import TensorEntry, read_header
 
 if TYPE_CHECKING:
@@ -31,19 +32,35 @@ WEIGHT_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+# How a user of the experiment files allows pickles; `evomerge merge` says `--allow-pickle`.
+EXPERIMENT_PICKLE_SWITCH = "set allow_pickle: true in the experiment"
 
 
 class Source:
-    """One checkpoint: its config, where each tensor is stored, and the tensors on demand."""
+    """One checkpoint: its config, where each tensor is stored, and the tensors on demand.
 
-    def __init__(self, ref: str, path: Path, *, allow_pickle: bool = False, resident: bool = False):
+    Opening a source checks its files as far as that is cheap (config.json, every safetensors
+    header against its file's size, the index against its shards, a pickle's loadability when
+    pickles are allowed), so a damaged model directory is refused with a `SourceError` naming the
+    file before any work starts. `pickle_switch` says how the caller's user allows pickles (named
+    when a pickle-only model is refused; None: the entry point cannot).
+    """
+
+    def __init__(
+        self,
+        ref: str,
+        path: Path,
+        *,
+        allow_pickle: bool = False,
+        resident: bool = False,
+        pickle_switch: str | None = EXPERIMENT_PICKLE_SWITCH,
+    ):
         self.ref = ref
         self.path = path
         self.resident = resident
-        config_file = path / "config.json"
-        self.config: dict = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.config: dict = _read_config(ref, path)
         self._entries: dict[str, TensorEntry] = {}
-        self._files = _weight_files(ref, path, allow_pickle, self._entries)
+        self._files = _weight_files(ref, path, allow_pickle, self._entries, pickle_switch)
         self._handles: dict[Path, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._cache: dict[str, torch.Tensor] = {}
@@ -141,12 +158,9 @@ class Source:
 
     def _load_pickled(self) -> dict[str, torch.Tensor]:
         if self._pickled is None:
-            import torch
-
             state: dict[str, torch.Tensor] = {}
             for file in dict.fromkeys(self._files.values()):
-                # weights_only: even when pickles are allowed, never run arbitrary code.
-                state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                state.update(_load_pickle(self.ref, file))
             self._pickled = state
         return self._pickled
 
@@ -168,8 +182,10 @@ class SourcePool:
         resident: bool = False,
         aliases: Mapping[str, str | Path] | None = None,
         search_dirs: tuple[Path, ...] = (),
+        pickle_switch: str | None = EXPERIMENT_PICKLE_SWITCH,
     ):
         self.allow_pickle = allow_pickle
+        self.pickle_switch = pickle_switch
         self.resident = resident
         self.aliases: dict[str, Path] = {k: Path(v) for k, v in (aliases or {}).items()}
         self.search_dirs = search_dirs
@@ -183,9 +199,22 @@ class SourcePool:
     def get(self, ref: str) -> Source:
         source = self._sources.get(ref)
         if source is None:
-            source = Source(ref, self.resolve(ref), allow_pickle=self.allow_pickle, resident=self.resident)
+            source = Source(
+                ref, self.resolve(ref), allow_pickle=self.allow_pickle, resident=self.resident, pickle_switch=self.pickle_switch
+            )
             self._sources[ref] = source
         return source
+
+    def open_all(self, named: Iterable[tuple[str | None, str]]) -> list[Source]:
+        """Open every `(field, reference)` now, so a missing or damaged model is refused before
+        any work; the refusal names the field (the setting or option the reference came from)."""
+        opened = []
+        for field, ref in named:
+            try:
+                opened.append(self.get(ref))
+            except SourceError as exc:
+                raise exc.located(field=field) from None
+        return opened
 
     def resolve(self, ref: str) -> Path:
         return resolve_model_ref(ref, aliases=self.aliases, search_dirs=self.search_dirs)
@@ -207,6 +236,8 @@ def resolve_model_ref(
     for candidate in (expanded, *(d / ref for d in search_dirs if not expanded.is_absolute())):
         if candidate.is_dir():
             return candidate.resolve()
+        if candidate.exists():
+            raise SourceError(f"model path '{ref}' is a file, not a model directory (config.json and weights)")
     looks_like_path = ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or not _REPO_ID.match(ref)
     if looks_like_path:
         raise SourceError(f"model path '{ref}' does not exist (expected a model directory, a Hugging Face repo id or zoo:PRESET/NAME)")
@@ -232,42 +263,118 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def _weight_files(ref: str, path: Path, allow_pickle: bool, entries: dict[str, TensorEntry]) -> dict[str, Path]:
-    """Map every tensor name to the file that stores it (headers read on the way go to `entries`)."""
+def _read_config(ref: str, path: Path) -> dict:
+    """The model's config.json, checked: a JSON object whose layer count is a whole number."""
+    file = path / "config.json"
+    if not file.exists():
+        raise SourceError(f"model '{ref}': {file} is missing; a model directory needs the config.json its weights were saved with")
+    try:
+        config = json.loads(file.read_text())
+    except OSError as exc:
+        raise SourceError(f"model '{ref}': cannot read {file} ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SourceError(f"model '{ref}': {file} is not valid JSON ({_first_line(exc)}); restore it from the model's source") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"model '{ref}': {file} is not a JSON object (a config.json maps settings to values)")
+    for scope in (config, config.get("text_config")):
+        for key in LAYER_COUNT_KEYS:
+            value = scope.get(key) if isinstance(scope, dict) else None
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise SourceError(f"model '{ref}': {file}: {key} is {value!r}; it must be a whole number of layers")
+    return config
+
+
+def _weight_files(
+    ref: str, path: Path, allow_pickle: bool, entries: dict[str, TensorEntry], pickle_switch: str | None
+) -> dict[str, Path]:
+    """Map every tensor name to the file that stores it (the safetensors headers read on the way,
+    all of them, go to `entries`)."""
     index = path / WEIGHT_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        files = _index_map(ref, index)
+        for shard in dict.fromkeys(files.values()):
+            header = _safetensors_header(ref, shard)
+            absent = next((name for name, file in files.items() if file == shard and name not in header), None)
+            if absent is not None:
+                raise SourceError(f"model '{ref}': {index} places tensor '{absent}' in {shard}, which does not hold it; the index and its shards do not match")
+            entries.update(header)
+        return files
     singles = sorted(path.glob("*.safetensors"))
     if singles:
-        files: dict[str, Path] = {}
+        files = {}
         for file in singles:
-            try:
-                header = read_header(file)
-            except (OSError, ValueError) as exc:
-                raise SourceError(f"model '{ref}': cannot read {file.name} ({exc})") from None
+            header = _safetensors_header(ref, file)
             entries.update(header)
             files.update(dict.fromkeys(header, file))
         return files
     pickles = [path / name for name in PICKLE_NAMES if (path / name).is_file()]
     if pickles:
         if not allow_pickle:
+            allow = f", or {pickle_switch} if you trust it" if pickle_switch else ""
             raise SourceError(
-                f"model '{ref}' has only pickle weights ({pickles[0].name}); pickles can run code when loaded: "
-                "convert it to safetensors, or set allow_pickle: true if you trust it"
+                f"model '{ref}' has only pickle weights ({pickles[0]}); pickles can run code when loaded: "
+                f"convert it to safetensors{allow}"
             )
-        return _pickle_files(pickles[0])
+        return _pickle_files(ref, pickles[0])
     raise SourceError(f"model '{ref}' ({path}) has no weights (*.safetensors or {WEIGHT_INDEX})")
 
 
-def _pickle_files(first: Path) -> dict[str, Path]:
+def _safetensors_header(ref: str, file: Path) -> dict[str, TensorEntry]:
+    try:
+        return read_header(file)
+    except OSError as exc:
+        raise SourceError(f"model '{ref}': cannot read {file} ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise SourceError(f"model '{ref}': {file}: {exc}; restore the file from the model's source") from None
+
+
+def _index_map(ref: str, index: Path) -> dict[str, Path]:
+    """An index file's weight map (tensor name -> shard path), every shard present."""
+    try:
+        data = json.loads(index.read_text())
+    except OSError as exc:
+        raise SourceError(f"model '{ref}': cannot read {index} ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise SourceError(f"model '{ref}': {index} is not valid JSON ({_first_line(exc)}); restore it from the model's source") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"model '{ref}': {index} has no weight_map (a mapping of tensor names to shard files)")
+    files = {name: index.parent / file for name, file in weight_map.items()}
+    missing = next((file for file in dict.fromkeys(files.values()) if not file.is_file()), None)
+    if missing is not None:
+        raise SourceError(f"model '{ref}': {missing} is missing ({index.name} names it); restore the shard from the model's source")
+    return files
+
+
+def _pickle_files(ref: str, first: Path) -> dict[str, Path]:
+    if first.name.endswith(".index.json"):
+        return _index_map(ref, first)
+    return dict.fromkeys(_load_pickle(ref, first), first)
+
+
+def _load_pickle(ref: str, file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded weights-only (even when pickles are allowed, never run
+    arbitrary code); memory-mapped when the file is in torch's zip format, read whole when it is
+    the pre-1.6 format (which cannot be mapped)."""
+    import zipfile
+
     import torch
 
-    if first.name.endswith(".index.json"):
-        weight_map = json.loads(first.read_text())["weight_map"]
-        return {name: first.parent / file for name, file in weight_map.items()}
-    state = torch.load(first, map_location="cpu", weights_only=True, mmap=True)
-    return dict.fromkeys(state, first)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as exc:  # torch raises many types for a damaged or unsafe file; all mean "unusable"
+        raise SourceError(
+            f"model '{ref}': {file} cannot be loaded as a weights-only PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
+            "it is damaged, or it holds more than tensors (convert it to safetensors where it was made)"
+        ) from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise SourceError(f"model '{ref}': {file} is not a state dict (a mapping of tensor names to tensors)")
+    return dict(state)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _files_hash(files: list[Path]) -> str:

@@ -10,6 +10,8 @@ they are merged, from torch tensors or numpy arrays alike.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,17 @@ DTYPE_CODES = {
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
+# Bytes per element of every dtype code the format defines (None: packed below a byte, F4/F6).
+CODE_ITEM_BYTES: dict[str, int | None] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "C64": 8, "U64": 8, "I64": 8, "F64": 8,
+    "F4": None, "F6_E2M3": None, "F6_E3M2": None,
+}
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+
+class NotSafetensors(ValueError):
+    """A file that is not a whole, valid safetensors file (truncated, garbage, inconsistent header)."""
 
 
 @dataclass(frozen=True)
@@ -36,23 +48,70 @@ class TensorEntry:
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a safetensors file, from its header only (no tensor data is read)."""
+    """Every tensor of a safetensors file, from its header only (no tensor data is read).
+
+    Checks what the safetensors library checks before it maps a file, so a file read here can
+    be opened there: a JSON header of known dtypes, shapes whose sizes match their byte ranges,
+    and byte ranges that cover the data exactly (a truncated file fails here, not mid-merge).
+    Raises `NotSafetensors` (a ValueError) saying what is wrong, OSError when it cannot be read.
+    """
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) != 8:
-            raise ValueError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+            raise NotSafetensors(f"not a safetensors file ({len(head)} bytes, shorter than the 8-byte header length)")
         (size,) = struct.unpack("<Q", head)
-        if size > _MAX_HEADER:
-            raise ValueError(f"{file}: not a safetensors file (header of {size} bytes)")
-        header: dict[str, Any] = json.loads(handle.read(size))
+        file_size = os.fstat(handle.fileno()).st_size
+        if size > _MAX_HEADER or 8 + size > file_size:
+            raise NotSafetensors(
+                f"not a safetensors file, or truncated (a header of {size} bytes announced, the file has {file_size} bytes)"
+            )
+        raw = handle.read(size)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise NotSafetensors("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise NotSafetensors("not a safetensors file (its header is not a JSON object)")
     start = 8 + size
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(file, CODE_DTYPES.get(info["dtype"], info["dtype"]), tuple(info["shape"]), start + begin, start + end)
+    entries = {name: _entry(file, name, info, start) for name, info in header.items() if name != "__metadata__"}
+    _check_coverage(entries, start, file_size - start)
     return entries
+
+
+def _entry(file: Path, name: str, info: Any, start: int) -> TensorEntry:
+    def bad(what: str) -> NotSafetensors:
+        return NotSafetensors(f"damaged header: tensor '{name}' {what}")
+
+    if not isinstance(info, dict):
+        raise bad("is not described by a JSON object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if code not in CODE_ITEM_BYTES:
+        raise bad(f"has an unknown dtype {code!r} (valid: {', '.join(CODE_ITEM_BYTES)})")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise bad(f"has shape {shape!r} (expected a list of non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise bad(f"has data_offsets {offsets!r} (expected [begin, end] with 0 <= begin <= end)")
+    begin, end = offsets
+    item = CODE_ITEM_BYTES[code]
+    if item is not None and math.prod(shape) * item != end - begin:
+        raise bad(f"of shape {shape} and dtype {code} needs {math.prod(shape) * item} bytes but its data_offsets span {end - begin}")
+    return TensorEntry(file, CODE_DTYPES.get(code, code), tuple(shape), start + begin, start + end)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(entries: dict[str, TensorEntry], start: int, data_bytes: int) -> None:
+    """The tensors' byte ranges follow one another from the start of the data to its end."""
+    position = 0
+    for begin, end in sorted((e.begin - start, e.end - start) for e in entries.values()):
+        if begin != position:
+            raise NotSafetensors(f"damaged header: tensor data {'overlaps' if begin < position else 'has a gap'} at byte {begin}")
+        position = end
+    if position != data_bytes:
+        what = "truncated" if position > data_bytes else "damaged"
+        raise NotSafetensors(f"{what}: the header describes {position} bytes of tensor data, the file holds {data_bytes}")
 
 
 def dtype_name(array: Any) -> str:

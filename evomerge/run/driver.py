@@ -107,7 +107,7 @@ class Run:
             if ref.startswith(("stage:", "archive:")):
                 continue
             try:
-                self.sources.resolve(ref)
+                self.sources.get(ref)  # opened: a missing or damaged model is refused here, by its field
             except EvomergeError as exc:
                 raise ConfigError(exc.message, file=self.file, field=field) from None
         # stage:NAME stands for the reference model of stage NAME until that stage has run.
