@@ -379,7 +379,7 @@ def _(ctx: Ctx) -> Bad:
     return Bad(["run", ctx.write("exp.yaml", experiment(ctx.fam)), "--out", out], out)
 
 
-@case("out-run-foreign-nonempty-dir", "C")
+@case("out-run-foreign-nonempty-dir", "A")
 def _(ctx: Ctx) -> Bad:
     ctx.write("d/keep", "x\n")
     return Bad(["run", ctx.write("exp.yaml", experiment(ctx.fam)), "--out", ctx.tmp / "d"], ctx.tmp / "d")
@@ -473,6 +473,15 @@ EXPERIMENTS: list[tuple] = [
     ("exp-evaluator-unknown", "B", lambda ctx, e: _stage(e).update(evaluator="zoo_nope"), "stages[0].evaluator", "zoo_all"),
     ("exp-evaluator-kind-unknown", "B", lambda ctx, e: _stage(e).update(evaluator={"kind": "nope"}), "stages[0].evaluator.kind"),
     ("exp-evaluator-callable-missing", "B", lambda ctx, e: _stage(e)["evaluator"].update(callable="no_such_module:score"), "stages[0].evaluator.callable"),
+    ("exp-evaluator-callable-no-colon", "E", lambda ctx, e: _stage(e)["evaluator"].update(callable="tests.test_bad_inputs.score"), "stages[0].evaluator.callable"),
+    ("exp-evaluator-callable-no-such-function", "E", lambda ctx, e: _stage(e)["evaluator"].update(callable="tests.test_bad_inputs:no_such_fn"), "stages[0].evaluator.callable", "no_such_fn"),
+    ("exp-evaluator-callable-file-missing", "E", lambda ctx, e: _stage(e)["evaluator"].update(callable="./nope.py:score"), "stages[0].evaluator.callable", "nope.py"),
+    ("exp-evaluator-callable-import-fails", "E", lambda ctx, e: (ctx.write("boom.py", "raise RuntimeError('boom at import')\n"), _stage(e)["evaluator"].update(callable=f"{ctx.tmp / 'boom.py'}:score"))[1], "stages[0].evaluator.callable", "boom at import"),
+    ("exp-evaluator-objectives-empty", "E", lambda ctx, e: _stage(e)["evaluator"].update(objectives={}), "stages[0].evaluator.objectives"),
+    ("exp-evaluator-objectives-a-list", "E", lambda ctx, e: _stage(e)["evaluator"].update(objectives=["acc"]), "stages[0].evaluator.objectives"),
+    ("exp-evaluator-args-a-number", "E", lambda ctx, e: _stage(e)["evaluator"].update(args=5), "stages[0].evaluator.args"),
+    ("exp-evaluator-classification-batch-zero", "E", lambda ctx, e: _stage(e).update(evaluator={"kind": "classification", "batch_size": 0}), "stages[0].evaluator.batch_size"),
+    ("exp-evaluator-classification-same-splits", "E", lambda ctx, e: _stage(e).update(evaluator={"kind": "classification", "splits": {"search": "test", "holdout": "test"}}), "stages[0].evaluator.splits"),
     ("exp-evaluator-override-unknown", "B", lambda ctx, e: _stage(e).update(evaluator_overrides={"limt": 3}), "stages[0].evaluator_overrides.limt"),
     ("exp-ray-workers-negative", "B", lambda ctx, e: e.update(ray={"workers": -1}), "ray.workers"),
     ("exp-ray-workers-a-word", "B", lambda ctx, e: e.update(ray={"workers": "two"}), "ray.workers"),
@@ -500,6 +509,30 @@ EXPERIMENTS: list[tuple] = [
 for _row in EXPERIMENTS:
     _extra = _row[-1] if isinstance(_row[-1], dict) else {}
     _exp_case(*(_row[:-1] if _extra else _row), **_extra)
+
+
+def _evaluator_file_case(case_id: str, content: str | bytes) -> None:
+    def build(ctx: Ctx) -> Bad:
+        evaluator = ctx.write("ev.yaml", content)
+        exp = experiment(ctx.fam)
+        exp["stages"][0]["evaluator"] = str(evaluator)
+        return Bad(["run", ctx.write("exp.yaml", exp), "--out", ctx.tmp / "run"], evaluator)
+
+    CASES.append(Case(case_id, "E", build))
+
+
+_evaluator_file_case("exp-evaluator-file-broken-yaml", "kind: python\ncallable: [\n")
+_evaluator_file_case("exp-evaluator-file-random-bytes", bytes(range(256)) * 4)
+_evaluator_file_case("exp-evaluator-file-a-list", "- kind: python\n")
+_evaluator_file_case("exp-evaluator-file-empty", "")
+_evaluator_file_case("exp-evaluator-file-unknown-key", yaml.safe_dump({**EVALUATOR, "limitt": 3}))
+
+
+@case("exp-evaluator-file-missing", "E")
+def _(ctx: Ctx) -> Bad:
+    exp = experiment(ctx.fam)
+    exp["stages"][0]["evaluator"] = str(ctx.tmp / "no-such-evaluator.yaml")
+    return Bad(["run", ctx.write("exp.yaml", exp), "--out", ctx.tmp / "run"], ctx.tmp / "no-such-evaluator.yaml", "stages[0].evaluator")
 
 
 @case("exp-missing-file", "B")
@@ -1000,6 +1033,32 @@ def test_bad_input_in_a_real_process(case_id: str, shared: Shared, tmp_path: Pat
     proc = subprocess.run([sys.executable, "-c", "from evomerge.cli import main; main()", *args], cwd=work, capture_output=True, text=True, timeout=300)
     out = Outcome(proc.returncode, proc.stdout, proc.stderr, "")
     problems = _verdict(bad, out, work, _changes(before, _snapshot(work, *shared.roots)))
+    assert not problems, "\n".join([*problems, proc.stdout, proc.stderr])
+
+
+def test_a_full_disk_while_merging_is_one_line_and_leaves_nothing(shared: Shared, tmp_path: Path) -> None:
+    """A write that fails (here: past the file-size limit, EFBIG, as ENOSPC would) ends in one
+    line naming the file, exit code 2, and no output or staging directory left behind."""
+    import resource
+    import signal
+
+    work = tmp_path / "case"
+    work.mkdir()
+    recipe = work / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(Ctx(work, shared).ties()))
+    before = _snapshot(work, *shared.roots)
+
+    def limit() -> None:  # in the child: files stop growing at 16 KiB, and writing past fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    args = ["merge", str(recipe), "--out", str(work / "out")]
+    proc = subprocess.run([sys.executable, "-c", "from evomerge.cli import main; main()", *args], cwd=work, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    # The merge had started: its progress lines may come first; the error is one line after them.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("merging tensors: ")]
+    stderr = "".join(line + "\n" for line in proc.stderr.splitlines() if line not in progress)
+    bad = Bad(args, work, None, ("EFBIG",))
+    problems = _verdict(bad, Outcome(proc.returncode, proc.stdout, stderr, ""), work, _changes(before, _snapshot(work, *shared.roots)))
     assert not problems, "\n".join([*problems, proc.stdout, proc.stderr])
 
 

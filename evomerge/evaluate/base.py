@@ -220,7 +220,11 @@ def load_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> tu
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", file=file) from err
+            raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", file=file) from None
+        except UnicodeDecodeError:
+            raise ConfigError("not a text file (not valid UTF-8); an evaluator file is YAML", file=file) from None
+        except OSError as err:
+            raise ConfigError(f"cannot read it ({err.strerror or err})", file=file) from None
         if not isinstance(data, dict):
             raise ConfigError("an evaluator file must be a mapping with a 'kind:' key", file=file)
         data.setdefault("_dir", str(path.parent))

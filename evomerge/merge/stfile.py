@@ -151,7 +151,7 @@ class SafetensorsWriter:
     def add(self, name: str, array: Any) -> int:
         """Append one tensor (torch tensor or numpy array); returns its size in bytes."""
         data = raw_bytes(array)
-        self.file.write(data)
+        self._io(self.file.write, data)
         start, self.offset = self.offset, self.offset + data.nbytes
         self.entries[name] = {"dtype": DTYPE_CODES[dtype_name(array)], "shape": list(array.shape), "data_offsets": [start, self.offset]}
         return data.nbytes
@@ -161,11 +161,23 @@ class SafetensorsWriter:
         if len(header) > self.room:  # cannot happen with header_room's bound; fail loudly rather than corrupt
             raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the {self.room} reserved")
         self.file.seek(0)
-        self.file.write(struct.pack("<Q", self.room) + header + b" " * (self.room - len(header)))
-        self.file.close()
+        self._io(self.file.write, struct.pack("<Q", self.room) + header + b" " * (self.room - len(header)))
+        self._io(self.file.close)
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # flushing what was buffered failed too (a full disk): the file is dropped anyway
+            pass
+
+    def _io(self, call: Any, *args: Any) -> Any:
+        """`call(*args)`; a write fault (full disk, EFBIG, EIO) names this file."""
+        try:
+            return call(*args)
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from None
 
 
 def header_room(names: list[str]) -> int:
