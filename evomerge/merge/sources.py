@@ -224,6 +224,8 @@ def resolve_model_ref(
     ref: str, *, aliases: Mapping[str, Path] | None = None, search_dirs: tuple[Path, ...] = ()
 ) -> Path:
     """Turn a model reference into a local directory, or raise a SourceError saying why not."""
+    if not ref.strip():
+        raise SourceError("the model reference is empty (expected a model directory, a Hugging Face repo id or zoo:PRESET/NAME)")
     if aliases and ref in aliases:
         return aliases[ref]
     if ref.startswith("zoo:"):
