@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.merge.hfconfig import complete_checkpoint
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.stfile import SafetensorsWriter, header_room
@@ -156,9 +157,7 @@ def _write_weights(
 
 def _write_config(plan: MergePlan, pool: SourcePool, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True))
-    generation = pool.get(plan.reference).path / "generation_config.json"
-    if generation.is_file():
-        shutil.copy2(generation, out / "generation_config.json")
+    complete_checkpoint(out, pool.get(plan.reference).path)  # architectures, dtype, generation config
 
 
 def _copy_tokenizer(recipe: Recipe, plan: MergePlan, pool: SourcePool, out: Path) -> None:

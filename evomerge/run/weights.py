@@ -29,6 +29,7 @@ import torch
 from pydantic import PrivateAttr
 
 from evomerge.errors import ConfigError
+from evomerge.merge.hfconfig import complete_checkpoint
 from evomerge.modeldir import model_dir_writer
 from evomerge.recipe import Recipe
 
@@ -120,6 +121,7 @@ def write_weights_model(tensors: dict[str, torch.Tensor], template_dir: Path, ou
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         config = json.loads((Path(template_dir) / "config.json").read_text())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        complete_checkpoint(tmp, template_dir)  # architectures, dtype, generation config
         (tmp / "README.md").write_text(card)
     return out_dir
 

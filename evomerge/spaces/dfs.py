@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.merge.hfconfig import architectures_of
 from evomerge.recipe import EvomergeBlock, InputSlice, OutputSlice, Recipe
 from evomerge.spaces.base import Gene, SearchSpace
 from evomerge.spaces.config import DFSSpec
 
 DFS_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_MODEL_TYPE_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
 
@@ -141,9 +141,7 @@ def _check_sources(sources: list[SourceModel], file: str | None) -> None:
     if not sources:
         raise ConfigError("a data-flow space needs at least one model", file=file, field="models")
     for source in sources:
-        # a config saved without `architectures` (config.save_pretrained alone) names its model_type
-        model_type = str(source.config.get("model_type", "unknown"))
-        archs = source.config.get("architectures") or [_MODEL_TYPE_ARCH.get(model_type, model_type)]
+        archs = architectures_of(source.config) or [str(source.config.get("model_type", "unknown"))]
         if not set(archs) & set(DFS_ARCHITECTURES):
             raise ConfigError(
                 f"model '{source.ref}' is {archs[0]}; data-flow merging supports {', '.join(DFS_ARCHITECTURES)} "

@@ -82,6 +82,7 @@ def build_zoo(
     target = target.expanduser().resolve()
     if _is_build(target, digest):
         say(f"zoo {preset}: reusing {target}")
+        _complete_configs(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent / f".{target.name}.lock"):
@@ -149,6 +150,16 @@ def _build_into(preset: str, spec: Any, tmp: Path, say: Callable[[str], None]) -
     if spec.kind == "digits":
         return build.build_digits(spec, tmp, say)
     return build.build_lm(spec, tmp, say)
+
+
+def _complete_configs(target: Path) -> None:
+    """A build made before config.json was completed (no `architectures`, no dtype) gets the
+    missing fields in place: its weights, and so its hash and the results made with it, stay."""
+    from evomerge.merge.hfconfig import complete_checkpoint
+
+    for model in read_manifest(target).get("models", {}).values():
+        with contextlib.suppress(OSError):  # a read-only cache: what evomerge writes from it is completed anyway
+            complete_checkpoint(target / model["path"], missing_only=True)
 
 
 def _is_build(path: Path, digest: str) -> bool:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
+from evomerge.merge.hfconfig import complete_checkpoint
 from evomerge.zoo import digits, lm
 from evomerge.zoo.presets import DigitsPreset, LMPreset
 from evomerge.zoo.tasks import eval_docs
@@ -47,6 +48,7 @@ def save_lm(model: LlamaForCausalLM, directory: Path) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer().save_pretrained(directory)
+    complete_checkpoint(directory)  # config.save_pretrained alone names no architectures and no dtype
     return directory
 
 
