@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, one_line_warnings
 
 
 class _Group(click.Group):
@@ -26,6 +26,7 @@ class _Group(click.Group):
 @click.version_option(package_name="evomerge")
 def main() -> None:
     """Evolutionary search for model-merge recipes."""
+    one_line_warnings()
 
 
 _FORCE_HELP = (
@@ -77,7 +78,11 @@ def space_describe(space_ref: str, models: str, base: str | None) -> None:
         raise EvomergeError("no model given (comma-separated references, e.g. zoo:tiny/add,zoo:tiny/reverse)", field="--models")
     pool = SourcePool(pickle_switch=None)
     pool.open_all([*(("--models", ref) for ref in refs), *((("--base", base),) if base else ())])
-    built = build_space(space_ref, models=refs, base=base, pool=pool)
+    try:
+        built = build_space(space_ref, models=refs, base=base, pool=pool)
+    except EvomergeError as exc:  # the space names an experiment's fields; here they are options
+        exc.field = {"models": "--models", "models.base": "--base"}.get(exc.field or "", exc.field)
+        raise
     click.echo(built.describe())
 
 

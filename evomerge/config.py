@@ -43,8 +43,14 @@ from evomerge.recipe import DTYPES
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+# Every number finite; a non-finite value in a free-form part (optimizer options, overrides,
+# baseline recipes) is kept as such in the frozen copy (not turned into null) so that the checks
+# see it.
+_NUMBERS = ConfigDict(allow_inf_nan=False, ser_json_inf_nan="constants")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number finite
+    model_config = ConfigDict(extra="forbid", **_NUMBERS)
 
 
 class ModelsSpec(_Strict):
@@ -57,7 +63,7 @@ class ModelsSpec(_Strict):
 class OptimizerSpec(BaseModel):
     """`name` plus that optimizer's options (checked by `evomerge.optim.make_optimizer`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **_NUMBERS)
 
     name: str
 
@@ -191,6 +197,8 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"'{item}' is not key=value (example: stages.ps.budget.evaluations=20)", field="--set")
         key, _, text = item.partition("=")
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"'{item}' has an empty key part (example: stages.ps.budget.evaluations=20)", field="--set")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
@@ -240,14 +248,11 @@ def _list_index(node: list, part: str, key: str) -> int:
 
 def load_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, override and check the schema of an experiment file (nothing is resolved yet)."""
-    from evomerge.resources import find_yaml
+    from evomerge.resources import find_yaml, read_yaml
 
     path = find_yaml("experiments", path)
     file = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " "), file=file) from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError("an experiment is a mapping (name, models, stages, ...)", file=file)
     data = apply_sets(data, parse_sets(sets))
@@ -311,9 +316,10 @@ def _evaluator_spec(ref: str | dict, overrides: dict) -> dict:
 def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experiment:
     """A copy with paths made absolute (relative to the experiment file) and each stage's search
     space and evaluator inlined (the spec with its overrides applied), ready to be frozen in a
-    run directory."""
+    run directory. Checked first (`check_experiment`), while the overrides are still apart."""
     from evomerge.spaces.config import load_space_spec
 
+    check_experiment(exp, file=file)  # overrides still apart: a bad one is named as such
     base_dir = Path(file).resolve().parent if file else Path.cwd()
     data = exp.to_dict()
     data["models"]["base"] = _absolute_ref(data["models"]["base"], base_dir) if data["models"]["base"] else None
@@ -327,10 +333,7 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
             try:
                 spec, _ = load_space_spec(_absolute_yaml(stage["space"], base_dir), stage["space_overrides"] or None)
             except EvomergeError as exc:
-                if exc.file:  # a problem inside the search-space file: name that file and field
-                    raise ConfigError(exc.message, file=exc.file, field=exc.field) from None
-                field = f"stages[{i}].space" + (f".{exc.field}" if exc.field else "")
-                raise ConfigError(exc.message, file=file, field=field) from None
+                raise _space_error(exc, i, file) from None
             stage["space"] = spec.model_dump(mode="json")
             stage["space_overrides"] = {}
         try:
@@ -342,3 +345,66 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
         if isinstance(baseline["recipe"], str):
             baseline["recipe"] = str(_absolute_yaml(baseline["recipe"], base_dir))
     return parse_experiment(data, file=file)
+
+
+def _space_error(exc: EvomergeError, index: int, file: str | None) -> ConfigError:
+    """A search-space problem: inside a space file, that file and field; in an inline space, the
+    experiment's `stages[i].space.FIELD`; in the overrides, `stages[i].space_overrides.FIELD`."""
+    if exc.file:
+        return ConfigError(exc.message, file=exc.file, field=exc.field)
+    if (exc.field or "").startswith("space_overrides."):
+        return ConfigError(exc.message, file=file, field=f"stages[{index}].{exc.field}")
+    return ConfigError(exc.message, file=file, field=f"stages[{index}].space" + (f".{exc.field}" if exc.field else ""))
+
+
+# ---- static checks ------------------------------------------------------------------------
+
+
+def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
+    """Everything about an experiment that can be checked without a model or a dataset, in a
+    second or two, before a run builds a zoo or loads anything: each stage's optimizer (name,
+    options and their values), search space (its spec against the merge method's declared
+    parameters; a base model where the method needs one), the baselines' recipes (structure,
+    parameter names and values) and each evaluator's spec (kind and schema). One line naming the
+    file and the field for the first problem."""
+    from evomerge.evaluate.base import check_spec
+    from evomerge.merge.specs import METHOD_SPECS
+    from evomerge.optim import check_options
+    from evomerge.recipe import Recipe
+    from evomerge.spaces.config import PSSpec, load_space_spec
+
+    base_dir = Path(file).resolve().parent if file else Path.cwd()
+    for i, stage in enumerate(exp.stages):
+        where = f"stages[{i}]"
+        try:
+            check_options(stage.optimizer.name, stage.optimizer.options)
+        except EvomergeError as exc:
+            raise ConfigError(exc.message, file=file, field=f"{where}.{exc.field}") from None
+        if stage.space is None:
+            continue
+        try:
+            spec, _ = load_space_spec(_absolute_yaml(stage.space, base_dir), stage.space_overrides or None)
+        except EvomergeError as exc:
+            raise _space_error(exc, i, file) from None
+        if isinstance(spec, PSSpec) and METHOD_SPECS[spec.method].requires_base and not exp.stage_base(stage):
+            field = f"{where}.base" if stage.models is not None else "models.base"
+            raise ConfigError(f"the stage's space merges with '{spec.method}', which needs a base model", file=file, field=field)
+    for i, baseline in enumerate(exp.baselines):
+        field = f"baselines[{i}].recipe"
+        try:
+            if isinstance(baseline.recipe, dict):
+                Recipe.parse(baseline.recipe, file=file)
+            else:
+                Recipe.from_yaml(_absolute_yaml(baseline.recipe, base_dir))
+        except EvomergeError as exc:
+            if exc.file and exc.file != file:  # inside a recipe file: that file and field
+                raise
+            raise ConfigError(exc.message, file=file, field=f"{field}.{exc.field}" if exc.field else field) from None
+    for i, stage in enumerate(exp.stages):
+        try:
+            check_spec(_absolute_yaml(stage.evaluator, base_dir), stage.evaluator_overrides or None)
+        except EvomergeError as exc:
+            if exc.field and exc.field.startswith("evaluator_overrides."):
+                raise ConfigError(exc.message, file=file, field=f"stages[{i}].{exc.field}") from None
+            field = f"stages[{i}].evaluator" + (f".{exc.field}" if exc.field and exc.field != "evaluator" else "")
+            raise ConfigError(exc.message, file=exc.file or file, field=field) from None

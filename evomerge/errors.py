@@ -59,7 +59,8 @@ def schema_error(
     The one formatting path of schema errors (recipes, experiments, search spaces): pydantic's
     "Value error, " prefix never reaches a message, union tags and `skip` (e.g. a discriminator
     value) are dropped from the field, an unknown field says what is valid (`valid_fields(parent
-    field)`), and a validator may name its own field as "stages[0].x: message".
+    field)`), a validator may name its own field as "stages[0].x: message", and pydantic's
+    "Input should be X" reads "must be X, got VALUE".
     """
     err = exc.errors()[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in skip or _TAG.match(p)))]
@@ -78,7 +79,36 @@ def schema_error(
         message = f"must be a finite number, got {err.get('input')!r}"
     elif kind in ("too_short", "list_too_short") and not err.get("input"):
         message = "is empty; give at least one item"
+    elif message.startswith("Input should be "):  # "must be a valid integer, got 'abc'"
+        message = f"must be {message.removeprefix('Input should be ')}, got {err.get('input')!r}"
     located = _SELF_LOCATED.match(message)
     if located:
         field, message = located.group(1), located.group(2)
     return ConfigError(message, file=file, field=field.rstrip(".") or None)
+
+
+# ---- warnings --------------------------------------------------------------------------------
+
+
+class EvomergeWarning(UserWarning):
+    """Something the user asked for that evomerge did, with a consequence worth a line."""
+
+
+def one_line_warnings() -> None:
+    """Show EvomergeWarnings as `warning: message` (one line on stderr, no source line); other
+    warnings as Python shows them. The CLI installs this once."""
+    import sys
+    import warnings
+
+    show = warnings.showwarning
+    if getattr(show, "_evomerge", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' signature
+        if issubclass(category, EvomergeWarning):
+            print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning._evomerge = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning

@@ -83,7 +83,7 @@ class EvomergeBlock(BaseModel):
 
     seed: int = 0
     source_hashes: dict[str, str] = Field(default_factory=dict)
-    allow_mixed_architectures: StrictBool = False
+    allow_mixed_architectures: StrictBool | None = None  # None: false, and not written out
 
 
 class Recipe(_Strict):
@@ -116,11 +116,9 @@ class Recipe(_Strict):
         path = Path(path)
         if not path.is_file():
             raise ConfigError("recipe file does not exist", file=str(path))
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " "), file=str(path)) from None
-        return cls.parse(data or {}, file=str(path))
+        from evomerge.resources import read_yaml
+
+        return cls.parse(read_yaml(path) or {}, file=str(path))
 
     @classmethod
     def from_string(cls, text: str, *, file: str | None = None) -> Recipe:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import ConfigError
 
@@ -39,3 +40,17 @@ def find_yaml(kind: str, name_or_path: str | Path, *, field: str | None = None, 
         return candidate
     names = ", ".join(builtin_names(kind)) or "none"
     raise ConfigError(f"no built-in {kind.replace('_', ' ')} named '{text}'; built-in: {names}", file=file, field=field)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a file that is not UTF-8 text or not valid YAML is one line naming it
+    (the recipe, experiment and search-space readers share this)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text file (byte {exc.start} is not UTF-8); expected YAML", file=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({exc.__class__.__name__}: {' '.join(str(exc).split())})", file=str(path)) from None

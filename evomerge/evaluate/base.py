@@ -233,14 +233,14 @@ def load_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> tu
     return data, file
 
 
-def build_evaluator(ref: str | Path | Mapping, overrides: Mapping | None = None) -> Evaluator:
-    """An evaluator from a built-in name (`evaluators/NAME.yaml`), a YAML path or a spec mapping.
+def check_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> None:
+    """The spec's kind and schema, as `build_evaluator` checks them, without building the
+    evaluator (no dataset, no lm-eval task lookup): what a run checks before it loads anything."""
+    _validated(ref, overrides)
 
-    `overrides` are merged into the spec (nested mappings key by key), e.g.
-    ``{"subsample": {"size": 50}}``. Relative paths in a YAML file resolve next to that file.
-    Raises ConfigError (one line: file, field, what is valid) for anything invalid, including
-    unknown lm-eval tasks, metrics a task does not produce and broken local task folders.
-    """
+
+def _validated(ref: str | Path | Mapping, overrides: Mapping | None) -> tuple[SpecModel, type[Evaluator], str | None, str | None]:
+    """(the validated spec, its evaluator class, the file it came from, its directory)."""
     data, file = load_spec(ref, overrides)
     base_dir = data.pop("_dir", None)
     kinds = _kinds()
@@ -250,9 +250,37 @@ def build_evaluator(ref: str | Path | Mapping, overrides: Mapping | None = None)
         raise ConfigError(f"{got}; valid: {', '.join(kinds)}", file=file, field="kind")
     spec_cls, ev_cls = kinds[kind]
     try:
-        spec = spec_cls.model_validate(data)
+        return spec_cls.model_validate(data), ev_cls, file, base_dir
     except ValidationError as err:
-        raise validation_error(err, file=file) from err
+        error = validation_error(err, file=file)
+        if overrides and error.field and _overridden(error.field, overrides):
+            # the user's override is at fault, not the evaluator file: name the override
+            raise ConfigError(error.message, field=f"evaluator_overrides.{error.field}") from None
+        raise error from None
+
+
+def _overridden(field: str, overrides: Mapping) -> bool:
+    """True when the dotted `field` (e.g. "subsample.size", "tasks.0.task") is set by `overrides`."""
+    node: Any = overrides
+    for part in field.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def build_evaluator(ref: str | Path | Mapping, overrides: Mapping | None = None) -> Evaluator:
+    """An evaluator from a built-in name (`evaluators/NAME.yaml`), a YAML path or a spec mapping.
+
+    `overrides` are merged into the spec (nested mappings key by key), e.g.
+    ``{"subsample": {"size": 50}}``. Relative paths in a YAML file resolve next to that file.
+    Raises ConfigError (one line: file, field, what is valid) for anything invalid, including
+    unknown lm-eval tasks, metrics a task does not produce and broken local task folders.
+    """
+    spec, ev_cls, file, base_dir = _validated(ref, overrides)
     return ev_cls(spec, file=file, base_dir=Path(base_dir) if base_dir else None)  # type: ignore[call-arg]
 
 

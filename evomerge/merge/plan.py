@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from evomerge.errors import ConfigError, SourceError
+from evomerge.errors import ConfigError, EvomergeWarning, SourceError
 from evomerge.merge.layout import layer_count, place_of, with_layer_count
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.specs import MethodSpec, ParamSpec, get_spec
@@ -76,7 +76,7 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name)
 
 
-class MixedArchitectureWarning(UserWarning):
+class MixedArchitectureWarning(EvomergeWarning):
     """Sources of different architectures merged (the recipe allowed it): what was dropped."""
 
 

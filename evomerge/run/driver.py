@@ -22,6 +22,7 @@ import yaml
 from evomerge.config import (
     Experiment,
     StageSpec,
+    check_experiment,
     load_experiment,
     parse_experiment,
     resolve_experiment,
@@ -88,8 +89,12 @@ class Run:
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> list[StagePlan]:
-        """Build every stage's plan against the sources; raise a one-line ConfigError otherwise."""
+        """Build every stage's plan against the sources; raise a one-line ConfigError otherwise.
+        What needs no model or dataset is checked first (`check_experiment`: optimizer options,
+        space specs, baseline recipes, evaluator schemas), in a second, before a zoo is built or
+        a source or dataset is loaded."""
         exp = self.exp
+        check_experiment(exp, file=self.file)
         refs = [("models.base", exp.models.base)] if exp.models.base else []
         refs += [(f"models.sources[{i}]", r) for i, r in enumerate(exp.models.sources)]
         for i, stage in enumerate(exp.stages):

@@ -4,6 +4,7 @@ into a SearchSpace; see ps.py (parameter space), dfs.py (data-flow space), weigh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.merge.layout import layer_count
@@ -12,9 +13,18 @@ from evomerge.spaces.base import Gene, SearchSpace
 from evomerge.spaces.config import DFSSpec, PSSpec, WeightsSpec, load_space_spec
 from evomerge.spaces.dfs import DataFlowSpace, SourceModel
 from evomerge.spaces.ps import ParameterSpace
-from evomerge.spaces.weights import WeightsSpace
 
 __all__ = ["Gene", "SearchSpace", "ParameterSpace", "DataFlowSpace", "WeightsSpace", "build_space"]
+
+
+def __getattr__(name: str) -> Any:
+    """WeightsSpace on first use: it imports torch (seconds), which reading or checking a space
+    file (`evomerge.spaces.config`, imported through this package) never needs."""
+    if name == "WeightsSpace":
+        from evomerge.spaces.weights import WeightsSpace
+
+        return WeightsSpace
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_space(
@@ -40,6 +50,8 @@ def build_space(
             sources = [SourceModel(m, layer_count(pool.get(m).config) or 0, pool.get(m).config) for m in models]
             return DataFlowSpace(spec, sources, file=file)
         assert isinstance(spec, WeightsSpec)
+        from evomerge.spaces.weights import WeightsSpace
+
         source = pool.get(models[0])
         return WeightsSpace(spec, {name: source.get(name) for name in source.names})
     except EvomergeError as exc:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from evomerge.errors import ConfigError, schema_error
 from evomerge.recipe import DTYPES, check_setting
-from evomerge.resources import find_yaml
+from evomerge.resources import find_yaml, read_yaml
 
 KINDS = ("ps", "dfs", "weights")
 
@@ -94,19 +93,25 @@ def load_space_spec(ref: str | Path | dict, overrides: dict | None = None) -> tu
     else:
         path = find_yaml("search_spaces", ref)
         file = str(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML ({exc})".replace("\n", " "), file=file) from None
+        data = read_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ConfigError("a search space is a mapping (kind, ...)", file=file)
     data.update(overrides or {})
     try:
-        spec = _ADAPTER.validate_python(data)
-    except ValidationError as exc:
-        if exc.errors()[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            raise ConfigError(f"kind must be one of: {', '.join(KINDS)}", file=file, field="kind") from None
-        raise schema_error(exc, file=file, skip=KINDS) from None
-    if isinstance(spec, PSSpec):
-        check_ps_spec(spec, file=file)
+        try:
+            spec = _ADAPTER.validate_python(data)
+        except ValidationError as exc:
+            if exc.errors()[0]["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                raise ConfigError(f"kind must be one of: {', '.join(KINDS)}", file=file, field="kind") from None
+            raise schema_error(exc, file=file, skip=KINDS) from None
+        if isinstance(spec, PSSpec):
+            check_ps_spec(spec, file=file)
+    except ConfigError as exc:
+        # A value the overrides gave (they replace whole top-level keys) is theirs, not the file's:
+        # no file, field `space_overrides.FIELD` (the caller names the experiment and the stage).
+        if overrides and (exc.field or "").split(".")[0] in overrides:
+            raise ConfigError(exc.message, field=f"space_overrides.{exc.field}") from None
+        raise
     return spec, file
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
-from evomerge.merge.methods import get_method
+from evomerge.merge.specs import get_spec
 from evomerge.recipe import EvomergeBlock, InputModel, InputSlice, OutputSlice, Recipe
 from evomerge.spaces.base import Gene, SearchSpace
 from evomerge.spaces.config import PSSpec, check_ps_spec
@@ -31,7 +31,7 @@ class ParameterSpace(SearchSpace):
     def __init__(self, spec: PSSpec, *, base: str | None, models: list[str], layer_count: int | None, file: str | None = None):
         check_ps_spec(spec, file=file)  # method, parameters, bounds (checked on loading too; a spec may be built in code)
         self.spec = spec
-        self.method = get_method(spec.method)
+        self.method = get_spec(spec.method)  # names, defaults, requires_base: no torch needed
         self.base = base if self.method.requires_base else None
         self.models = [m for m in models if m != self.base]
         self.layer_count = layer_count
