@@ -915,10 +915,16 @@ def _sqlite_sidecar(path: str, state: tuple) -> bool:
     return path.endswith("-shm") or (path.endswith("-wal") and state[0] == 0)
 
 
+def _run_lock(path: str) -> bool:
+    """A run directory's lock file: resume takes it before it reads the run (so that no second
+    driver reads a state the first is writing), and it records who holds it."""
+    return os.path.basename(path) == ".lock"
+
+
 def _changes(before: dict[str, tuple], after: dict[str, tuple]) -> list[str]:
     out = [f"removed {p}" for p in before if p not in after]
-    out += [f"created {p}" for p in after if p not in before and not _sqlite_sidecar(p, after[p])]
-    out += [f"changed {p}" for p in before if p in after and before[p] != after[p]]
+    out += [f"created {p}" for p in after if p not in before and not (_sqlite_sidecar(p, after[p]) or _run_lock(p))]
+    out += [f"changed {p}" for p in before if p in after and before[p] != after[p] and not _run_lock(p)]
     return out
 
 
