@@ -40,21 +40,9 @@ import yaml
 from click.testing import CliRunner
 
 from tests.conftest import write_llama
+from tests.test_run import EVALUATOR, experiment  # one PS stage over base + a, b; a cheap evaluator
 
 NAN, INF = math.nan, math.inf
-EVALUATOR = {"kind": "python", "callable": "tests.test_bad_inputs:score", "objectives": {"acc": True}}
-
-
-def score(model, tokenizer, split, subset=None, shard=None):
-    """A cheap deterministic evaluator for the module's run: logits on fixed random tokens."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0 if split == "search" else 1)
-    ids = torch.randint(0, model.config.vocab_size, (8, 4), generator=gen)
-    with torch.no_grad():
-        logits = model(ids).logits[:, -1, :].double()
-    per = torch.sigmoid(4.0 * (logits[:, 0] - logits[:, 1])).numpy()
-    return {"objectives": {"acc": float(np.mean(per))}, "per_sample": {"t": per.tolist()}}
 
 
 # ---- shared inputs (built once per module) ------------------------------------------------------
@@ -67,26 +55,6 @@ class Shared:
     wide: Path  # a Llama checkpoint with intermediate size 48 (the family has 32)
     run: Path  # a finished one-stage PS run over base + a, b
     roots: tuple[Path, ...]  # every shared directory (snapshotted around each case)
-
-
-def experiment(fam: dict[str, Path], **changes: Any) -> dict:
-    exp = {
-        "name": "bad",
-        "seed": 3,
-        "models": {"base": str(fam["base"]), "sources": [str(fam["a"]), str(fam["b"])]},
-        "stages": [
-            {
-                "name": "ps",
-                "space": "ps_ties",
-                "evaluator": dict(EVALUATOR),
-                "optimizer": {"name": "cmaes", "popsize": 4},
-                "budget": {"evaluations": 4},
-                "holdout_top_k": 1,
-            }
-        ],
-    }
-    exp.update(changes)
-    return exp
 
 
 @pytest.fixture(scope="module")
