@@ -166,6 +166,14 @@ def test_the_declaration_is_the_one_check(llama_family: dict[str, Path]) -> None
     plan_merge(ties, pool)  # valid values plan
 
 
+def test_della_joint_rule_is_checked_when_planning(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """density - epsilon > 0 and density + epsilon < 1 (each valid alone): refused by the plan,
+    before a tensor is read (it used to fail while merging)."""
+    recipe = write_yaml(tmp_path / "r.yaml", models_recipe(llama_family, "della", {"density": 0.1}))
+    assert_one_line_error(*run_cli("merge", recipe, "--out", tmp_path / "out"), recipe, "parameters", "density - epsilon > 0", "epsilon=0.15")
+    assert not (tmp_path / "out").exists()
+
+
 def test_valid_edge_values_still_merge(llama_family: dict[str, Path], tmp_path: Path) -> None:
     """Negative weights (as mergekit allows), density 0 and 1, t 0 and 1 are valid."""
     for name, data in {

@@ -264,6 +264,8 @@ def _task(
             else:
                 _check_resolved(spec, value, f"model '{ref.model}', tensor {out_name}")
             values[spec.name] = value
+        if method.model_rule is not None and (problem := method.model_rule(values)):
+            raise ConfigError(f"{problem} (model '{ref.model}', tensor {out_name})", field="parameters")
         model_params.append(values)
     params = {}
     for spec in method.global_params:

@@ -53,6 +53,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from evomerge.merge.specs import della_problem
+
 DeltaFn = Callable[[], Tensor]
 NoiseId = tuple[int, str, int]
 
@@ -420,11 +422,8 @@ class DellaMask(Mask):
 
 
 def della_check(density: float, epsilon: float) -> None:
-    if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(
-            f"DELLA needs density - epsilon > 0 and density + epsilon < 1 "
-            f"(got density={density}, epsilon={epsilon}); lower epsilon or move density"
-        )
+    if problem := della_problem(density, epsilon):
+        raise ValueError(problem)
 
 
 def _rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:

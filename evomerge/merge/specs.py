@@ -17,6 +17,7 @@ neither has an effect (`inert`: accepted so that mergekit configs run, never sea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,6 +79,8 @@ class MethodSpec:
     requires_base: bool
     model_params: tuple[ParamSpec, ...] = ()
     global_params: tuple[ParamSpec, ...] = ()
+    # A rule over one model's resolved values together (each valid alone): why not, or None.
+    model_rule: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def param(self, name: str) -> ParamSpec | None:
         """The spec of parameter `name` (per-model first), None when the method has none."""
@@ -107,6 +110,21 @@ TASK_ARITHMETIC_FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
 }
 
 
+def della_problem(density: float, epsilon: float) -> str | None:
+    """DELLA's keep probabilities run from density - epsilon to density + epsilon: both must lie
+    in (0, 1) when it sparsifies (0 < density < 1), as mergekit requires."""
+    if 0 < density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
+        return (
+            f"DELLA needs density - epsilon > 0 and density + epsilon < 1 "
+            f"(got density={density}, epsilon={epsilon}); lower epsilon or move density"
+        )
+    return None
+
+
+def _della_rule(values: Mapping[str, Any]) -> str | None:
+    return della_problem(float(values["density"]), float(values["epsilon"]))
+
+
 def _family_spec(name: str) -> MethodSpec:
     sparsify, _consensus, normalize, rescale = TASK_ARITHMETIC_FAMILY[name]
     extra = {"outliers": (_GAMMA,), "della": (_EPSILON,)}.get(sparsify or "", ())
@@ -121,6 +139,7 @@ def _family_spec(name: str) -> MethodSpec:
             ParamSpec("rescale", rescale, doc="rescale kept entries to preserve the L1 norm", kind="bool", inert=not sparse),
             ParamSpec("lambda", 1.0, doc="scale of the merged task vector"),
         ),
+        model_rule=_della_rule if sparsify == "della" else None,
     )
 
 
