@@ -65,9 +65,7 @@ def schema_error(
     err = exc.errors()[0]
     loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in skip or _TAG.match(p)))]
     field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-    message = str(err["msg"])
-    for known in _MESSAGE_PREFIXES:
-        message = message.removeprefix(known)
+    message = pydantic_message(err)
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = field.rsplit(".", 1)[0] if "." in field else ""
@@ -75,16 +73,25 @@ def schema_error(
         message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
     elif kind == "missing":
         message = "missing (required)"
-    elif kind == "finite_number":
-        message = f"must be a finite number, got {err.get('input')!r}"
-    elif kind in ("too_short", "list_too_short") and not err.get("input"):
-        message = "is empty; give at least one item"
-    elif message.startswith("Input should be "):  # "must be a valid integer, got 'abc'"
-        message = f"must be {message.removeprefix('Input should be ')}, got {err.get('input')!r}"
     located = _SELF_LOCATED.match(message)
     if located:
         field, message = located.group(1), located.group(2)
     return ConfigError(message, file=file, field=field.rstrip(".") or None)
+
+
+def pydantic_message(err: dict) -> str:
+    """The message of one pydantic error (an item of `ValidationError.errors()`) in evomerge's
+    words: no "Value error, " prefix, "Input should be X" as "must be X, got VALUE"."""
+    message = str(err["msg"])
+    for known in _MESSAGE_PREFIXES:
+        message = message.removeprefix(known)
+    if err["type"] == "finite_number":
+        return f"must be a finite number, got {err.get('input')!r}"
+    if err["type"] in ("too_short", "list_too_short") and not err.get("input"):
+        return "is empty; give at least one item"
+    if message.startswith("Input should be "):  # "must be a valid integer, got 'abc'"
+        return f"must be {message.removeprefix('Input should be ')}, got {err.get('input')!r}"
+    return message
 
 
 # ---- warnings --------------------------------------------------------------------------------

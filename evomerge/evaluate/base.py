@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, pydantic_message
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset
 from evomerge.resources import find_yaml
@@ -196,7 +196,7 @@ def validation_error(err: ValidationError, *, file: str | None, prefix: str = ""
     first = min(errors, key=rank)
     keep, _ = path(first)
     field = prefix + ".".join(str(p) for p in keep) if keep else (prefix.rstrip(".") or None)
-    message = first["msg"]
+    message = pydantic_message(first)
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
