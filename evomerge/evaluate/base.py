@@ -38,9 +38,9 @@ Split = Literal["search", "holdout"]
 
 
 class SpecModel(BaseModel):
-    """Base of every evaluator spec model: unknown keys are errors."""
+    """Base of every evaluator spec model: unknown keys are errors, numbers are finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Evaluator(ABC):
