@@ -12,14 +12,32 @@ from evomerge.errors import EvomergeError, one_line_warnings
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 2."""
+    """Turns user errors into one line on stderr and exit code 2: errors evomerge raises where it
+    knows what went wrong (EvomergeError), and as the last line of defence file faults nothing
+    caught before (OSError, a SQLite file: `evomerge.faults`). Ctrl-C ends with one line (naming
+    `evomerge resume DIR` when a run was going on) and exit code 130."""
 
     def invoke(self, ctx: click.Context):
+        import sqlite3
+
+        from evomerge.faults import os_fault, sqlite_fault
+
         try:
             return super().invoke(ctx)
         except EvomergeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt as exc:  # RunInterrupted says how the run goes on
+            click.echo(str(exc) or "interrupted (Ctrl-C)", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            _fail(str(os_fault(exc)), 2)
+        except sqlite3.DatabaseError as exc:
+            _fail(str(sqlite_fault(exc, "database")), 2)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)
@@ -151,11 +169,17 @@ def run(experiment: str, out_dir: Path | None, sets: tuple[str, ...], local: boo
               help="Change a budget, holdout_top_k or ray setting, e.g. stages.ps.budget.evaluations=200 (repeatable; "
               "seed, models, spaces, evaluators and optimizers are fixed). A raised budget of a finished run's last stage reopens it.")  # fmt: skip
 @click.option("--local", is_flag=True, help="Evaluate in this process instead of on Ray workers.")
-def resume(run_dir: Path, sets: tuple[str, ...], local: bool) -> None:
+@click.option("--rebuild", is_flag=True,
+              help="Re-evaluate the rows the ledger lost (a copy made without ledger.sqlite-wal): the first stage that lost "
+              "rows restarts from its seed, surviving rows are told again from the ledger, only missing ones are evaluated.")  # fmt: skip
+def resume(run_dir: Path, sets: tuple[str, ...], local: bool, rebuild: bool) -> None:
     """Carry on the run in RUN_DIR from its last checkpoint (after a stop, a crash or kill -9)."""
-    from evomerge.run.driver import resume_run
+    from evomerge.run.driver import RunInterrupted, resume_run
 
-    resume_run(run_dir, sets=sets, local=local, echo=click.echo)
+    try:
+        resume_run(run_dir, sets=sets, local=local, echo=click.echo, rebuild=rebuild)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
     click.echo(f"done: {run_dir}")
 
 

@@ -26,19 +26,24 @@ UMASK = _read_umask()
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)`, fsync the result and move it over `path` in one step."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~UMASK)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            write(tmp_path)
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            # mkstemp creates 0600; give the file the permissions a plain open() would have.
+            os.chmod(tmp_path, 0o666 & ~UMASK)
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    except OSError as exc:  # a full disk, permissions: the error names the file, not its temp file
+        if exc.filename is None or Path(str(exc.filename)).name.startswith(f".{path.name}."):
+            exc.filename = str(path)
+        raise
     return path
 
 

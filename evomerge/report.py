@@ -23,6 +23,7 @@ from evomerge.report_data import (
     RunView,
     StageView,
     dfs_steps,
+    is_run_dir,
     load_run,
     parse_recipe,
     ps_parameter_grids,
@@ -40,7 +41,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     """Write the report of the run in `run_dir` (default: `run_dir/report/`); returns index.html.
 
     Raises NotARunError (a one-line EvomergeError, exit code 2 in the CLI) when `run_dir` holds
-    no run."""
+    no run, and a one-line error naming the file when the run is damaged (unreadable experiment,
+    checkpoint or ledger, a ledger that lost rows: `evomerge.run.driver.check_run_files`), before
+    anything is written."""
+    from evomerge.run.driver import check_run_files
+
+    if is_run_dir(Path(run_dir)):  # else load_run says what a run directory is
+        check_run_files(run_dir)
     view = load_run(run_dir)
     return render_report(view, Path(out_dir) if out_dir is not None else Path(run_dir) / REPORT_DIR)
 

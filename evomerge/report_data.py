@@ -143,8 +143,9 @@ class RunView:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run directory holds the frozen experiment or a ledger (a run killed early may lack one)."""
-    return path.is_dir() and ((path / EXPERIMENT_FILE).is_file() or (path / LEDGER_FILE).is_file())
+    """A run directory holds the frozen experiment and a ledger (`evomerge run` writes both before
+    anything runs; a directory with only an experiment.yaml holds an experiment, not a run)."""
+    return path.is_dir() and (path / EXPERIMENT_FILE).is_file() and (path / LEDGER_FILE).is_file()
 
 
 def load_run(run_dir: str | Path) -> RunView:
@@ -155,17 +156,14 @@ def load_run(run_dir: str | Path) -> RunView:
         raise NotARunError(f"not a run directory ({what})", file=str(run_dir))
     if not is_run_dir(run_dir):
         raise NotARunError(
-            f"not a run directory (no {EXPERIMENT_FILE} or {LEDGER_FILE}; "
+            f"not a run directory (it needs {EXPERIMENT_FILE} and {LEDGER_FILE}; "
             "give the directory `evomerge run` wrote, e.g. runs/NAME)",
             file=str(run_dir),
         )
     notes: list[str] = []
-    rows: list[Any] = []
-    stage_order: list[str] = []
-    if (run_dir / LEDGER_FILE).is_file():
-        rows, stage_order = _read_ledger(run_dir / LEDGER_FILE)
-    else:
-        notes.append("no evaluations yet (the ledger has not been created)")
+    rows, stage_order = _read_ledger(run_dir / LEDGER_FILE)
+    if not rows:
+        notes.append("no evaluations yet (the ledger is empty)")
     status = _run_status(run_dir, notes)
     experiment = _read_yaml(run_dir / EXPERIMENT_FILE, notes)
     return build_view(run_dir, rows, stage_order=stage_order, status=status, experiment=experiment, notes=notes)

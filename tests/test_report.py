@@ -224,6 +224,9 @@ def test_unfinished_run_reports_what_it_has(tmp_path: Path, spaces: dict) -> Non
     run.mkdir()
     (run / "experiment.yaml").write_text("name: early\n")
     runner = CliRunner()
+    alone = runner.invoke(main, ["report", str(run)])  # an experiment file, not a run
+    assert alone.exit_code == 2 and "not a run directory" in alone.output and not (run / "report").exists()
+    Ledger.open(run / "ledger.sqlite").close()  # as `evomerge run` leaves it before the first evaluation
     empty = runner.invoke(main, ["report", str(run)])  # started, nothing evaluated yet
     assert empty.exit_code == 0, empty.output
     assert "no evaluations yet" in (run / "report" / "index.html").read_text()

@@ -82,6 +82,28 @@ def write_exp(path: Path, exp: dict) -> Path:
     return path
 
 
+def two_stage_experiment(family: dict[str, Path]) -> dict:
+    """PS (8 evaluations) then DFS over `stage:ps` (8) and a task-arithmetic baseline: 22 rows."""
+    exp = experiment(family)
+    exp["stages"].append(
+        {
+            "name": "dfs",
+            "space": "dfs",
+            "space_overrides": {"repeats": 1},
+            "models": ["stage:ps", str(family["a"])],
+            "evaluator": dict(EVALUATOR),
+            "optimizer": {"name": "cmaes", "popsize": 4},
+            "budget": {"evaluations": 8},
+            "holdout_top_k": 2,
+        }
+    )
+    a, b = str(family["a"]), str(family["b"])
+    exp["baselines"] = [
+        {"name": "ta", "recipe": {"merge_method": "task_arithmetic", "base_model": str(family["base"]), "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}}
+    ]
+    return exp
+
+
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -94,22 +116,7 @@ def test_two_stage_run_status_and_export(llama_family: dict[str, Path], tmp_path
 
     from evomerge.recipe import Recipe
 
-    dfs = {
-        "name": "dfs",
-        "space": "dfs",
-        "space_overrides": {"repeats": 1},
-        "models": ["stage:ps", str(llama_family["a"])],
-        "evaluator": dict(EVALUATOR),
-        "optimizer": {"name": "cmaes", "popsize": 4},
-        "budget": {"evaluations": 8},
-        "holdout_top_k": 2,
-    }
-    exp = experiment(llama_family)
-    exp["stages"].append(dfs)
-    a, b = str(llama_family["a"]), str(llama_family["b"])
-    exp["baselines"] = [
-        {"name": "ta", "recipe": {"merge_method": "task_arithmetic", "base_model": str(llama_family["base"]), "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}}
-    ]
+    exp = two_stage_experiment(llama_family)
     run_dir = tmp_path / "run"
     code, out = cli("run", write_exp(tmp_path / "exp.yaml", exp), "--out", run_dir)
     assert code == 0, out

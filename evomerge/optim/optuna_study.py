@@ -153,10 +153,28 @@ class OptunaSearch(Optimizer):
 
     @property
     def study(self) -> Any:
-        """The Optuna study (created on the first ask)."""
+        """The Optuna study (created on the first ask). In the run's own storage (`run_dir`) a
+        stage that starts again from its seed (a resume before its first checkpoint, `evomerge
+        resume --rebuild`) finds its earlier study there and takes the next free `NAME.rK`."""
         if self._study is None:
-            self._study = self._create_study(self.study_name)
+            name = self.study_name
+            if self.options.get("run_dir") is not None:
+                name = self._free_name(name)
+            self._study = self._create_study(name)
         return self._study
+
+    def _free_name(self, name: str) -> str:
+        """`name`, or `NAME.rK` with the smallest K free, when the storage holds `name` already."""
+        import optuna
+
+        taken = set(optuna.get_all_study_names(storage=self.storage))
+        if name not in taken:
+            return name
+        base = re.sub(r"\.r\d+$", "", name)
+        k = 1
+        while f"{base}.r{k}" in taken:
+            k += 1
+        return f"{base}.r{k}"
 
     def _propose(self, n: int) -> list[Candidate]:
         out = []
@@ -250,16 +268,10 @@ class OptunaSearch(Optimizer):
 
     def _rebuild(self, name: str, trials: list, running: set[int], system_attrs: dict) -> Any:
         """A new study holding the trials exactly as the checkpoint knew them."""
-        import optuna
         from optuna.trial import FrozenTrial, TrialState
 
-        base = re.sub(r"\.r\d+$", "", name)
-        taken = set(optuna.get_all_study_names(storage=self.storage))
-        k = 1
-        while f"{base}.r{k}" in taken:
-            k += 1
         _forget_study(self._sampler)
-        study = self._create_study(f"{base}.r{k}")
+        study = self._create_study(self._free_name(name))
         for t in sorted(trials, key=lambda t: t.number):
             if t.number in running:
                 t = FrozenTrial(

@@ -4,6 +4,12 @@ The state holds the optimizer's `state_dict()` of the stage in progress, the led
 corresponds to (`ledger_seq`: every search row up to it has been told), the scheduler's own
 counters (failures in a row) and which stages are finished. Rows written after `ledger_seq` -
 the driver was killed between writing a row and the next checkpoint - are replayed on resume.
+`ledger_rows` ({stage: {split: rows}}) counts the ledger's rows when the checkpoint was written:
+with `ledger_seq` it lets `evomerge.run.integrity` prove that no counted row went missing since.
+
+A checkpoint that cannot be read (damaged, not JSON, not a checkpoint) raises one line naming
+the file and the two ways on: restore it, or rebuild the run's state from its ledger
+(`evomerge resume RUN --rebuild`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
 
 FORMAT = "evomerge-run-checkpoint/1"
@@ -35,9 +42,22 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"checkpoint is not valid JSON ({exc})", file=str(path)) from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise os_fault(exc, path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise damaged(path, f"it is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise damaged(path, f"it holds a JSON {type(data).__name__}, not a checkpoint")
     if data.get("format") != FORMAT:
-        raise ConfigError(f"unknown checkpoint format {data.get('format')!r}; expected {FORMAT}", file=str(path))
+        raise damaged(path, f"unknown checkpoint format {data.get('format')!r}; expected {FORMAT}")
     return data
+
+
+def damaged(path: Path, what: str) -> ConfigError:
+    run_dir = path.parent.parent
+    return ConfigError(
+        f"the checkpoint cannot be read: {what}; restore it from a copy, or rebuild the run's state from its "
+        f"ledger with `evomerge resume {run_dir} --rebuild`",
+        file=str(path),
+    )

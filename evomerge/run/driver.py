@@ -29,6 +29,7 @@ from evomerge.config import (
 )
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.result import EvalResult
+from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
 from evomerge.recipe import Recipe
@@ -56,6 +57,7 @@ from evomerge.run.stages import (
 CHECKPOINT_RATIO = 20  # see on_tell in Run._run_stage
 EXPERIMENT_FILE = "experiment.yaml"
 LEDGER_FILE = "ledger.sqlite"
+LOCK_FILE = ".lock"
 MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
 
 
@@ -65,10 +67,80 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def read_experiment(run_dir: str | Path) -> Experiment:
+    """The run's frozen experiment; a damaged file is one line naming it."""
+    return parse_experiment(experiment_data(run_dir), file=str(Path(run_dir) / EXPERIMENT_FILE))
+
+
+def experiment_data(run_dir: str | Path) -> dict[str, Any]:
+    """The run's `experiment.yaml` as a mapping (its schema unchecked); one line when damaged."""
     path = Path(run_dir) / EXPERIMENT_FILE
     if not path.is_file():
         raise ConfigError(f"not a run directory (no {EXPERIMENT_FILE})", file=str(run_dir))
-    return parse_experiment(yaml.safe_load(path.read_text()) or {}, file=str(path))
+    restore = "restore it from a copy (it is the experiment the run was started with)"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise os_fault(exc, path) from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        what = " ".join(str(exc).split())
+        raise ConfigError(f"the run's experiment is damaged, not valid YAML ({type(exc).__name__}: {what}); {restore}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the run's experiment is damaged: it holds a YAML {type(data).__name__}, not an experiment; {restore}", file=str(path))
+    return data
+
+
+def check_run_files(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run directory fit to read (status, export, report), or one line saying what is wrong:
+    its experiment.yaml and checkpoint read, its ledger opens and holds every row the checkpoint
+    counts (`evomerge.run.integrity`; not checked while a driver holds the run: it is the
+    ledger's writer). Returns the checkpoint (None before the first one)."""
+    from evomerge.run.integrity import check_ledger
+
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
+    experiment_data(run_dir)
+    ckpt = load_checkpoint(run_dir)  # before the ledger: the ledger only grows after it
+    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+        if lock_holder(run_dir) is None:
+            check_ledger(run_dir, ledger, ckpt)
+    return ckpt
+
+
+def check_run_dir(run_dir: str | Path) -> tuple[Experiment, dict[str, Any] | None]:
+    """`check_run_files`, and the run's experiment (its schema checked too)."""
+    ckpt = check_run_files(run_dir)
+    return read_experiment(run_dir), ckpt
+
+
+def lock_holder(run_dir: str | Path) -> int | None:
+    """The pid of the driver that holds the run (0 when it has not written its pid yet), or None
+    when no process holds it: the run is stopped (finished, or ended by an error, Ctrl-C or a
+    kill) or was never started. Tries the lock without waiting and lets it go at once."""
+    import fcntl
+
+    try:
+        handle = open(Path(run_dir) / LOCK_FILE)  # noqa: SIM115 - closed below
+    except OSError:  # no lock file: no driver ever held it (or it cannot be read: none to ask)
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else 0
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; it goes on from its last checkpoint with `evomerge resume DIR`."""
+
+    def __init__(self, run_dir: str | Path):
+        super().__init__(f"interrupted (Ctrl-C); the run goes on from its last checkpoint with `evomerge resume {run_dir}`")
+        self.run_dir = Path(run_dir)
 
 
 class Run:
@@ -86,6 +158,8 @@ class Run:
         self._pool: WorkerPool | None = None
         self._pool_key: str | None = None
         self._pool_sources: dict[str, str] = {}
+        self._rebuild_caps: dict[str, int] = {}  # finished stages being rebuilt: search rows to replay
+        self._rebuild_reasons: dict[str, str] = {}
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> list[StagePlan]:
@@ -218,22 +292,32 @@ class Run:
             raise exc.located(file=self.file, field=field) from None
 
     # ---- execution ----------------------------------------------------------------------
-    def execute(self) -> dict[str, Any] | None:
-        """Run (or carry on) every stage; returns the run's best (see `stage_best`)."""
+    def execute(self, *, rebuild: bool = False) -> dict[str, Any] | None:
+        """Run (or carry on) every stage; returns the run's best (see `stage_best`). `rebuild`:
+        first re-create the rows the ledger lost (see `rebuild_state`). Ctrl-C raises
+        RunInterrupted, a file fault (disk full, permissions) one line naming the file; both say
+        how the run goes on."""
         lock = self._lock()
         try:
-            return self._execute()
+            return self._execute(rebuild)
+        except KeyboardInterrupt:
+            raise RunInterrupted(self.run_dir) from None
+        except OSError as exc:
+            raise os_fault(exc, resume=self.run_dir) from None
         finally:
             lock.close()
 
-    def _lock(self):
+    def _lock(self) -> Any:
         """Hold `<run>/.lock` while the run executes: a second driver on the same directory (a
         resume while the run still goes on) is refused. The OS drops the lock when the process
-        dies, even by kill -9."""
+        dies, even by kill -9; `lock_holder` tells a live run from a dead one by it."""
         import fcntl
         import os
 
-        handle = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+        except OSError as exc:
+            raise os_fault(exc, self.run_dir / LOCK_FILE) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -247,17 +331,19 @@ class Run:
         handle.flush()
         return handle
 
-    def _execute(self) -> dict[str, Any] | None:
-        ckpt = load_checkpoint(self.run_dir) or {}
-        state = {
-            "stages_done": list(ckpt.get("stages_done", [])),
-            "stop_reasons": dict(ckpt.get("stop_reasons", {})),
-            "started": ckpt.get("started", time.time()),
-        }
-        if ckpt.get("final_optimizer"):  # the last stage ended before a kill: keep it reopenable
-            state["final_optimizer"] = ckpt["final_optimizer"]
+    def _execute(self, rebuild: bool = False) -> dict[str, Any] | None:
+        ckpt = self._readable_checkpoint() if rebuild else load_checkpoint(self.run_dir)
         ledger = Ledger.open(self.run_dir / LEDGER_FILE)
         try:
+            ckpt = self.rebuild_state(ledger, ckpt) if rebuild else (ckpt or {})
+            state = {
+                "stages_done": list(ckpt.get("stages_done", [])),
+                "stop_reasons": dict(ckpt.get("stop_reasons", {})),
+                "started": ckpt.get("started", time.time()),
+                "stage_bests": dict(ckpt.get("stage_bests", {})),
+            }
+            if ckpt.get("final_optimizer"):  # the last stage ended before a kill: keep it reopenable
+                state["final_optimizer"] = ckpt["final_optimizer"]
             self._register_stage_models()
             for index, stage in enumerate(self.exp.stages):
                 if stage.name in state["stages_done"]:
@@ -274,9 +360,83 @@ class Run:
             self.shutdown()
 
     def _save(self, ledger: Ledger, state: dict[str, Any]) -> None:
-        """A checkpoint, after the ledger rows it counts are on disk."""
+        """A checkpoint, after the ledger rows it counts are on disk (and in the ledger's main
+        file); it records the ledger's rows per stage and split (`evomerge.run.integrity`)."""
         ledger.sync()
-        save_checkpoint(self.run_dir, state)
+        save_checkpoint(self.run_dir, {**state, "ledger_rows": ledger.counts()})
+
+    # ---- rebuild ------------------------------------------------------------------------
+    def _readable_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint, or None when it cannot be read (a rebuild then starts from the ledger)."""
+        try:
+            return load_checkpoint(self.run_dir)
+        except EvomergeError as exc:
+            self.echo(f"the checkpoint cannot be read ({exc.message.split(';')[0]}); rebuilding the run's state from its ledger alone")
+            return None
+
+    def rebuild_state(self, ledger: Ledger, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+        """`evomerge resume RUN --rebuild`: the checkpoint to go on from after the ledger lost rows.
+
+        The rule: the run starts again at the first stage that lost rows (the checkpoint counts
+        more of its rows than the ledger holds, or a gap in the seqs follows one of its rows;
+        baseline rows belong to the first stage). That stage and every later one restart their
+        optimizer from its seed (seed + stage index) and every row that survived is told again
+        from the ledger, matched by candidate id (and recipe hash), so only candidates whose rows
+        are missing are evaluated; new rows take the missing seqs in order (`Ledger.fill_gaps`).
+        Asks, tells and evaluations being deterministic, the rebuilt ledger has the same rows
+        (seqs, recipes, fitness) as the run that lost none. Stages before it keep their rows and
+        stay finished. A later stage keeps its surviving rows only while they stay valid: when a
+        stage it builds on (`stage:NAME`) ends the rebuild with another best than it had (the
+        checkpoint records each finished stage's best), the rebuild stops with one line, since
+        those rows were scored on another model. A finished stage with a time budget is capped at
+        the search rows the checkpoint counts (replayed tells take no time) and keeps its stop
+        reason; an unfinished one's time budget starts again. A checkpoint that cannot be read is
+        ignored: every stage is rebuilt from the ledger (lost rows at its end cannot be seen then;
+        they are evaluated again, as after a kill -9).
+        """
+        from evomerge.run.integrity import find_gap
+
+        names = [s.name for s in self.exp.stages]
+        gap = find_gap(ledger, ckpt)
+        if ckpt is not None and gap is None:
+            self.echo("the ledger holds every row the checkpoint counts; nothing to rebuild")
+            return ckpt
+        ckpt = ckpt or {}
+        first = gap.first_stage(names) if gap is not None and ckpt else 0
+        ledger.fill_gaps()
+        done = [name for name in ckpt.get("stages_done", []) if name in names[:first]]
+        counted = ckpt.get("ledger_rows") or {}
+        counts = ledger.counts()
+        self._rebuild_caps = {
+            name: int(counted.get(name, {}).get("search", counts.get(name, {}).get("search", 0)))
+            for name in ckpt.get("stages_done", [])
+            if name in names[first:]
+        }
+        self._rebuild_reasons = dict(ckpt.get("stop_reasons", {}))
+        missing = f"{gap.missing} missing row(s): {gap.describe()}" if gap is not None else "no checkpoint to compare with"
+        self.echo(
+            f"rebuilding from stage '{names[first]}' ({missing}): its optimizer restarts from its seed, surviving rows "
+            "are told again from the ledger, only candidates whose rows are missing are evaluated"
+        )
+        return {
+            "stages_done": done,
+            "stop_reasons": {name: reason for name, reason in ckpt.get("stop_reasons", {}).items() if name in done},
+            "started": ckpt.get("started", time.time()),
+            "stage_bests": dict(ckpt.get("stage_bests", {})),
+        }
+
+    def _check_later_rows(self, index: int, ledger: Ledger, was: str, now: str | None) -> None:
+        """A rebuilt stage ended with another best than before: rows of later stages built on it
+        (`stage:NAME`) were scored on another model and cannot be kept."""
+        name = self.exp.stages[index].name
+        for later in self.exp.stages[index + 1 :]:
+            if f"stage:{name}" in self._refs(later) and ledger.count(stage=later.name):
+                raise ConfigError(
+                    f"the rebuilt stage '{name}' ended with another best (recipe {now}, was {was}), but stage "
+                    f"'{later.name}' has rows scored on its old best model; they cannot be rebuilt: start a new run "
+                    f"from {EXPERIMENT_FILE}",
+                    file=str(self.run_dir),
+                )
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -294,6 +454,11 @@ class Run:
             for ref, path in port.register_existing():
                 pool.add_source(ref, path)
         opt = make_stage_optimizer(plan, seed=self.exp.seed + index, run_dir=self.run_dir, pool=self.sources, port=port)
+        cap = self._rebuild_caps.pop(stage.name, None)
+        capped = cap is not None and plan.budget_seconds is not None
+        if capped:  # a finished stage with a time budget, rebuilt: as many tells as it had (see rebuild_state)
+            opt.max_seconds = None
+            opt.max_evals = cap if opt.max_evals is None else min(opt.max_evals, cap)
         ledger.keep_genomes(stage.name, plan.holdout_top_k)
         if index == 0 and self.exp.baselines:
             self._score_baselines(plan, pool, ledger, opt)
@@ -303,6 +468,7 @@ class Run:
             after = int(ckpt.get("ledger_seq", 0))
             _reopen_budget(opt)
         replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after)}
+        ledger.cursor = after  # checkpoints count what has been told: rows after it are replayed
         subsampled = uses_subsamples(plan.evaluator_spec)
 
         def subset_for(generation: int) -> tuple[Any, str]:
@@ -326,7 +492,7 @@ class Run:
                 return
             self._save(
                 ledger,
-                {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq(), **counters},
+                {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters},
             )
             clock["last"] = time.perf_counter()
             clock["cost"] = clock["last"] - now
@@ -350,16 +516,23 @@ class Run:
                 progress=lambda done, note: bar.update(opt.n_told, plan.budget_evaluations, note),
             )
             reason = scheduler.run()
+        if capped and self._rebuild_reasons.get(stage.name):
+            reason = self._rebuild_reasons[stage.name]
         state["stop_reasons"][stage.name] = reason
         told = ledger.count(stage=stage.name, split="search")
         self.echo(f"stage {stage.name}: {told} evaluations; stopped: {reason}")
-        self._save(ledger, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.last_seq()})
+        self._save(ledger, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor})
         score_holdout(plan, scheduler, ledger, fitness)
         best = stage_best(ledger, stage.name)
         if best is None and any(f"stage:{stage.name}" in self._refs(s) for s in self.exp.stages[index + 1 :]):
             from evomerge.run.scheduler import RunStopped
 
             raise RunStopped(f"stage '{stage.name}' has no successful evaluation, and a later stage uses stage:{stage.name}")
+        was = state["stage_bests"].get(stage.name)
+        now = None if best is None else best["recipe_hash"]
+        if was is not None and was != now:
+            self._check_later_rows(index, ledger, was, now)
+        state["stage_bests"][stage.name] = now
         if best is not None:
             self._finish_stage(index, best, pool, ledger)
             holdout = "-" if best["holdout_score"] is None else f"{best['holdout_score']:.4f}"
@@ -662,17 +835,32 @@ def resume_run(
     local: bool = False,
     echo: Callable[[str], None] = print,
     execute: bool = True,
+    rebuild: bool = False,
 ) -> Run:
     """Carry on a run from its last checkpoint (nothing told before it is evaluated again).
     `sets`: changes that may be made on resume (budgets, holdout_top_k, ray; see
-    `evomerge.run.resume`); a raised budget of a finished run's last stage reopens it."""
+    `evomerge.run.resume`); a raised budget of a finished run's last stage reopens it.
+    A ledger that lacks rows the checkpoint counts is refused (`evomerge.run.integrity`) unless
+    `rebuild` (`Run.rebuild_state`), which also goes on without a readable checkpoint."""
+    from evomerge.run.integrity import check_ledger
     from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
     exp = read_experiment(run_dir)
-    ckpt = load_checkpoint(run_dir)
+    if rebuild:
+        if sets:
+            raise ConfigError("give --rebuild alone; change settings with a later `evomerge resume --set`", field="--set")
+        run = Run(run_dir, exp, file=str(run_dir / EXPERIMENT_FILE), local=local, echo=echo)
+        run.validate()
+        if execute:
+            run.execute(rebuild=True)
+        return run
+    ckpt = load_checkpoint(run_dir)  # before the ledger: the ledger only grows after it
+    if lock_holder(run_dir) is None:  # a live driver is refused below, by its lock
+        with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+            check_ledger(run_dir, ledger, ckpt)
     changes: list[str] = []
     if sets:
         exp, changes, reopen = resume_changes(run_dir, exp, sets, ckpt)

@@ -26,8 +26,8 @@ from evomerge.merge.sources import SourcePool
 from evomerge.modeldir import check_target
 from evomerge.run.driver import (
     LEDGER_FILE,
+    check_run_dir,
     is_run_dir,
-    read_experiment,
     selection_note,
     write_best,
     write_best_model,
@@ -55,11 +55,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: boo
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
-    exp = read_experiment(run_dir)
     if out is not None:
         out = Path(out).resolve()
         check_out_outside_run(out, run_dir)
         check_target(out, force)
+    exp, _ = check_run_dir(run_dir)  # a damaged run, or a ledger that lost rows, is refused
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         best = run_best(exp.stages, ledger)
     if best is None:

@@ -22,6 +22,19 @@ without subsampling, are stored once in the `doc_ids` table and the row holds
 `{"$ref": DIGEST}` (rows read back through `Ledger` have them expanded); per-sample lists of whole
 numbers (0/1 correctness) are written as JSON integers, read back as such (compare equal to the
 floats). ~30 KB per such row became ~3 KB.
+
+Completeness: `seq` numbers run 1, 2, 3, ... without gaps (rows are never deleted), so a ledger
+that lost rows (a copy made without its `-wal` file, rows deleted by hand) shows it: `gaps()`
+lists the missing numbers, and a run's checkpoint records `counts()` and the last seq it saw
+(`evomerge.run.integrity`). `sync()` (before every run checkpoint) also copies the write-ahead
+log into the main file (`PRAGMA wal_checkpoint(PASSIVE)`), so the main file alone holds every
+row a checkpoint counts. A rebuild (`evomerge resume --rebuild`) calls `fill_gaps()`: new rows
+then take the missing numbers, smallest first, so rows re-created in their original order get
+their original seqs back. `cursor` is the seq of the last row the run has written or replayed
+(`passed`): what a checkpoint taken now has told the optimizer.
+
+Errors of the database file (damaged, not a database, disk full, read-only) are raised as one
+line naming the file (`evomerge.faults.sqlite_fault`).
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.faults import sqlite_fault
 
 SCHEMA_VERSION = 1
 BASELINE_PREFIX = "baseline:"
@@ -117,30 +131,43 @@ class Ledger:
         self._keep_k: dict[str, int] = {}
         self._top: dict[str, list[tuple[float, int, str]]] = {}  # stage -> (-fitness, seq, hash), best first
         self._doc_ids: dict[str, Any] = {}  # digest -> doc ids (both ways)
+        self._counts: dict[str, dict[str, int]] | None = None  # stage -> split -> rows (kept up to date)
+        self._gaps: list[int] | None = None  # missing seqs new rows take (fill_gaps), smallest first
+        self.cursor = 0  # the last seq written or replayed (module docstring)
 
     @classmethod
     def open(cls, path: str | Path, *, readonly: bool = False) -> Ledger:
         path = Path(path)
-        if readonly:
-            if not path.is_file():
-                raise ConfigError("no ledger here (is this a run directory?)", file=str(path))
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL: a commit survives the process being killed (kill -9) but is synced to disk
-            # only at WAL checkpoints; `sync()` runs before every run checkpoint, so a checkpoint
-            # never counts rows a power cut could take back. FULL cost 7 ms per row here.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
-            conn.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({columns})")
-            conn.execute("CREATE INDEX IF NOT EXISTS by_hash ON evaluations (recipe_hash, split, stage)")
-            conn.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
-            conn.execute("CREATE TABLE IF NOT EXISTS doc_ids (digest TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            conn.commit()
-        return cls(conn, path, readonly)
+        if readonly and not path.is_file():
+            raise ConfigError("no ledger here (is this a run directory?)", file=str(path))
+        conn = None
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+                # a file that is not a ledger, or a damaged one, fails here and not halfway through
+                conn.execute("SELECT COUNT(*), MAX(seq) FROM evaluations").fetchone()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(str(path), timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL: a commit survives the process being killed (kill -9) but is synced to disk
+                # only at WAL checkpoints; `sync()` runs before every run checkpoint, so a checkpoint
+                # never counts rows a power cut could take back. FULL cost 7 ms per row here.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
+                conn.execute(f"CREATE TABLE IF NOT EXISTS evaluations ({columns})")
+                conn.execute("CREATE INDEX IF NOT EXISTS by_hash ON evaluations (recipe_hash, split, stage)")
+                conn.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
+                conn.execute("CREATE TABLE IF NOT EXISTS doc_ids (digest TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.commit()
+        except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            raise sqlite_fault(exc, path) from None
+        ledger = cls(conn, path, readonly)
+        ledger.cursor = ledger.last_seq()
+        return ledger
 
     def close(self) -> None:
         self._conn.close()
@@ -153,11 +180,12 @@ class Ledger:
 
     # ---- writing ------------------------------------------------------------------------
     def append(self, row: LedgerRow) -> LedgerRow:
-        """Store the row and commit. `row.seq` <= 0 takes the next number; returns the row."""
+        """Store the row and commit. `row.seq` <= 0 takes the next number (the smallest missing
+        one after `fill_gaps`); returns the row."""
         if self.readonly:
             raise RuntimeError("ledger opened read-only")
         if row.seq <= 0:
-            row.seq = self.last_seq() + 1
+            row.seq = self._gaps.pop(0) if self._gaps else self.last_seq() + 1
         keep_genome = row.genome is None or len(row.genome) <= LONG_GENOME or self._enters_top(row)
         new_doc_ids = None
         values = []
@@ -175,18 +203,38 @@ class Ledger:
                 value = {**value, "doc_ids": {"$ref": digest}}
             values.append(json.dumps(value, separators=(",", ":")) if name in _JSON_FIELDS else value)
         marks = ", ".join("?" for _ in _COLUMNS)
-        with self._conn:
-            if new_doc_ids is not None:
-                self._conn.execute("INSERT OR IGNORE INTO doc_ids VALUES (?, ?)", new_doc_ids)
-            self._conn.execute(f"INSERT INTO evaluations VALUES ({marks})", values)
+        try:
+            with self._conn:
+                if new_doc_ids is not None:
+                    self._conn.execute("INSERT OR IGNORE INTO doc_ids VALUES (?, ?)", new_doc_ids)
+                self._conn.execute(f"INSERT INTO evaluations VALUES ({marks})", values)
+        except sqlite3.IntegrityError:
+            raise  # a bug (a seq taken twice), not a fault of the file
+        except sqlite3.DatabaseError as exc:
+            raise sqlite_fault(exc, self.path) from None
         if new_doc_ids is not None:
             self._doc_ids[new_doc_ids[0]] = json.loads(new_doc_ids[1])
+        if self._counts is not None:
+            splits = self._counts.setdefault(row.stage, {})
+            splits[row.split] = splits.get(row.split, 0) + 1
+        self.passed(row.seq)
         return row
 
+    def passed(self, seq: int) -> None:
+        """The run has told (or recorded) the row numbered `seq`: the cursor moves on to it."""
+        self.cursor = max(self.cursor, int(seq))
+
     def sync(self) -> None:
-        """Flush every committed row to disk (fsync of the database and its write-ahead log)."""
+        """Copy the write-ahead log into the main file as far as readers allow (PASSIVE: never
+        waits), then flush both to disk: every committed row is on disk, and in the main file
+        alone unless a reader held the log back."""
         import os
 
+        if not self.readonly:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise sqlite_fault(exc, self.path) from None
         for suffix in ("", "-wal"):
             path = f"{self.path}{suffix}"
             if os.path.exists(path):
@@ -195,6 +243,48 @@ class Ledger:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+
+    # ---- completeness -------------------------------------------------------------------
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per stage and split: {stage: {split: rows}} (baseline stages included)."""
+        if self._counts is None or self.readonly:
+            counts: dict[str, dict[str, int]] = {}
+            for stage, split, n in self._iter("SELECT stage, split, COUNT(*) FROM evaluations GROUP BY stage, split"):
+                counts.setdefault(stage, {})[split] = int(n)
+            if self.readonly:
+                return counts
+            self._counts = counts
+        return {stage: dict(splits) for stage, splits in self._counts.items()}
+
+    def gaps(self, upto: int | None = None) -> list[tuple[int, int]]:
+        """Missing seqs from 1 to `upto` (default: the last seq) as (first, last) ranges."""
+        top = self.last_seq() if upto is None else max(int(upto), 0)
+        present = int(self._one("SELECT COUNT(*) FROM evaluations WHERE seq <= ?", [top])[0])
+        if present == top:
+            return []
+        ranges: list[tuple[int, int]] = []
+        expected = 1
+        for (seq,) in self._iter("SELECT seq FROM evaluations WHERE seq <= ? ORDER BY seq", [top]):
+            if seq > expected:
+                ranges.append((expected, seq - 1))
+            expected = seq + 1
+        if expected <= top:
+            ranges.append((expected, top))
+        return ranges
+
+    def fill_gaps(self) -> int:
+        """From now on new rows take the missing seqs below the last one, smallest first (a
+        rebuild re-creates lost rows in their original order); returns how many there are."""
+        self._gaps = [seq for first, last in self.gaps() for seq in range(first, last + 1)]
+        return len(self._gaps)
+
+    def row_stage(self, seq: int, *, before: bool = False) -> str | None:
+        """The stage of the row numbered `seq` (`before`: of the last row before it)."""
+        if before:
+            found = self._one("SELECT stage FROM evaluations WHERE seq < ? ORDER BY seq DESC LIMIT 1", [int(seq)])
+        else:
+            found = self._one("SELECT stage FROM evaluations WHERE seq = ?", [int(seq)])
+        return found[0] if found else None
 
     def keep_genomes(self, stage: str, top_k: int) -> None:
         """Keep the long genomes of stage's top `top_k` search rows (module docstring)."""
@@ -210,7 +300,7 @@ class Ledger:
         if top is None:
             top, seen = [], set()
             query = "SELECT fitness, seq, recipe_hash FROM evaluations WHERE stage = ? AND split = 'search' AND status = 'ok' ORDER BY fitness DESC, seq"
-            for fitness, seq, digest in self._conn.execute(query, [row.stage]):
+            for fitness, seq, digest in self._iter(query, [row.stage]):
                 if fitness is None or not math.isfinite(fitness) or digest in seen:
                     continue
                 seen.add(digest)
@@ -231,21 +321,21 @@ class Ledger:
     # ---- reading ------------------------------------------------------------------------
     def get(self, seq: int) -> LedgerRow | None:
         """The row numbered `seq`."""
-        found = self._conn.execute("SELECT * FROM evaluations WHERE seq = ?", [int(seq)]).fetchone()
+        found = self._one("SELECT * FROM evaluations WHERE seq = ?", [int(seq)])
         return self._row(found) if found else None
 
     def rows(self, stage: str | None = None, split: str | None = None, *, after_seq: int = 0) -> list[LedgerRow]:
         """Rows in seq order, optionally of one stage and/or one split, after a given seq."""
         where, args = _where(stage=stage, split=split)
         query = f"SELECT * FROM evaluations WHERE seq > ?{where} ORDER BY seq"
-        return [self._row(r) for r in self._conn.execute(query, [after_seq, *args])]
+        return [self._row(r) for r in self._iter(query, [after_seq, *args])]
 
     def top(self, stage: str, k: int | None = None, split: str = "search") -> list[LedgerRow]:
         """Successful rows of a stage with a finite fitness, best first (ties: the earlier row),
         one per recipe, at most `k`; reads only the rows it returns in full."""
         query = "SELECT seq, recipe_hash, fitness FROM evaluations WHERE stage = ? AND split = ? AND status = 'ok' ORDER BY fitness DESC, seq"
         seqs, seen = [], set()
-        for seq, digest, fitness in self._conn.execute(query, [stage, split]):
+        for seq, digest, fitness in self._iter(query, [stage, split]):
             if fitness is None or not math.isfinite(fitness) or digest in seen:
                 continue
             seen.add(digest)
@@ -259,7 +349,7 @@ class Ledger:
         (the first row of an id), without reading their scores."""
         query = "SELECT candidate_id, recipe_hash, recipe_yaml, meta FROM evaluations WHERE stage = ? AND split = 'search' AND status = 'ok' ORDER BY seq"
         out: dict[int, tuple[str, str, list[int]]] = {}
-        for cid, digest, recipe_yaml, meta in self._conn.execute(query, [stage]):
+        for cid, digest, recipe_yaml, meta in self._iter(query, [stage]):
             if cid not in out:
                 out[int(cid)] = (digest, recipe_yaml, [int(p) for p in json.loads(meta or "{}").get("parents", [])])
         return out
@@ -268,11 +358,11 @@ class Ledger:
         """Counts and times of a stage's rows without reading them: rows, failures, first start,
         last finish, the first row's objective directions and the last failed row's error."""
         where = "FROM evaluations WHERE stage = ? AND split = ?"
-        rows, failures, first, last = self._conn.execute(
+        rows, failures, first, last = self._one(
             f"SELECT COUNT(*), COALESCE(SUM(status != 'ok'), 0), MIN(started), MAX(finished) {where}", [stage, split]
-        ).fetchone()
-        directions = self._conn.execute(f"SELECT higher_is_better {where} ORDER BY seq LIMIT 1", [stage, split]).fetchone()
-        error = self._conn.execute(f"SELECT error, seq {where} AND status != 'ok' ORDER BY seq DESC LIMIT 1", [stage, split]).fetchone()
+        )
+        directions = self._one(f"SELECT higher_is_better {where} ORDER BY seq LIMIT 1", [stage, split])
+        error = self._one(f"SELECT error, seq {where} AND status != 'ok' ORDER BY seq DESC LIMIT 1", [stage, split])
         return {
             "rows": int(rows),
             "failures": int(failures),
@@ -286,12 +376,12 @@ class Ledger:
     def stages(self) -> list[str]:
         """Stage names in the order their first row was written (baseline rows, whose stage is
         `baseline:NAME`, are not a stage: see `baselines`)."""
-        cur = self._conn.execute("SELECT stage FROM evaluations GROUP BY stage ORDER BY MIN(seq)")
+        cur = self._iter("SELECT stage FROM evaluations GROUP BY stage ORDER BY MIN(seq)")
         return [r[0] for r in cur if not r[0].startswith(BASELINE_PREFIX)]
 
     def baselines(self) -> list[LedgerRow]:
         """Rows of the hand-set baseline recipes a run scored for reference (stage `baseline:NAME`)."""
-        cur = self._conn.execute("SELECT * FROM evaluations WHERE stage LIKE 'baseline:%' ORDER BY seq")
+        cur = self._iter("SELECT * FROM evaluations WHERE stage LIKE 'baseline:%' ORDER BY seq")
         return [self._row(r) for r in cur]
 
     def find(self, recipe_hash: str, split: str, stage: str | None = None, subset: str | None = None) -> LedgerRow | None:
@@ -299,12 +389,11 @@ class Ledger:
         subset when given)."""
         where, args = _where(stage=stage, subset=subset)
         query = f"SELECT * FROM evaluations WHERE recipe_hash = ? AND split = ?{where} ORDER BY seq LIMIT 1"
-        cur = self._conn.execute(query, [recipe_hash, split, *args])
-        found = cur.fetchone()
+        found = self._one(query, [recipe_hash, split, *args])
         return self._row(found) if found else None
 
     def last_seq(self) -> int:
-        return int(self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM evaluations").fetchone()[0])
+        return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM evaluations")[0])
 
     def count(self, stage: str | None = None, split: str | None = None) -> int:
         query, args = "SELECT COUNT(*) FROM evaluations WHERE 1=1", []
@@ -314,11 +403,25 @@ class Ledger:
         if split is not None:
             query += " AND split = ?"
             args.append(split)
-        return int(self._conn.execute(query, args).fetchone()[0])
+        return int(self._one(query, args)[0])
+
+    def _iter(self, query: str, args: list[Any] | tuple = ()) -> Any:
+        """The rows of a query, one at a time; a damaged file raises one line naming it."""
+        try:
+            yield from self._conn.execute(query, args)
+        except sqlite3.DatabaseError as exc:
+            raise sqlite_fault(exc, self.path) from None
+
+    def _one(self, query: str, args: list[Any] | tuple = ()) -> Any:
+        """The first row of a query (None when there is none)."""
+        try:
+            return self._conn.execute(query, args).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise sqlite_fault(exc, self.path) from None
 
     def _doc_ids_of(self, digest: str) -> Any:
         if digest not in self._doc_ids:
-            found = self._conn.execute("SELECT value FROM doc_ids WHERE digest = ?", [digest]).fetchone()
+            found = self._one("SELECT value FROM doc_ids WHERE digest = ?", [digest])
             if found is None:
                 raise ConfigError(f"the ledger has no doc_ids {digest} (a row refers to it)", file=str(self.path))
             self._doc_ids[digest] = json.loads(found[0])

@@ -198,6 +198,8 @@ class Scheduler:
         assert result is not None
         if p.replayed is None:
             self.ledger.append(self._row(p, result))
+        else:
+            self.ledger.passed(p.replayed.seq)
         # Once its row is in the ledger a twin asked later finds it there: keeping every finished
         # evaluation here grew a digits M2N2 run by 2.3 MB per candidate (its weights, per-sample
         # scores and doc ids, and the heap they pinned).

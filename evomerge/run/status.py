@@ -1,15 +1,18 @@
 """What a run directory says about itself: `run_status(run_dir) -> dict` (and `evomerge status`).
 
 Read-only: works while the run is going (the ledger is WAL), after it was killed, and after
-it finished. Keys::
+it finished. A damaged run directory (experiment, checkpoint or ledger unreadable, or a ledger
+that lost rows its checkpoint counts) is refused with one line (`check_run_dir`). Keys::
 
     run, dir, stage (current, or the last one when finished), evaluations (search rows),
     budget (sum of the stages' evaluation budgets, None if one has only a time budget),
     best {stage, score, holdout, recipe_hash, candidate_id, objectives, holdout_objectives,
     selection} (the run's best: over all stages by search fitness when they share the evaluator,
     else the last stage's; `selection` says which rule applied, see `run_best`),
-    failures, finished, stop_reasons, throughput (search evaluations per second of wall time
-    between the first and the last row), elapsed_seconds,
+    failures, finished, state ("running": a driver holds the run's lock, its `pid`; "stopped":
+    none does and the run is not finished, `evomerge resume DIR` carries it on; "finished"),
+    pid, stop_reasons, throughput (search evaluations per second of wall time between the first
+    and the last row), elapsed_seconds,
     stages: [{name, space_kind, evaluations, budget, best{...}, objectives [{name,
     higher_is_better}], failures, finished, stop_reason}],
     baselines: [{name, search, holdout, recipe_hash}], sources: [{ref, path}]
@@ -20,9 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import ConfigError
-from evomerge.run.checkpoint import load_checkpoint
-from evomerge.run.driver import LEDGER_FILE, is_run_dir, read_experiment
+from evomerge.run.driver import LEDGER_FILE, check_run_dir, lock_holder
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.stages import run_best, stage_best
 
@@ -58,12 +59,11 @@ def _best(best: dict[str, Any] | None) -> dict[str, Any]:
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
-    exp = read_experiment(run_dir)
-    ckpt = load_checkpoint(run_dir) or {}
+    exp, ckpt = check_run_dir(run_dir)
+    ckpt = ckpt or {}
     done = set(ckpt.get("stages_done", []))
-    finished = bool(ckpt.get("finished"))
+    pid = lock_holder(run_dir)
+    finished = bool(ckpt.get("finished")) and pid is None
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         stages = []
         summaries = {spec.name: ledger.summary(spec.name) for spec in exp.stages}
@@ -118,6 +118,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "failures": sum(s["failures"] for s in with_rows),
         "last_error": last_error,
         "finished": finished,
+        "state": "running" if pid is not None else ("finished" if finished else "stopped"),
+        "pid": pid or None,
         "stop_reasons": ckpt.get("stop_reasons", {}),
         "throughput": (evaluations / elapsed) if elapsed > 0 else None,
         "elapsed_seconds": elapsed,
@@ -133,8 +135,12 @@ def format_status(status: dict[str, Any]) -> str:
     def score(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    state = "finished" if status["finished"] else "not finished"
-    lines = [f"run {status['run']} ({status['dir']}): {state}, stage {status['stage']}"]
+    state = status.get("state", "finished" if status["finished"] else "stopped")
+    if state == "running":
+        state = f"running (pid {status.get('pid') or '?'})"
+    elif state == "stopped":
+        state = f"stopped: resume with `evomerge resume {status['dir']}`"
+    lines = [f"run {status['run']} ({status['dir']}): {state}; stage {status['stage']}"]
     budget = status["budget"] if status["budget"] is not None else "-"
     rate = f", {status['throughput']:.2f} evals/s" if status["throughput"] else ""
     lines.append(f"evaluations {status['evaluations']}/{budget}, failures {status['failures']}{rate}")
@@ -144,7 +150,8 @@ def format_status(status: dict[str, Any]) -> str:
     if best.get("selection"):
         lines.append(f"  chosen as {best['selection']}")
     for s in status["stages"]:
-        flag = "done" if s["finished"] else ("running" if s["name"] == status["stage"] and not status["finished"] else "waiting")
+        live = status.get("state", "running") == "running"
+        flag = "done" if s["finished"] else (("running" if live else "stopped") if s["name"] == status["stage"] and not status["finished"] else "waiting")
         lines.append(
             f"  {s['name']:<10} {s['space_kind']:<7} {s['evaluations']}/{s['budget'] if s['budget'] is not None else '-'} "
             f"best {score(s['best']['score'])} holdout {score(s['best']['holdout'])} [{flag}]"
