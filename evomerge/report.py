@@ -19,11 +19,12 @@ from pathlib import Path
 
 from evomerge.fsutil import atomic_write
 from evomerge.report_data import (
+    EXPERIMENT_FILE,
+    LEDGER_FILE,
     NotARunError,
     RunView,
     StageView,
     dfs_steps,
-    is_run_dir,
     load_run,
     parse_recipe,
     ps_parameter_grids,
@@ -46,8 +47,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     anything is written."""
     from evomerge.run.driver import check_run_files
 
-    if is_run_dir(Path(run_dir)):  # else load_run says what a run directory is
-        check_run_files(run_dir)
+    path = Path(run_dir)
+    if path.is_dir() and any((path / name).exists() for name in (EXPERIMENT_FILE, LEDGER_FILE)):
+        check_run_files(run_dir)  # a run with a damaged file says which; load_run says what a run directory is
     view = load_run(run_dir)
     return render_report(view, Path(out_dir) if out_dir is not None else Path(run_dir) / REPORT_DIR)
 

@@ -122,6 +122,28 @@ def _deleted(loss: str, seq: int) -> bool:
     return seq > 7 if loss == "tail" else seq in (1, 4, 5, 9, 15, 18)
 
 
+def test_a_rebuild_killed_halfway_goes_on_to_the_same_ledger(reference: tuple[Path, Path], tmp_path: Path) -> None:
+    """kill -9 during `resume --rebuild` (after it re-created the PS rows): the checkpoints it
+    wrote count only what it has told, so what is still missing is refused again, and a second
+    rebuild ends with the uninterrupted run's ledger."""
+    _, ref = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    delete_rows(run_dir / "ledger.sqlite", "seq IN (4, 5, 15, 18)")
+    proc = start_driver(["resume", str(run_dir), "--rebuild"], tmp_path)
+    try:
+        wait_rows(run_dir, 20, proc)  # seqs 4 and 5 are back; 15 and 18 are not (0.3 s per evaluation)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 20 <= len(rows(run_dir)) < 22
+    code, out = cli("status", run_dir)
+    assert code == 2 and "--rebuild" in one_error_line(out)
+    code, out = cli("resume", run_dir, "--rebuild")
+    assert code == 0, out
+    assert comparable(run_dir) == comparable(ref)
+
+
 OPTIMIZERS = {
     # an Optuna study in the run's storage: the restarted stage opens a new study beside the old
     "optuna": {"name": "optuna", "sampler": "tpe", "sampler_options": {"n_startup_trials": 3}},

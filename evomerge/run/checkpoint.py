@@ -39,8 +39,10 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     """The last checkpoint, or None when the run never got to one."""
     path = checkpoint_path(run_dir)
-    if not path.is_file():
+    if not path.exists():
         return None
+    if not path.is_file():
+        raise damaged(path, "it is a directory, not a file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -66,6 +66,19 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / EXPERIMENT_FILE).is_file() and (path / LEDGER_FILE).is_file()
 
 
+def require_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir`, or one line: not a run directory, or (a run whose experiment.yaml or ledger is
+    not a file) naming the file that is wrong."""
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        files = [run_dir / EXPERIMENT_FILE, run_dir / LEDGER_FILE]
+        odd = [p for p in files if p.exists() and not p.is_file()]
+        if odd and any(p.is_file() for p in files):
+            raise ConfigError("is a directory, not a file of the run; restore the file from a copy", file=str(odd[0]))
+        raise ConfigError(f"not a run directory (it needs {EXPERIMENT_FILE} and {LEDGER_FILE})", file=str(run_dir))
+    return run_dir
+
+
 def read_experiment(run_dir: str | Path) -> Experiment:
     """The run's frozen experiment; a damaged file is one line naming it."""
     return parse_experiment(experiment_data(run_dir), file=str(Path(run_dir) / EXPERIMENT_FILE))
@@ -96,9 +109,7 @@ def check_run_files(run_dir: str | Path) -> dict[str, Any] | None:
     ledger's writer). Returns the checkpoint (None before the first one)."""
     from evomerge.run.integrity import check_ledger
 
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
+    run_dir = require_run_dir(run_dir)
     experiment_data(run_dir)
     ckpt = load_checkpoint(run_dir)  # before the ledger: the ledger only grows after it
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
@@ -845,9 +856,7 @@ def resume_run(
     from evomerge.run.integrity import check_ledger
     from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
 
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise ConfigError("not a run directory (it needs experiment.yaml and ledger.sqlite)", file=str(run_dir))
+    run_dir = require_run_dir(run_dir)
     exp = read_experiment(run_dir)
     if rebuild:
         if sets:
