@@ -212,7 +212,10 @@ RECIPES: list[tuple] = [
     ("recipe-della-epsilon-negative", "B", lambda ctx: ctx.method("della", density=0.5, epsilon=-0.2), "models[0].parameters.epsilon"),
     ("recipe-breadcrumbs-gamma-above-1", "B", lambda ctx: ctx.method("breadcrumbs", density=0.5, gamma=1.5), "models[0].parameters.gamma"),
     # parameter names and structure
-    ("recipe-ties-rescale", "B", _with(_ties, lambda r: r.update(parameters={"rescale": True})), "parameters.rescale"),
+    # (`rescale` on ties is valid: mergekit 0.1.5 takes it, README's method table)
+    ("recipe-ties-gamma", "B", lambda ctx: ctx.ties(gamma=0.1), "models[0].parameters.gamma", "density"),
+    ("recipe-linear-density", "B", lambda ctx: {"merge_method": "linear", "models": [{"model": str(ctx.fam["a"]), "parameters": {"weight": 1.0, "density": 0.5}}]}, "models[0].parameters.density"),
+    ("recipe-slerp-weight", "B", _text("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {a}, parameters: {{weight: 0.5}}}}]\nparameters: {{t: 0.5}}\n"), "models[0].parameters.weight"),
     ("recipe-unknown-param", "B", lambda ctx: ctx.ties(wieght=1.0), "models[0].parameters.wieght", "weight"),
     ("recipe-params-a-list", "B", _with(_ties, lambda r: r["models"][0].update(parameters=[1, 2])), "models[0].parameters"),
     ("recipe-models-empty-linear", "B", lambda ctx: {"merge_method": "linear", "models": []}, "models"),
@@ -974,9 +977,10 @@ def _log(case_: Case, args: list[str], out: Outcome, problems: list[str]) -> Non
 _IDS = [c.id for c in CASES]
 assert len(set(_IDS)) == len(_IDS), "case ids must be unique"
 
-# Issue 15's numbered findings that are bad inputs, and the cases that reproduce them (item 4's
-# old-format .bin is not a bad input: it loads, see test_old_format_pickle_loads_with_allow_pickle;
-# its full disk: test_a_full_disk_while_merging_is_one_line_and_leaves_nothing).
+# Issue 15's numbered findings that are bad inputs, and the cases that reproduce them. Not bad
+# inputs after all: item 4's old-format .bin (it loads: test_old_format_pickle_loads_with_allow_pickle)
+# and item 10's `rescale` on ties (mergekit 0.1.5 takes it; README's method table); item 4's full disk
+# is test_a_full_disk_while_merging_is_one_line_and_leaves_nothing.
 ISSUE_15 = {
     "1 --out deletes an existing directory": [
         "out-merge-foreign-nonempty-dir", "out-merge-working-directory", "out-export-into-the-run-itself", "out-export-foreign-nonempty-dir",
@@ -992,7 +996,7 @@ ISSUE_15 = {
     "5 mixed architectures": ["recipe-mixed-architectures", "exp-mixed-architectures"],
     "6 models: [] with a base": ["recipe-models-empty-ties", "recipe-models-empty-task-arithmetic"],
     "10 smaller": [
-        "recipe-ties-rescale", "run-dir-empty-dir-report", "run-dir-a-model-dir-report", "exp-optimizer-option-unknown",
+        "run-dir-empty-dir-report", "run-dir-a-model-dir-report", "exp-optimizer-option-unknown",
         "model-pickle-without-allow-pickle", "exp-name-a-path",  # the last: no pydantic "Value error, " prefix
     ],
 }
