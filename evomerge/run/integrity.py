@@ -81,10 +81,12 @@ def find_gap(ledger: Ledger, ckpt: dict[str, Any] | None) -> LedgerGap | None:
     return gap
 
 
-def incomplete(run_dir: str | Path, ledger: Ledger, gap: LedgerGap) -> LedgerIncomplete:
-    """The one-line refusal: what is missing and the two ways to recover."""
+def incomplete(run_dir: str | Path, ledger: Ledger, gap: LedgerGap, *, counted: bool = True) -> LedgerIncomplete:
+    """The one-line refusal: what is missing and the two ways to recover (`counted`: the
+    checkpoint counted the rows; else only the gaps in the seqs show them)."""
+    what = "the checkpoint counts are missing" if counted else "are missing (gaps in the seqs)"
     return LedgerIncomplete(
-        f"{gap.missing} row(s) the checkpoint counts are missing ({gap.describe()}); restore "
+        f"{gap.missing} row(s) {what} ({gap.describe()}); restore "
         f"{ledger.path.name}-wal beside it if the ledger was copied without it, or re-evaluate the missing rows "
         f"with `evomerge resume {run_dir} --rebuild`",
         file=str(ledger.path),
@@ -95,4 +97,4 @@ def check_ledger(run_dir: str | Path, ledger: Ledger, ckpt: dict[str, Any] | Non
     """Raise LedgerIncomplete when the ledger lacks rows the checkpoint counts."""
     gap = find_gap(ledger, ckpt)
     if gap is not None:
-        raise incomplete(run_dir, ledger, gap)
+        raise incomplete(run_dir, ledger, gap, counted=ckpt is not None)
