@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -228,10 +229,13 @@ def parse_size(text: str) -> int:
         if value.endswith(unit):
             number = value[: -len(unit)].strip()
             try:
-                return int(float(number) * factor)
+                size = float(number) * factor
             except ValueError:
                 break
-    raise EvomergeError(f"'{text}' is not a size (examples: 5GB, 500MB)", field="--max-shard-size")
+            if math.isfinite(size) and size >= 1:
+                return int(size)
+            break
+    raise EvomergeError(f"'{text}' is not a positive size (examples: 5GB, 500MB)", field="--max-shard-size")
 
 
 if __name__ == "__main__":

@@ -828,6 +828,11 @@ def start_run(
     run_dir = Path(out) if out is not None else Path(exp.output_dir) / exp.name
     if (run_dir / EXPERIMENT_FILE).exists() or (run_dir / LEDGER_FILE).exists():
         raise ConfigError(f"already holds a run; continue it with `evomerge resume {run_dir}` or pick another --out", file=str(run_dir))
+    where = "--out" if out is not None else "output_dir"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("is a file, not a directory; pick a new or empty directory for the run", file=str(run_dir), field=where)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError("holds files that are not a run (evomerge never writes among them); pick a new or empty directory", file=str(run_dir), field=where)
     run = Run(run_dir, exp, file=file, local=local, echo=echo)
     run.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
