@@ -30,12 +30,13 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeWarning
 from evomerge.fsutil import UMASK, atomic_write_text
 
 MANIFEST = ".evomerge-files.json"
@@ -44,6 +45,7 @@ _STAGE_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkdtemp appends
 # Weight files of a directory that an evomerge from before the manifest wrote (found by its
 # mergekit_config.yml or model card): the ones a new write removes when it does not write them.
 _LEGACY_WEIGHTS = re.compile(r"model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors")
+_PICKLE_WEIGHTS = re.compile(r"pytorch_model(-\d{5}-of-\d{5})?\.bin(\.index\.json)?")
 
 
 def check_target(target: str | Path, force: bool = False) -> None:
@@ -198,6 +200,23 @@ def _install(stage: Path, target: Path, force: bool) -> None:
             _write_manifest(target, files)
         except OSError as exc:
             raise _fs_error(exc, target) from None
+        _warn_foreign_weights(target, files)
+
+
+def _warn_foreign_weights(target: Path, files: list[str]) -> None:
+    """After a --force write: weight files of another layout that stay beside the model (a
+    loader may pick them instead, e.g. the user's model.safetensors over our shards)."""
+    others = sorted(
+        name for name in os.listdir(target)
+        if name not in files and (_LEGACY_WEIGHTS.fullmatch(name) or _PICKLE_WEIGHTS.fullmatch(name))
+    )
+    if others:
+        warnings.warn(
+            f"{target}: weight files evomerge did not write stay beside the model ({', '.join(others)}); "
+            "a loader may read them instead: move them away",
+            EvomergeWarning,
+            stacklevel=2,
+        )
 
 
 def _write_manifest(directory: Path, files: list[str]) -> None:

@@ -272,3 +272,17 @@ def test_zoo_builds_remove_a_killed_builds_leftovers_and_follow_the_umask(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert not leftover.exists() and mine.is_dir()
     assert stat.S_IMODE((tmp_path / "z").stat().st_mode) == 0o750
+
+
+def test_force_warns_about_foreign_weight_files_that_stay(good_yaml: Path, tmp_path: Path) -> None:
+    """A user's `pytorch_model.bin` or index beside the forced model could be loaded instead of
+    it: they stay (nothing is removed) but a one-line warning names them."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"users")
+    (out / "model.safetensors.index.json").write_text("{}")
+    code, text = cli("merge", good_yaml, "--out", out, "--force")
+    assert code == 0, text
+    warning = [line for line in text.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "model.safetensors.index.json, pytorch_model.bin" in warning[0], text
+    assert (out / "pytorch_model.bin").read_bytes() == b"users"
