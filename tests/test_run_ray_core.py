@@ -71,7 +71,10 @@ def test_failures_come_back_as_failed_results(sources):
     assert "evaluator broke" in broken.error and broken.objectives == {"score": -math.inf}
     nan = core.run(Job("n", recipe, "search", "nan"))
     assert "nan" in nan.error.lower() and nan.failed
-    bad = core.run(Job("b", Recipe.from_string(TIES.replace("density: 0.5", "density: 1.5")), "search"))
+    # a recipe built in code skips the parse-time checks; the plan's own range check fails it
+    out_of_range = recipe.model_copy(deep=True)
+    out_of_range.models[0].parameters["density"] = 1.5
+    bad = core.run(Job("b", out_of_range, "search"))
     assert bad.failed and "density" in bad.error
     assert core.run(Job("ok", recipe, "search")).error is None
 
