@@ -348,7 +348,7 @@ def export_front(run_dir: Path) -> list[Path]:
     """The non-dominated recipes of each multi-objective stage, as mergekit configs in RUN_DIR/front/."""
     from evomerge.fsutil import atomic_write_text
     from evomerge.recipe import Recipe
-    from evomerge.report_data import load_run
+    from evomerge.report.data import load_run
     from evomerge.run.driver import portable_recipe
     from evomerge.run.export import run_sources
 

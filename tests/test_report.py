@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from evomerge.cli import main
 from evomerge.recipe import Recipe
 from evomerge.report import write_report
-from evomerge.report_data import load_run, pareto_front, ps_parameter_grids
+from evomerge.report.data import load_run, pareto_front, ps_parameter_grids
 from evomerge.run.ledger import Ledger, LedgerRow
 from evomerge.spaces import build_space
 

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from evomerge.report_data import ParamGrid, StageView, pareto_front, row_ok, short_ref
+from evomerge.report.data import ParamGrid, StageView, pareto_front, row_ok, short_ref
 
 DPI = 100
 MAX_INCHES = 16.0  # long DFS paths and many layer groups shrink to fit instead of growing the page

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.fsutil import atomic_write
-from evomerge.report_data import (
+from evomerge.report.data import (
     EXPERIMENT_FILE,
     LEDGER_FILE,
     NotARunError,
@@ -30,7 +30,7 @@ from evomerge.report_data import (
     ps_parameter_grids,
     short_ref,
 )
-from evomerge.report_html import Image, Section, render_page
+from evomerge.report.html import Image, Section, render_page
 
 __all__ = ["NotARunError", "write_report", "render_report"]
 
@@ -56,7 +56,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
 def render_report(view: RunView, out_dir: Path) -> Path:
     """Draw the plots of `view` into `out_dir` and write index.html there (last)."""
-    from evomerge import report_plots as plots
+    from evomerge.report import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
