@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
 
 LEDGER_FILE = "ledger.sqlite"
@@ -598,17 +599,12 @@ def _filter_probes(setting: Any) -> list[tuple[str | None, str]]:
 
 
 def pareto_front(points: np.ndarray, higher_is_better: Sequence[bool]) -> np.ndarray:
-    """Indices of the non-dominated rows of `points` (n x d), sorted by the first objective."""
+    """Indices of the non-dominated rows of `points` (n x d), sorted by the first objective.
+
+    Dominance is the optimizers' (`optim.fitness.dominates`), on columns turned higher-is-better.
+    """
     points = np.asarray(points, dtype=np.float64)
-    if points.size == 0:
-        return np.zeros(0, dtype=int)
-    signs = np.array([1.0 if up else -1.0 for up in higher_is_better])
-    gain = points * signs  # larger is better in every column
-    keep = []
-    for i in range(len(gain)):
-        others = np.delete(gain, i, axis=0)
-        dominated = np.any(np.all(others >= gain[i], axis=1) & np.any(others > gain[i], axis=1))
-        if not dominated:
-            keep.append(i)
+    gain = [tuple(v if up else -v for v, up in zip(row, higher_is_better, strict=True)) for row in points.tolist()]
+    keep = [i for i, g in enumerate(gain) if not any(dominates(o, g) for j, o in enumerate(gain) if j != i)]
     idx = np.array(keep, dtype=int)
-    return idx[np.argsort(points[idx, 0], kind="stable")]
+    return idx[np.argsort(points[idx, 0], kind="stable")] if keep else idx
