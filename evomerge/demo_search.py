@@ -48,8 +48,8 @@ def run_table(run_dir: str | Path, sources: Sequence[str] = ()) -> list[TableRow
     """Rows of the results table from a run's ledger: the models named in `sources` (scored by a
     baseline of that name, i.e. a one-model passthrough recipe), the other baselines (hand-set
     merges), then each stage's best by search fitness with its holdout scores."""
-    from evomerge.run.driver import LEDGER_FILE, read_experiment
     from evomerge.run.ledger import Ledger
+    from evomerge.run.rundir import LEDGER_FILE, read_experiment
     from evomerge.run.stages import stage_best
 
     run_dir = Path(run_dir)
@@ -122,8 +122,9 @@ def run_demo_search(
     from evomerge.config import load_experiment
     from evomerge.report import write_report
     from evomerge.resources import find_yaml
-    from evomerge.run.driver import is_run_dir, resume_run, start_run
+    from evomerge.run.driver import resume_run, start_run
     from evomerge.run.export import export_run
+    from evomerge.run.rundir import is_run_dir
     from evomerge.zoo import PRESETS, build_zoo
 
     start = time.perf_counter()

@@ -96,7 +96,8 @@ def say(text: str) -> None:
 
 def run_experiment(name: str | Path, run_dir: Path, seed: int, sets: list[str], local: bool) -> Path:
     """Start (or carry on) an experiment run (a built-in name or a file); returns its directory."""
-    from evomerge.run.driver import is_run_dir, resume_run, start_run
+    from evomerge.run.driver import resume_run, start_run
+    from evomerge.run.rundir import is_run_dir
 
     if is_run_dir(run_dir):
         resume_run(run_dir, local=local, echo=say)
@@ -109,9 +110,10 @@ def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
     """The best recipe of a run (of `stage`, default the last stage that has one), made portable
     (run-internal refs replaced by directories), and its search fitness."""
     from evomerge.recipe import Recipe
-    from evomerge.run.driver import LEDGER_FILE, portable_recipe, read_experiment
+    from evomerge.run.driver import portable_recipe
     from evomerge.run.export import run_sources
     from evomerge.run.ledger import Ledger
+    from evomerge.run.rundir import LEDGER_FILE, read_experiment
     from evomerge.run.stages import stage_best
 
     exp = read_experiment(run_dir)

@@ -43,9 +43,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
     Raises NotARunError (a one-line EvomergeError, exit code 2 in the CLI) when `run_dir` holds
     no run, and a one-line error naming the file when the run is damaged (unreadable experiment,
-    checkpoint or ledger, a ledger that lost rows: `evomerge.run.driver.check_run_files`), before
+    checkpoint or ledger, a ledger that lost rows: `evomerge.run.integrity.check_run_files`), before
     anything is written."""
-    from evomerge.run.driver import check_run_files
+    from evomerge.run.integrity import check_run_files
 
     path = Path(run_dir)
     if path.is_dir() and any((path / name).exists() for name in (EXPERIMENT_FILE, LEDGER_FILE)):

@@ -21,11 +21,10 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
+from evomerge.run.ledger import BASELINE_PREFIX
+from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, is_run_dir
 
-LEDGER_FILE = "ledger.sqlite"
-EXPERIMENT_FILE = "experiment.yaml"
 SPACE_KINDS = ("ps", "dfs", "weights", "m2n2")
-BASELINE_PREFIX = "baseline:"  # the ledger's stage name of a hand-set baseline's rows
 
 
 class NotARunError(EvomergeError):
@@ -141,12 +140,6 @@ class RunView:
 
 
 # ---- loading -----------------------------------------------------------------------------------
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run directory holds the frozen experiment and a ledger (`evomerge run` writes both before
-    anything runs; a directory with only an experiment.yaml holds an experiment, not a run)."""
-    return path.is_dir() and (path / EXPERIMENT_FILE).is_file() and (path / LEDGER_FILE).is_file()
 
 
 def load_run(run_dir: str | Path) -> RunView:

@@ -21,13 +21,14 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
+from evomerge.run.rundir import RunDir
 
 FORMAT = "evomerge-run-checkpoint/1"
 STATE_FILE = "state.json"
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoint" / STATE_FILE
+    return RunDir(run_dir).checkpoint / STATE_FILE
 
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any]) -> Path:

@@ -17,14 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evomerge.config import (
     Experiment,
     StageSpec,
     check_experiment,
     load_experiment,
-    parse_experiment,
     resolve_experiment,
 )
 from evomerge.errors import ConfigError, EvomergeError
@@ -37,6 +34,15 @@ from evomerge.resources import find_yaml
 from evomerge.run.checkpoint import load_checkpoint, save_checkpoint
 from evomerge.run.jobs import WorkerPool
 from evomerge.run.ledger import Ledger, LedgerRow
+from evomerge.run.rundir import (
+    EXPERIMENT_FILE,
+    LEDGER_FILE,
+    RunDir,
+    acquire_lock,
+    lock_holder,
+    read_experiment,
+    require_run_dir,
+)
 from evomerge.run.scheduler import Scheduler
 from evomerge.run.stages import (
     SHARDABLE_KINDS,
@@ -55,95 +61,7 @@ from evomerge.run.stages import (
 )
 
 CHECKPOINT_RATIO = 20  # see on_tell in Run._run_stage
-EXPERIMENT_FILE = "experiment.yaml"
-LEDGER_FILE = "ledger.sqlite"
-LOCK_FILE = ".lock"
 MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
-
-
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / EXPERIMENT_FILE).is_file() and (path / LEDGER_FILE).is_file()
-
-
-def require_run_dir(run_dir: str | Path) -> Path:
-    """`run_dir`, or one line: not a run directory, or (a run whose experiment.yaml or ledger is
-    not a file) naming the file that is wrong."""
-    run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        files = [run_dir / EXPERIMENT_FILE, run_dir / LEDGER_FILE]
-        odd = [p for p in files if p.exists() and not p.is_file()]
-        if odd and any(p.is_file() for p in files):
-            raise ConfigError("is a directory, not a file of the run; restore the file from a copy", file=str(odd[0]))
-        raise ConfigError(f"not a run directory (it needs {EXPERIMENT_FILE} and {LEDGER_FILE})", file=str(run_dir))
-    return run_dir
-
-
-def read_experiment(run_dir: str | Path) -> Experiment:
-    """The run's frozen experiment; a damaged file is one line naming it."""
-    return parse_experiment(experiment_data(run_dir), file=str(Path(run_dir) / EXPERIMENT_FILE))
-
-
-def experiment_data(run_dir: str | Path) -> dict[str, Any]:
-    """The run's `experiment.yaml` as a mapping (its schema unchecked); one line when damaged."""
-    path = Path(run_dir) / EXPERIMENT_FILE
-    if not path.is_file():
-        raise ConfigError(f"not a run directory (no {EXPERIMENT_FILE})", file=str(run_dir))
-    restore = "restore it from a copy (it is the experiment the run was started with)"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise os_fault(exc, path) from None
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        what = " ".join(str(exc).split())
-        raise ConfigError(f"the run's experiment is damaged, not valid YAML ({type(exc).__name__}: {what}); {restore}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"the run's experiment is damaged: it holds a YAML {type(data).__name__}, not an experiment; {restore}", file=str(path))
-    return data
-
-
-def check_run_files(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run directory fit to read (status, export, report), or one line saying what is wrong:
-    its experiment.yaml and checkpoint read, its ledger opens and holds every row the checkpoint
-    counts (`evomerge.run.integrity`; not checked while a driver holds the run: it is the
-    ledger's writer). Returns the checkpoint (None before the first one)."""
-    from evomerge.run.integrity import check_ledger
-
-    run_dir = require_run_dir(run_dir)
-    experiment_data(run_dir)
-    ckpt = load_checkpoint(run_dir)  # before the ledger: the ledger only grows after it
-    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
-        if lock_holder(run_dir) is None:
-            check_ledger(run_dir, ledger, ckpt)
-    return ckpt
-
-
-def check_run_dir(run_dir: str | Path) -> tuple[Experiment, dict[str, Any] | None]:
-    """`check_run_files`, and the run's experiment (its schema checked too)."""
-    ckpt = check_run_files(run_dir)
-    return read_experiment(run_dir), ckpt
-
-
-def lock_holder(run_dir: str | Path) -> int | None:
-    """The pid of the driver that holds the run (0 when it has not written its pid yet), or None
-    when no process holds it: the run is stopped (finished, or ended by an error, Ctrl-C or a
-    kill) or was never started. Tries the lock without waiting and lets it go at once."""
-    import fcntl
-
-    try:
-        handle = open(Path(run_dir) / LOCK_FILE)  # noqa: SIM115 - closed below
-    except OSError:  # no lock file: no driver ever held it (or it cannot be read: none to ask)
-        return None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else 0
-        except OSError:
-            return None
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -244,7 +162,7 @@ class Run:
             holdout_top_k=stage.holdout_top_k,
         )
         if checking:
-            port = ArchivePort(self.run_dir / "archive" / stage.name, pool, None)
+            port = ArchivePort(RunDir(self.run_dir).archive(stage.name), pool, None)
             try:
                 make_stage_optimizer(plan, seed=exp.seed + index, run_dir=None, pool=pool, port=port)
             except EvomergeError as exc:
@@ -280,13 +198,13 @@ class Run:
 
     def _check_template(self, ref: str, pool: SourcePool, field: str) -> None:
         """A weights space's template must be a model the workers can build: a Hugging Face
-        config or one of the zoo's plain torch models."""
-        from evomerge.run.worker_core import plain_model
+        config or a registered model kind (`evomerge.models`)."""
+        from evomerge.models import registered_model
 
         config = pool.get(ref).config
         if config.get("model_type") is None:
             try:
-                model = plain_model(config)
+                model = registered_model(config)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"the template '{ref}' cannot be built: {exc}", file=self.file, field=field) from None
             if model is None:
@@ -319,28 +237,8 @@ class Run:
             lock.close()
 
     def _lock(self) -> Any:
-        """Hold `<run>/.lock` while the run executes: a second driver on the same directory (a
-        resume while the run still goes on) is refused. The OS drops the lock when the process
-        dies, even by kill -9; `lock_holder` tells a live run from a dead one by it."""
-        import fcntl
-        import os
-
-        try:
-            handle = open(self.run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
-        except OSError as exc:
-            raise os_fault(exc, self.run_dir / LOCK_FILE) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            raise ConfigError(f"the run is going on in another process (pid {holder}); wait for it or stop it first", file=str(self.run_dir)) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+        """Hold the run's lock while it executes (`evomerge.run.rundir.acquire_lock`)."""
+        return acquire_lock(self.run_dir)
 
     def _execute(self, rebuild: bool = False) -> dict[str, Any] | None:
         ckpt = self._readable_checkpoint() if rebuild else load_checkpoint(self.run_dir)
@@ -461,7 +359,7 @@ class Run:
         pool = self._pool_for(plan, evaluator)
         port = None
         if plan.space is None:
-            port = ArchivePort(self.run_dir / "archive" / stage.name, self.sources, pool)
+            port = ArchivePort(RunDir(self.run_dir).archive(stage.name), self.sources, pool)
             for ref, path in port.register_existing():
                 pool.add_source(ref, path)
         opt = make_stage_optimizer(plan, seed=self.exp.seed + index, run_dir=self.run_dir, pool=self.sources, port=port)
@@ -559,7 +457,7 @@ class Run:
         later = self.exp.stages[index + 1 :]
         needed = any(f"stage:{name}" in self._refs(s) for s in later)
         if needed:
-            out = self.run_dir / "stages" / name / "best_model"
+            out = RunDir(self.run_dir).stage_model(name)
             write_best_model(best, self.sources, out)
             self.sources.register(f"stage:{name}", out)
             pool.add_source(f"stage:{name}", str(out))
@@ -574,7 +472,7 @@ class Run:
 
     def _register_stage_models(self) -> None:
         for stage in self.exp.stages:
-            out = self.run_dir / "stages" / stage.name / "best_model"
+            out = RunDir(self.run_dir).stage_model(stage.name)
             if (out / "config.json").is_file():
                 self.sources.register(f"stage:{stage.name}", out)
 

@@ -25,14 +25,13 @@ from evomerge.errors import ConfigError
 from evomerge.merge.sources import SourcePool
 from evomerge.modeldir import check_target
 from evomerge.run.driver import (
-    LEDGER_FILE,
-    check_run_dir,
-    is_run_dir,
     selection_note,
     write_best,
     write_best_model,
 )
+from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import Ledger
+from evomerge.run.rundir import LEDGER_FILE, is_run_dir
 from evomerge.run.stages import run_best
 
 

@@ -6,7 +6,7 @@ copy made without `ledger.sqlite-wal` after a kill -9, a sync tool, a crash of t
 rows deleted by hand - therefore shows it: a lower last seq, fewer rows of a stage, or a gap in
 the seqs. `status`, `resume`, `export` and `report` refuse such a run with one line saying what is
 missing and how to recover: put the `-wal` file back beside the ledger, or
-`evomerge resume RUN --rebuild` (see `evomerge.run.driver.Run.rebuild`).
+`evomerge resume RUN --rebuild` (see `evomerge.run.driver.Run.rebuild_state`).
 
 Rows written after the checkpoint and lost are not a gap: the checkpoint never counted them, and a
 resume evaluates those candidates again, as after a kill -9 before they were written.
@@ -18,8 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evomerge.config import Experiment
 from evomerge.errors import ConfigError
+from evomerge.run.checkpoint import load_checkpoint
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
+from evomerge.run.rundir import (
+    RunDir,
+    experiment_data,
+    lock_holder,
+    read_experiment,
+    require_run_dir,
+)
 
 
 class LedgerIncomplete(ConfigError):
@@ -98,3 +107,23 @@ def check_ledger(run_dir: str | Path, ledger: Ledger, ckpt: dict[str, Any] | Non
     gap = find_gap(ledger, ckpt)
     if gap is not None:
         raise incomplete(run_dir, ledger, gap, counted=ckpt is not None)
+
+
+def check_run_files(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run directory fit to read (status, export, report), or one line saying what is wrong:
+    its experiment.yaml and checkpoint read, its ledger opens and holds every row the checkpoint
+    counts (not checked while a driver holds the run: it is the ledger's writer). Returns the
+    checkpoint (None before the first one)."""
+    run_dir = require_run_dir(run_dir)
+    experiment_data(run_dir)
+    ckpt = load_checkpoint(run_dir)  # before the ledger: the ledger only grows after it
+    with Ledger.open(RunDir(run_dir).ledger, readonly=True) as ledger:
+        if lock_holder(run_dir) is None:
+            check_ledger(run_dir, ledger, ckpt)
+    return ckpt
+
+
+def check_run_dir(run_dir: str | Path) -> tuple[Experiment, dict[str, Any] | None]:
+    """`check_run_files`, and the run's experiment (its schema checked too)."""
+    ckpt = check_run_files(run_dir)
+    return read_experiment(run_dir), ckpt

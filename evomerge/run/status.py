@@ -23,8 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from evomerge.run.driver import LEDGER_FILE, check_run_dir, lock_holder
+from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
+from evomerge.run.rundir import RunDir, lock_holder
 from evomerge.run.stages import run_best, stage_best
 
 
@@ -64,7 +65,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     done = set(ckpt.get("stages_done", []))
     pid = lock_holder(run_dir)
     finished = bool(ckpt.get("finished")) and pid is None
-    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+    with Ledger.open(RunDir(run_dir).ledger, readonly=True) as ledger:
         stages = []
         summaries = {spec.name: ledger.summary(spec.name) for spec in exp.stages}
         for spec in exp.stages:
@@ -103,7 +104,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     last_error = max(errors, key=lambda s: s["last_error_seq"])["last_error"] if errors else None
     sources = [{"ref": ref} for ref in dict.fromkeys([*([exp.models.base] if exp.models.base else []), *exp.models.sources])]
     for stage in exp.stages:
-        path = run_dir / "stages" / stage.name / "best_model"
+        path = RunDir(run_dir).stage_model(stage.name)
         if path.is_dir():
             sources.append({"ref": f"stage:{stage.name}", "path": str(path)})
     return {
