@@ -127,14 +127,17 @@ class Recipe(_Strict):
     # ---- validation ---------------------------------------------------------------------
     def check(self, *, file: str | None = None) -> None:
         """Checks that need the method registry: method name, parameter names, structure."""
-        from evomerge.merge.specs import METHOD_SPECS as METHODS
+        from evomerge.merge.specs import find_spec, unknown_method
 
         def fail(field: str, message: str) -> None:
             raise ConfigError(message, file=file, field=field)
 
-        method = METHODS.get(self.merge_method)
+        try:
+            method = find_spec(self.merge_method)
+        except ValueError as exc:  # a plugin that fails to import
+            fail("merge_method", str(exc))
         if method is None:
-            fail("merge_method", f"unknown method '{self.merge_method}'; valid: {', '.join(sorted(METHODS))}")
+            fail("merge_method", unknown_method(self.merge_method))
         if (self.models is None) == (self.slices is None):
             fail("models", "give exactly one of `models:` or `slices:`")
         for field_name in ("dtype", "out_dtype"):
@@ -175,16 +178,16 @@ class Recipe(_Strict):
             for j, source in enumerate(out_slice.sources):
                 check_params(source.parameters, f"slices[{i}].sources[{j}].parameters", model_names)
 
-        if self.merge_method == "passthrough":
-            if self.models is not None and len(self.models) != 1:
-                fail("models", "passthrough takes exactly one model (use slices to stack layers)")
-            for i, out_slice in enumerate(self.slices or []):
-                if len(out_slice.sources) != 1:
-                    fail(f"slices[{i}].sources", "passthrough takes exactly one source per slice")
-        if self.merge_method == "slerp":
-            refs = self.model_refs(include_base=True)
-            if len(set(refs)) != 2:
-                fail("models", f"slerp merges exactly two models (base_model and one other), got {len(set(refs))}")
+        if self.models is not None:
+            refs = [m.model for m in self.models]
+            if self.base_model and self.base_model not in refs and not method.requires_base:
+                refs.append(self.base_model)  # merged as one more input, as mergekit does
+            if problem := method.count_problem(_inputs(refs, self.base_model if method.requires_base else None)):
+                fail("models", problem)
+        for i, out_slice in enumerate(self.slices or []):
+            base = (out_slice.base_model or self.base_model) if method.requires_base else None
+            if problem := method.count_problem(_inputs([s.model for s in out_slice.sources], base)):
+                fail(f"slices[{i}].sources", problem)
 
     # ---- queries ------------------------------------------------------------------------
     def model_refs(self, include_base: bool = True) -> list[str]:
@@ -246,6 +249,11 @@ class Recipe(_Strict):
         block = self.evomerge.model_dump() if self.evomerge else {}
         block.update(facts)
         return self.model_copy(update={"evomerge": EvomergeBlock(**block)})
+
+
+def _inputs(refs: list[str], base: str | None) -> int:
+    """How many models one output tensor merges besides ``base`` (as the merge plan splits them)."""
+    return sum(1 for ref in refs if ref != base)
 
 
 def _round_floats(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""A torch-free executor of merge plans for the element-wise methods (`linear`, `task_arithmetic`).
+"""A torch-free executor of merge plans for the methods that declare a numpy twin of their kernel
+(`MethodSpec.numpy_kernel`: `linear`, `task_arithmetic`).
 
 `evomerge merge` of such a recipe spends most of its time importing torch (seconds) for work
 that is one weighted sum per element. This executor runs the *same* plan as the torch engine
@@ -19,10 +20,12 @@ summing to 0, densities out of range, ...).
 
 from __future__ import annotations
 
+import importlib
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,7 @@ import numpy as np
 from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, task_size
 from evomerge.merge.sources import SourcePool
-from evomerge.merge.specs import _DENSITY
 
-FAST_METHODS = ("linear", "task_arithmetic")
 CHUNK = 1 << 16  # elements per chunk: the float64 temporaries stay in a core's L2
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -42,9 +43,9 @@ _STORED = {"float32": np.float32, "float16": np.float16}
 
 def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
     """None when this executor reproduces the torch engine's result for ``plan``; otherwise why not."""
-    method = plan.method.name
-    if method not in FAST_METHODS:
-        return f"method '{method}' needs torch"
+    kernel = numpy_kernel(plan)
+    if kernel is None:
+        return f"method '{plan.method.name}' needs torch"
     if plan.compute_dtype_name not in (None, *_STORED):
         return f"dtype '{plan.compute_dtype_name}'"
     if plan.out_dtype_name not in (None, *_STORED):
@@ -56,13 +57,31 @@ def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
         dtypes = {_loaded_dtype(plan, pool, ref) for ref in _refs(task)}
         if not dtypes <= set(_STORED):
             return f"tensor '{task.name}' has dtypes {sorted(dtypes)}"
-        if method == "task_arithmetic" and task.inputs and "float32" not in dtypes:
+        if plan.method.requires_base and task.inputs and "float32" not in dtypes:
             return f"tensor '{task.name}' would be merged in float16"
-        try:
-            _check_params(plan, task)
-        except (TypeError, ValueError) as exc:
-            return f"tensor '{task.name}': {exc}"
+        if problem := kernel.problem(task):
+            return f"tensor '{task.name}': {problem}"
     return None
+
+
+@dataclass(frozen=True)
+class NumpyKernel:
+    """A numpy twin of a torch kernel: ``run(views, task, out)`` (the base's view first for a
+    method with a base) writes what the torch kernel returns; ``problem(task)`` says why the torch
+    kernel would refuse the task's resolved parameters (the plan checked each against its
+    declared range already), or None."""
+
+    run: Callable[[list[np.ndarray], TensorTask, np.ndarray], None]
+    problem: Callable[[TensorTask], str | None]
+
+
+def numpy_kernel(plan: MergePlan) -> NumpyKernel | None:
+    """The numpy twin the plan's method declares (`MethodSpec.numpy_kernel`), or None."""
+    ref = plan.method.numpy_kernel
+    if ref is None:
+        return None
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _refs(task: TensorTask) -> list[TensorRef]:
@@ -73,17 +92,9 @@ def _loaded_dtype(plan: MergePlan, pool: SourcePool, ref: TensorRef) -> str:
     return plan.compute_dtype_name or pool.get(ref.model).entry(ref.name).dtype
 
 
-def _check_params(plan: MergePlan, task: TensorTask) -> None:
-    """Raise ValueError for values the torch method would refuse (it then reports them)."""
+def _linear_problem(task: TensorTask) -> str | None:
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
-    if plan.method.name == "linear":
-        if bool(task.params["normalize"]) and _sum32(weights) == 0:
-            raise ValueError("weights sum to 0")
-        return
-    for p in task.model_params:
-        if problem := _DENSITY.problem(float(p["density"])):
-            raise ValueError(problem)
-    float(task.params["lambda"])
+    return "weights sum to 0" if bool(task.params["normalize"]) and _sum32(weights) == 0 else None
 
 
 def _sum32(values: np.ndarray) -> float:
@@ -147,8 +158,9 @@ class _Scratch:
         np.copyto(a64, a32)
 
 
-def _task_arithmetic(base: np.ndarray, inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
+def _task_arithmetic(views: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
     """methods.task_arithmetic_kernel without masks: base + lam / divisor * sum_i w_i (x_i - base)."""
+    base, inputs = views[0], views[1:]
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
     live = [(x, float(w)) for x, w in zip(inputs, weights, strict=True) if w != 0]
     divisor = _sum32(weights) if bool(task.params["normalize"]) else 1.0
@@ -202,6 +214,10 @@ def _linear(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None
         np.copyto(out[s:e], a32, casting="same_kind" if out.dtype.itemsize >= 4 else "unsafe")
 
 
+LINEAR = NumpyKernel(_linear, _linear_problem)
+TASK_ARITHMETIC = NumpyKernel(_task_arithmetic, lambda task: None)
+
+
 # ---- execution -----------------------------------------------------------------------------
 
 
@@ -236,13 +252,12 @@ def run_task(task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffe
         views = [v if v.dtype == compute else v.astype(compute) for v in views]
     # The methods return their work dtype: the promoted input dtype (the base alone when
     # task_arithmetic has no other input); the engine then casts to out_dtype.
-    promoted = views[:1] if plan.method.name == "task_arithmetic" and not task.inputs else views
+    promoted = views[:1] if plan.method.requires_base and not task.inputs else views
     work = np.result_type(*(v.dtype for v in promoted))
     out = buffers.get(views[0].size, work)
-    if plan.method.name == "linear":
-        _linear(views, task, out)
-    else:
-        _task_arithmetic(views[0], views[1:], task, out)
+    kernel = numpy_kernel(plan)
+    assert kernel is not None, "unsupported_reason says which plans this executor runs"
+    kernel.run(views, task, out)
     if plan.out_dtype_name is not None and work != np.dtype(_STORED[plan.out_dtype_name]):
         cast = buffers.get(out.size, np.dtype(_STORED[plan.out_dtype_name]))
         np.copyto(cast, out, casting="same_kind")

@@ -42,6 +42,7 @@ method returns a new tensor instead and the caller copies it. The values are the
 
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 from collections.abc import Hashable, Mapping, Sequence
@@ -56,8 +57,8 @@ from evomerge.merge.specs import (
     _DENSITY,
     _EPSILON,
     _GAMMA,
-    METHOD_SPECS,
-    TASK_ARITHMETIC_FAMILY,
+    BUILTIN_METHODS,
+    MethodSpec,
     ParamSpec,
     UnknownMethodError,  # noqa: F401  (re-exported: callers catch it from here)
     get_spec,
@@ -145,7 +146,7 @@ class MergeMethod(Protocol):
 
 
 def accepts_out(method: MergeMethod) -> bool:
-    """Whether ``method.merge`` takes ``out=`` (see the module docstring)."""
+    """Whether ``method.merge`` takes ``out=`` (declared: `MethodSpec.writes_out`)."""
     return bool(getattr(method, "writes_out", False))
 
 
@@ -165,23 +166,31 @@ def usable_out(out: Tensor | None, shape: Sequence[int], dtype: torch.dtype, inp
 
 
 class _Method:
-    name: str = ""
-    requires_base: bool = True
-    writes_out: bool = False  # merge() takes out= (see the module docstring)
-    model_params: tuple[ParamSpec, ...] = ()
-    global_params: tuple[ParamSpec, ...] = ()
+    """A kernel bound to its declaration (`evomerge.merge.specs.MethodSpec`): name, parameters
+    and capabilities are the spec's."""
+
+    def __init__(self, spec: MethodSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.requires_base = spec.requires_base
+        self.writes_out = spec.writes_out
+        self.model_params = spec.model_params
+        self.global_params = spec.global_params
 
     def describe(self) -> str:
-        """Human-readable summary of the method's parameters."""
-        lines = [f"{self.name} ({'needs base_model' if self.requires_base else 'no base model'})"]
-        for title, specs in (("per model", self.model_params), ("global", self.global_params)):
-            for spec in specs:
-                dflt = "required" if spec.required else f"default {spec.default!r}"
-                lines.append(f"  {title:9s} {spec.name}: {spec.doc} ({dflt})")
-        return "\n".join(lines)
+        """Human-readable summary of the method's capabilities and parameters."""
+        return self.spec.describe()
 
     def __repr__(self) -> str:
         return f"<merge method {self.name}>"
+
+    def _check_inputs(self, base: Tensor | None, tensors: Sequence[Tensor], ctx: MergeContext) -> None:
+        """The declared structure: a base when the method needs one, and the model count."""
+        if self.requires_base and base is None:
+            raise ValueError(f"merge method '{self.name}' needs base_model (tensor '{ctx.tensor_name}')")
+        count = len(tensors) + (1 if base is not None and not self.requires_base else 0)
+        if problem := self.spec.count_problem(count):
+            raise ValueError(f"{problem} (tensor '{ctx.tensor_name}')")
 
     # parameter access with defaults and clear errors
     def _model_value(self, values: Mapping[str, Any], spec: ParamSpec, index: int) -> Any:
@@ -248,12 +257,6 @@ class Linear(_Method):
     base under ``models:`` makes it an ordinary input. Raises when ``normalize`` is on and
     the weights sum to 0 (mergekit would write inf/NaN).
     """
-
-    name = "linear"
-    requires_base = False
-    writes_out = True
-    model_params = METHOD_SPECS["linear"].model_params
-    global_params = METHOD_SPECS["linear"].global_params
 
     def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102 - see class doc
         if base is not None:
@@ -329,17 +332,8 @@ def slerp(
 class Slerp(_Method):
     """SLERP between the base (t = 0) and exactly one other model (t = 1)."""
 
-    name = "slerp"
-    requires_base = True
-    writes_out = True
-    global_params = METHOD_SPECS["slerp"].global_params
-
     def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102
-        if base is None or len(tensors) != 1:
-            raise ValueError(
-                f"slerp needs base_model and exactly one other model (tensor '{ctx.tensor_name}', "
-                f"got {len(tensors)} besides the base)"
-            )
+        self._check_inputs(base, tensors, ctx)
         _check_shapes(ctx.tensor_name, base, tensors)
         if not base.is_floating_point():
             raise ValueError(f"slerp of '{ctx.tensor_name}' needs floating-point tensors, got {base.dtype}")
@@ -377,14 +371,9 @@ class TaskArithmeticFamily(_Method):
     divides by the sum of all weights (kept as is when that sum is within 1e-8 of 0).
     """
 
-    requires_base = True
-    writes_out = True
-
-    def __init__(self, name: str):
-        self.name = name
-        self.sparsify, self.consensus = TASK_ARITHMETIC_FAMILY[name][:2]
-        self.model_params = METHOD_SPECS[name].model_params
-        self.global_params = METHOD_SPECS[name].global_params
+    def __init__(self, spec: MethodSpec):
+        super().__init__(spec)
+        self.sparsify, self.consensus = spec.sparsify, spec.consensus
 
     # -- masks
     def _mask(self, i: int, base: Tensor, t: Tensor, values: Mapping[str, Any], ctx: MergeContext,
@@ -433,7 +422,7 @@ class TaskArithmeticFamily(_Method):
         if base is None:
             raise ValueError(f"merge method '{self.name}' needs base_model (tensor '{ctx.tensor_name}')")
         _check_shapes(ctx.tensor_name, base, tensors)
-        if not tensors:
+        if not tensors:  # the engine never calls with none (the plan checks the count); kept for callers in code
             return base
         weights = [_as_float(w, "weight") for w in self._per_model(model_params, "weight", len(tensors))]
         for i, density in enumerate(self._per_model(model_params, "density", len(tensors))):
@@ -666,16 +655,8 @@ class ModelStock(_Method):
     is kept. Needs the base and at least two models.
     """
 
-    name = "model_stock"
-    requires_base = True
-    global_params = METHOD_SPECS["model_stock"].global_params
-
     def merge(self, base, tensors, model_params, params, ctx):  # noqa: D102
-        if base is None or len(tensors) < 2:
-            raise ValueError(
-                f"model_stock needs base_model and at least 2 other models (tensor '{ctx.tensor_name}', "
-                f"got {len(tensors)})"
-            )
+        self._check_inputs(base, tensors, ctx)
         _check_shapes(ctx.tensor_name, base, tensors)
         dtype = _work_dtype([base, *tensors])
         filter_wise = bool(self._global_value(params, self._spec("filter_wise")))
@@ -713,17 +694,9 @@ class Passthrough(_Method):
     Without ``scale`` the input itself is returned (no copy), whatever ``out`` is.
     """
 
-    name = "passthrough"
-    requires_base = False
-    writes_out = True
-    model_params = METHOD_SPECS["passthrough"].model_params
-
     def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102
+        self._check_inputs(base, tensors, ctx)
         inputs = list(tensors) if base is None else [base, *tensors]
-        if len(inputs) != 1:
-            raise ValueError(
-                f"passthrough takes exactly one model per slice (tensor '{ctx.tensor_name}' got {len(inputs)})"
-            )
         (t,) = inputs
         scale = None
         if model_params:
@@ -736,19 +709,42 @@ class Passthrough(_Method):
         return t * factor
 
 
-# ---- registry ------------------------------------------------------------------------------
+# ---- kernels of declared methods ---------------------------------------------------------------
 
 
-def _registry() -> dict[str, MergeMethod]:
-    # Names, parameters and defaults (mergekit's table) come from evomerge.merge.specs.
-    methods: list[MergeMethod] = [Linear(), Slerp(), ModelStock(), Passthrough()]
-    methods += [TaskArithmeticFamily(name) for name in TASK_ARITHMETIC_FAMILY]
-    return {m.name: m for m in methods}
+class FunctionMethod(_Method):
+    """A method whose kernel is a plain function (`evomerge.merge.specs.merge_method`): called
+    with the parameters resolved (defaults filled in) after the declared structure is checked."""
+
+    def __init__(self, spec: MethodSpec, kernel: Any):
+        super().__init__(spec)
+        self.kernel = kernel
+
+    def merge(self, base, tensors, model_params, params, ctx, out=None):  # noqa: D102
+        self._check_inputs(base, tensors, ctx)
+        _check_shapes(ctx.tensor_name, base, tensors)
+        model_values = [{p.name: self._model_value(values, p, i) for p in self.model_params} for i, values in enumerate(model_params)]
+        values = {p.name: self._global_value(params, p) for p in self.global_params}
+        kwargs = {"out": out} if self.writes_out else {}
+        return self.kernel(base, list(tensors), model_values, values, ctx, **kwargs)
 
 
-METHODS: dict[str, MergeMethod] = _registry()
+_LOADED: dict[str, MergeMethod] = {}
 
 
 def get_method(name: str) -> MergeMethod:
-    """The method called ``name``; raises :class:`UnknownMethodError` listing the valid ones."""
-    return METHODS[get_spec(name).name]
+    """The method called ``name``, its kernel imported on first use; raises
+    :class:`UnknownMethodError` listing the valid ones."""
+    spec = get_spec(name)
+    method = _LOADED.get(name)
+    if method is None or method.spec is not spec:  # type: ignore[attr-defined]
+        kernel = spec.kernel
+        if isinstance(kernel, str):
+            module, _, attr = kernel.partition(":")
+            kernel = getattr(importlib.import_module(module), attr)
+        method = kernel(spec) if isinstance(kernel, type) else FunctionMethod(spec, kernel)
+        _LOADED[name] = method
+    return method
+
+
+METHODS: dict[str, MergeMethod] = {name: get_method(name) for name in BUILTIN_METHODS}

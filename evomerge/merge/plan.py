@@ -230,16 +230,15 @@ def _task(
     """One output tensor: split the sources into base and inputs, resolve parameters, check shapes."""
     base_model = (out_slice.base_model if out_slice and out_slice.base_model else None) or recipe.base_model
     by_model = dict(sources)
-    if method.name == "passthrough":
-        inputs = [TensorRef(*sources[0])]
-        base = None
-    elif method.requires_base:
+    if method.requires_base:
         base_name = by_model.get(base_model, out_name) if base_model else out_name
         base = TensorRef(base_model, base_name)
         inputs = [TensorRef(m, n) for m, n in sources if m != base_model]
     else:  # e.g. linear: a base_model not listed under models: is one more input, as in mergekit
         inputs = [TensorRef(m, n) for m, n in sources]
         base = None
+    if problem := method.count_problem(len(inputs)):  # a recipe built in code skips `Recipe.check`
+        raise ConfigError(f"{problem} (tensor {out_name})", field="models" if recipe.models is not None else "slices")
 
     for ref in [*inputs, *([base] if base else [])]:
         if not pool.get(ref.model).has(ref.name):

@@ -119,11 +119,14 @@ def check_ps_spec(spec: PSSpec, *, file: str | None = None) -> None:
     """A PS space against its method's declared parameters (`evomerge.merge.specs`): genes are
     numeric parameters that have an effect, with bounds valid for the parameter (density in
     [0, 1], t in [0, 1], every bound finite); fixed values are valid settings. Needs no model."""
-    from evomerge.merge.specs import METHOD_SPECS
+    from evomerge.merge.specs import find_spec, unknown_method
 
-    method = METHOD_SPECS.get(spec.method)
+    try:
+        method = find_spec(spec.method)
+    except ValueError as exc:  # a plugin that fails to import
+        raise ConfigError(str(exc), file=file, field="method") from None
     if method is None:
-        raise ConfigError(f"unknown method '{spec.method}'; valid: {', '.join(sorted(METHOD_SPECS))}", file=file, field="method")
+        raise ConfigError(unknown_method(spec.method), file=file, field="method")
     valid = ", ".join(sorted(p.name for p in (*method.model_params, *method.global_params)))
     for name, rng in spec.genes.items():
         param = method.param(name)

@@ -49,8 +49,8 @@ class ParameterSpace(SearchSpace):
             raise ConfigError(f"method '{method.name}' needs a base model", file=file, field="models.base")
         if not self.models:
             raise ConfigError("the space needs at least one model to merge besides the base", file=file, field="models")
-        if method.name == "slerp" and len(self.models) != 1:
-            raise ConfigError(f"slerp merges the base with exactly one other model, got {len(self.models)}", file=file, field="models")
+        if problem := method.count_problem(len(self.models)):
+            raise ConfigError(problem, file=file, field="models")
         groups = spec.layer_groups
         if groups == 1:
             return
@@ -123,7 +123,7 @@ class ParameterSpace(SearchSpace):
                 return self._filtered([v[0] if n_groups == 1 else list(v) for v in per_filter])
 
             models = [InputModel(model=m, parameters={k: setting(v) for k, v in model_settings[m].items()} or None) for m in self.models]
-            if self.method.name == "slerp":
+            if self.method.lists_base:
                 models = [InputModel(model=self.base), *models]
             params = {**fixed, **{k: setting(v) for k, v in global_settings.items()}}
             return Recipe(models=models, parameters=params or None, **common)
