@@ -95,9 +95,7 @@ class ModelCount:
 
     def text(self, with_base: bool) -> str:
         """In words: "base_model and exactly one other model", "at least 2 models"."""
-        if self.low == 0 and self.high is None:
-            amount = "any number of"
-        elif self.high == self.low:
+        if self.high == self.low:
             amount = f"exactly {_count(self.low)}"
         elif self.high is None:
             amount = f"at least {_count(self.low)}"
@@ -155,7 +153,8 @@ class MethodSpec:
 
     def describe(self) -> str:
         """The declaration in words: capabilities, then one line per parameter."""
-        caps = ["needs base_model" if self.requires_base else "no base model", self.models.text(self.requires_base)]
+        caps = ["needs base_model" if self.requires_base else "no base model"]
+        caps += [self.models.text(self.requires_base)] if self.models != ModelCount() else []
         caps += [c for c, on in (("random", self.random), ("writes into out=", self.writes_out)) if on]
         caps += [f"sparsifies ({self.sparsify})"] if self.sparsify else []
         lines = [f"{self.name} ({'; '.join(caps)})" + (f": {self.doc}" if self.doc else "")]

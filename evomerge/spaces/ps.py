@@ -66,6 +66,10 @@ class ParameterSpace(SearchSpace):
             hint = f"a divisor of {n} ({', '.join(map(str, divisors))})" + ("" if spec.smooth else f", or up to {n} with smooth: true")
             raise ConfigError(f"{groups} groups do not divide the {n} layers of the sources; use {hint}", file=file, field="layer_groups")
 
+    def describe(self) -> str:
+        """The genes, then the method's declaration (capabilities, parameters, ranges)."""
+        return f"{super().describe()}\nmethod {self.method.describe()}"
+
     # ---- genes --------------------------------------------------------------------------
     def _genes(self) -> list[Gene]:
         genes: list[Gene] = []
