@@ -16,15 +16,13 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, schema_error
-
-if TYPE_CHECKING:
-    from evomerge.merge.specs import ParamSpec
+from evomerge.merge.specs import ParamSpec, find_spec, unknown_method
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -127,7 +125,6 @@ class Recipe(_Strict):
     # ---- validation ---------------------------------------------------------------------
     def check(self, *, file: str | None = None) -> None:
         """Checks that need the method registry: method name, parameter names, structure."""
-        from evomerge.merge.specs import find_spec, unknown_method
 
         def fail(field: str, message: str) -> None:
             raise ConfigError(message, file=file, field=field)

@@ -241,10 +241,15 @@ class _Buffers:
             self.free.setdefault((buffer.dtype.str, buffer.size), []).append(buffer)
 
 
-def run_task(task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffers | None = None) -> np.ndarray:
+def run_task(
+    task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffers | None = None, kernel: NumpyKernel | None = None
+) -> np.ndarray:
     """One output tensor, shaped, in the plan's output dtype (from ``buffers`` when given:
-    its ``.base`` goes back there once the caller is done with it)."""
+    its ``.base`` goes back there once the caller is done with it). ``kernel``: the plan's
+    `numpy_kernel`, looked up when not given."""
     buffers = buffers or _Buffers()
+    kernel = kernel or numpy_kernel(plan)
+    assert kernel is not None, "unsupported_reason says which plans this executor runs"
     refs = _refs(task)
     views = [reader.view(ref) for ref in refs]
     if plan.compute_dtype_name is not None:  # the torch engine casts what it loads, first
@@ -255,8 +260,6 @@ def run_task(task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffe
     promoted = views[:1] if plan.method.requires_base and not task.inputs else views
     work = np.result_type(*(v.dtype for v in promoted))
     out = buffers.get(views[0].size, work)
-    kernel = numpy_kernel(plan)
-    assert kernel is not None, "unsupported_reason says which plans this executor runs"
     kernel.run(views, task, out)
     if plan.out_dtype_name is not None and work != np.dtype(_STORED[plan.out_dtype_name]):
         cast = buffers.get(out.size, np.dtype(_STORED[plan.out_dtype_name]))
@@ -287,7 +290,8 @@ def iter_merged(
     buffers = _Buffers() if recycle else None
     n_workers = max(1, workers if workers is not None else default_workers())
     sizes = [task_size(task, pool) for task in plan.tasks]
-    results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, reader, buffers), sizes, n_workers, prefix="evomerge-fast")
+    kernel = numpy_kernel(plan)
+    results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, reader, buffers, kernel), sizes, n_workers, prefix="evomerge-fast")
     try:
         for task, result in results:
             yield task.name, result

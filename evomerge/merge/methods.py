@@ -210,10 +210,10 @@ class _Method:
         return value
 
     def _spec(self, name: str) -> ParamSpec:
-        for spec in (*self.model_params, *self.global_params):
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
+        spec = self.spec.param(name)
+        if spec is None:
+            raise KeyError(name)
+        return spec
 
     def _per_model(self, model_params: Sequence[Mapping[str, Any]], name: str, n: int) -> list[Any]:
         if len(model_params) != n:

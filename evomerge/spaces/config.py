@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from evomerge.errors import ConfigError, schema_error
+from evomerge.merge.specs import find_spec, unknown_method
 from evomerge.recipe import DTYPES, check_setting
 from evomerge.resources import find_yaml, read_yaml
 
@@ -119,8 +120,6 @@ def check_ps_spec(spec: PSSpec, *, file: str | None = None) -> None:
     """A PS space against its method's declared parameters (`evomerge.merge.specs`): genes are
     numeric parameters that have an effect, with bounds valid for the parameter (density in
     [0, 1], t in [0, 1], every bound finite); fixed values are valid settings. Needs no model."""
-    from evomerge.merge.specs import find_spec, unknown_method
-
     try:
         method = find_spec(spec.method)
     except ValueError as exc:  # a plugin that fails to import
