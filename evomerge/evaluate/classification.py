@@ -2,7 +2,7 @@
 
 Spec (YAML, ``kind: classification``)::
 
-    data: evomerge.zoo.digits:load_split   # callable(split name) -> (inputs, labels)
+    data: evomerge.zoo.digits:load_split   # required: callable(split name) -> (inputs, labels)
     splits: {search: train, holdout: test}  # the data's split names for search and holdout
     task: digits                            # name of the per-sample vector in results
     objective: acc
@@ -12,7 +12,8 @@ Spec (YAML, ``kind: classification``)::
 
 The data is loaded once, as float32/int64 tensors. The model is called as ``model(x)`` and
 may return logits or an object with ``.logits``; the prediction is the argmax of the last
-dimension. Search and holdout are different data splits (digits: train and test).
+dimension. Search and holdout are different data splits. ``evaluators/digits.yaml`` is the
+zoo's digits classifiers' spec.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class ClassificationSplits(SpecModel):
 class ClassificationSpec(SpecModel):
     kind: Literal["classification"]
     description: str | None = None
-    data: str = "evomerge.zoo.digits:load_split"
+    data: str | None = None  # required: the evaluator refuses None, after its splits check
     splits: ClassificationSplits = ClassificationSplits()
-    task: str = "digits"
+    task: str = "classification"
     objective: str = "acc"
     batch_size: int = Field(1024, gt=0)
     limit: int | None = Field(None, gt=0)
@@ -57,6 +58,8 @@ class ClassificationEvaluator(Evaluator):
         super().__init__(spec, file=file, base_dir=base_dir)
         if spec.splits.search == spec.splits.holdout:
             raise ConfigError(f"search and holdout are the same split '{spec.splits.search}'", file=file, field="splits")
+        if spec.data is None:
+            raise ConfigError("no data: name the loader 'package.module:function' (split name -> (inputs, labels))", file=file, field="data")
         load = import_callable(spec.data, file=file, field="data", base_dir=base_dir)
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, name in (("search", spec.splits.search), ("holdout", spec.splits.holdout)):

@@ -7,8 +7,8 @@
   Ray object store), and a `CachedSparsifier`, so a new density is a lookup, not a sort;
 - one resident model skeleton: a candidate whose merged architecture (the merged config) is
   the same as the previous one's is copied into it in place; another architecture (a DFS path
-  of a new length) builds a new skeleton from the merged config. Configs that are not Hugging
-  Face configs build the zoo's plain torch models (`plain_model`: the digits MLP);
+  of a new length) builds a new skeleton from the merged config (`evomerge.models`: a Hugging
+  Face config, or a registered model kind such as the zoo's digits MLP);
 - weights-space candidates (`evomerge.run.weights`: a recipe carrying raw tensors over a
   template model) skip the merge: the tensors are copied into the template's architecture;
 - the evaluator, built once, and the tokenizers, loaded once per source directory.
@@ -38,6 +38,7 @@ from evomerge.merge.engine import TORCH_DTYPES, MergePlan, merge_into, plan_merg
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.sparsify import CachedSparsifier
 from evomerge.merge.writer import TOKENIZER_FILES
+from evomerge.models import build_model
 from evomerge.run.jobs import Job
 
 EvaluatorSpec = dict | str | Callable[[], Any]
@@ -64,18 +65,6 @@ def evaluator_directions(evaluator: Any) -> dict[str, bool]:
 def default_device() -> str:
     """`cuda` when this process sees a GPU (a Ray actor sees one only if it asked for it)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def plain_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
-    """A model for a config that is not a Hugging Face config (no `model_type`): the zoo's plain
-    torch models, named by `architecture` (today the digits MLP); None for anything else."""
-    if config.get("model_type") is not None or config.get("architecture") is None:
-        return None
-    from evomerge.zoo.digits import ARCHITECTURE, DigitsMLP
-
-    if config["architecture"] == ARCHITECTURE:
-        return DigitsMLP(config["sizes"])
-    raise ValueError(f"unknown architecture '{config['architecture']}' in config.json; valid: {ARCHITECTURE} or a Hugging Face config")
 
 
 class WorkerCore:
@@ -251,22 +240,7 @@ class WorkerCore:
     def _build_model(self, config: dict, dtype: torch.dtype) -> torch.nn.Module:
         """A model of the merged architecture, weights uninitialized (all are overwritten)."""
         factory = getattr(self.evaluator, "model_from_config", None)
-        if factory is not None:
-            model = factory(dict(config))
-        elif (plain := plain_model(config)) is not None:
-            model = plain
-        else:
-            import transformers
-            from transformers.initialization import no_init_weights
-
-            hf_config = transformers.AutoConfig.for_model(**config)
-            names = config.get("architectures") or []
-            model_cls = getattr(transformers, names[0], None) if names else None
-            with no_init_weights():
-                if model_cls is not None:
-                    model = model_cls._from_config(hf_config)
-                else:
-                    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        model = factory(dict(config)) if factory is not None else build_model(config)
         return model.to(device=self.device, dtype=dtype).eval()
 
     def _tokenizer(self, recipe, plan: MergePlan) -> Any:

@@ -19,11 +19,11 @@ never saw half of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -108,6 +108,11 @@ class DigitsMLP(nn.Module):
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
         atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config(), indent=2) + "\n")
         return directory
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DigitsMLP:
+        """An untrained model of a config written by :meth:`save_pretrained` (`evomerge.models`)."""
+        return cls(config["sizes"])
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DigitsMLP:

@@ -1,0 +1,81 @@
+"""Model kinds: how a worker builds an empty model of a merged architecture from its config.json.
+
+A Hugging Face config (one with `model_type`) builds the transformers class its `architectures`
+names, else `AutoModelForCausalLM`. Any other config names its kind in `architecture`, looked
+up in a table: `register_model_kind(name, loader)` adds one, `loader` being a function
+`config -> torch.nn.Module` or a lazy ``"package.module:attr"`` string imported on first use
+(so the core imports no model code it does not build).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from functools import reduce
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+ModelLoader = Callable[[Mapping[str, Any]], "torch.nn.Module"]
+
+_KINDS: dict[str, ModelLoader | str] = {
+    "DigitsMLP": "evomerge.zoo.digits:DigitsMLP.from_config",  # the zoo's digits classifiers
+}
+
+
+def register_model_kind(name: str, loader: ModelLoader | str, *, replace: bool = False) -> None:
+    """Configs with ``"architecture": name`` are built by `loader` (a function of the config, or a
+    lazy ``"package.module:attr"``); a name taken by another loader needs `replace=True`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a model kind's name is a non-empty string, got {name!r}")
+    if isinstance(loader, str) and not all(loader.partition(":")[::2]):
+        raise ValueError(f"model kind '{name}': '{loader}' is not 'package.module:attr'")
+    if not isinstance(loader, str) and not callable(loader):
+        raise TypeError(f"model kind '{name}': {loader!r} is neither callable nor 'package.module:attr'")
+    old = _KINDS.get(name)
+    if old is not None and old != loader and not replace:
+        raise ValueError(f"model kind '{name}' is already registered ({old}); pass replace=True to replace it")
+    _KINDS[name] = loader
+
+
+def model_kinds() -> list[str]:
+    """The registered `architecture` names (Hugging Face configs are always accepted besides)."""
+    return list(_KINDS)
+
+
+def _loader(name: str) -> ModelLoader:
+    loader = _KINDS[name]
+    if isinstance(loader, str):
+        module, _, attr = loader.partition(":")
+        loader = reduce(getattr, attr.split("."), importlib.import_module(module))
+        _KINDS[name] = loader
+    return loader
+
+
+def registered_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
+    """The model of a registered kind for a config that is not a Hugging Face config (no
+    `model_type`); None for a Hugging Face config or one naming no `architecture`."""
+    if config.get("model_type") is not None or config.get("architecture") is None:
+        return None
+    name = config["architecture"]
+    if name not in _KINDS:
+        raise ValueError(f"unknown architecture '{name}' in config.json; valid: {', '.join(_KINDS)} or a Hugging Face config")
+    return _loader(name)(config)
+
+
+def build_model(config: Mapping[str, Any]) -> torch.nn.Module:
+    """An empty model (weights uninitialized) of the architecture `config` describes."""
+    model = registered_model(config)
+    if model is not None:
+        return model
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    hf_config = transformers.AutoConfig.for_model(**config)
+    names = config.get("architectures") or []
+    model_cls = getattr(transformers, names[0], None) if names else None
+    with no_init_weights():
+        if model_cls is not None:
+            return model_cls._from_config(hf_config)
+        return transformers.AutoModelForCausalLM.from_config(hf_config)
