@@ -178,3 +178,30 @@ def test_evomerge_merge_finds_a_plugin_by_entry_point(llama_family: dict[str, Pa
     assert set(written) == set(want)
     for key, value in want.items():
         torch.testing.assert_close(written[key], value, rtol=0, atol=0)
+
+
+def test_readme_method_table_follows_the_declarations() -> None:
+    """README's method table lists every built-in method once, with the base column and the
+    parameters that have an effect as declared (the declaration is the source; the table says it
+    in words)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    header = readme.index("| method | base needed | per-model parameters | method parameters |")
+    rows = []
+    for line in readme[header:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    listed: list[str] = []
+    for row in rows:
+        names_cell, base_cell, per_model, method_wide = (cell.strip() for cell in row.strip("|").split("|"))
+        for name in re.findall(r"`(\w+)`", names_cell):
+            listed.append(name)
+            spec = specs.METHOD_SPECS[name]
+            assert base_cell.startswith("yes" if spec.requires_base else "no"), name
+            for cell, params in ((per_model, spec.model_params), (method_wide, spec.global_params)):
+                for param in params:
+                    if not param.inert:
+                        assert re.search(rf"\b{param.name}\b", cell), (name, param.name)
+    assert sorted(listed) == sorted(specs.BUILTIN_METHODS)
