@@ -138,14 +138,9 @@ def demo(out_dir: Path | None, merge_only: bool) -> None:
     """The main job of `make run`: build the tiny zoo, evolve a PS+DFS merge of its experts on
     local Ray workers (experiments/tiny_ps_dfs.yaml), export the best model, write the report and
     print the results table."""
-    if merge_only:
-        from evomerge.demo import run_demo
+    from evomerge.demo import run_demo_search, run_merge_only
 
-        run_demo(out_dir, echo=click.echo)
-        return
-    from evomerge.demo_search import run_demo_search
-
-    run_demo_search(out_dir, echo=click.echo)
+    (run_merge_only if merge_only else run_demo_search)(out_dir, echo=click.echo)
 
 
 # --- run, resume, status, export (orchestration) ---------------------------------------------

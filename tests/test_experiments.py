@@ -105,7 +105,7 @@ def test_demo_search_end_to_end_on_the_test_zoo(test_zoo: Path, tmp_path: Path) 
     budgets, in-process workers: run, export, report, table."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.demo_search import run_demo_search
+    from evomerge.demo import run_demo_search
     from evomerge.recipe import Recipe
 
     exp = _on_test_zoo(ROOT / "experiments" / "tiny_ps_dfs.yaml", tmp_path)

@@ -321,11 +321,11 @@ def test_no_eval_prompt_in_training_data(skill: str) -> None:
 
 
 def test_demo_merges_two_experts_and_reports(test_zoo: Path, tmp_path: Path) -> None:
-    from evomerge.demo import run_demo
+    from evomerge.demo import run_merge_only
     from evomerge.recipe import Recipe
 
     lines: list[str] = []
-    result = run_demo(tmp_path / "demo", lines.append, preset="test")
+    result = run_merge_only(tmp_path / "demo", lines.append, preset="test")
     recipe = Recipe.from_yaml(tmp_path / "demo" / "recipe.yaml")
     assert recipe.merge_method == "ties" and recipe.base_model == str(test_zoo / "base")
     assert [m.model for m in recipe.models or []] == [str(test_zoo / "add"), str(test_zoo / "reverse")]
