@@ -38,6 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, EvomergeError, schema_error
+from evomerge.evaluate.registry import check_spec, resolve_spec
+from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -108,9 +110,12 @@ class StageSpec(_Strict):
         return {"name": value} if isinstance(value, str) else value
 
     @property
-    def model_mode(self) -> bool:
-        """M2N2 over whole models (archive members) rather than genomes of a space."""
-        return self.optimizer.name == "m2n2" and self.optimizer.options.get("mode") == "model"
+    def searches_space(self) -> bool:
+        """Whether the stage's optimizer searches a space (not: M2N2 in model mode, whose
+        candidates carry recipes); an unknown optimizer is named by `check_experiment`."""
+        if self.optimizer.name not in OPTIMIZERS:
+            return True
+        return OPTIMIZERS.get(self.optimizer.name).searches_space(self.optimizer.options)
 
 
 class RaySpec(_Strict):
@@ -160,7 +165,7 @@ class Experiment(_Strict):
                     raise ValueError(
                         f"stages[{i}]: '{ref}' is not an earlier stage (earlier: {', '.join(seen) or 'none'})"
                     )
-            if stage.space is None and not stage.model_mode:
+            if stage.space is None and stage.searches_space:
                 raise ValueError(f"stages[{i}].space: a stage needs a search space (only m2n2 with mode: model has none)")
             seen.append(stage.name)
         return self
@@ -306,13 +311,6 @@ def _absolute_yaml(ref: str | dict, base_dir: Path) -> str | dict:
     return text
 
 
-def _evaluator_spec(ref: str | dict, overrides: dict) -> dict:
-    from evomerge.evaluate.base import load_spec
-
-    data, _ = load_spec(ref, overrides or None)
-    return data
-
-
 def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experiment:
     """A copy with paths made absolute (relative to the experiment file) and each stage's search
     space and evaluator inlined (the spec with its overrides applied), ready to be frozen in a
@@ -337,7 +335,7 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
             stage["space"] = spec.model_dump(mode="json")
             stage["space_overrides"] = {}
         try:
-            stage["evaluator"] = _evaluator_spec(_absolute_yaml(stage["evaluator"], base_dir), stage["evaluator_overrides"])
+            stage["evaluator"] = resolve_spec(_absolute_yaml(stage["evaluator"], base_dir), stage["evaluator_overrides"])
         except EvomergeError as exc:
             raise ConfigError(exc.message, file=exc.file or file, field=f"stages[{i}].evaluator" + (f".{exc.field}" if exc.field and exc.field != "evaluator" else "")) from None
         stage["evaluator_overrides"] = {}
@@ -367,9 +365,7 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
     parameters; a base model where the method needs one), the baselines' recipes (structure,
     parameter names and values) and each evaluator's spec (kind and schema). One line naming the
     file and the field for the first problem."""
-    from evomerge.evaluate.base import check_spec
     from evomerge.merge.specs import METHOD_SPECS
-    from evomerge.optim import check_options
     from evomerge.recipe import Recipe
     from evomerge.spaces.config import PSSpec, load_space_spec
 

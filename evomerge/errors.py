@@ -53,26 +53,50 @@ def schema_error(
     prefix: str = "",
     skip: tuple[str, ...] = (),
     valid_fields: Callable[[str], list[str]] | None = None,
+    keys: bool = False,
 ) -> ConfigError:
-    """The first error of a pydantic ValidationError as one line naming the file and the field.
+    """A pydantic ValidationError as one line naming the file and the field.
 
-    The one formatting path of schema errors (recipes, experiments, search spaces): pydantic's
-    "Value error, " prefix never reaches a message, union tags and `skip` (e.g. a discriminator
-    value) are dropped from the field, an unknown field says what is valid (`valid_fields(parent
-    field)`), a validator may name its own field as "stages[0].x: message", and pydantic's
-    "Input should be X" reads "must be X, got VALUE".
+    The one formatting path of schema errors (recipes, experiments, search spaces, evaluator
+    specs): pydantic's "Value error, " prefix never reaches a message, union tags and `skip`
+    (e.g. a discriminator value) are dropped from the field, an unknown field says what is valid
+    (`valid_fields(parent field)`), a validator may name its own field as "stages[0].x: message",
+    and pydantic's "Input should be X" reads "must be X, got VALUE".
+
+    keys=True reads the model as a free-form mapping (an evaluator spec): its field is a dotted
+    key path (`tasks.0.metric`), an unknown field is an "unknown key", the most specific error
+    is reported (inside a union member, an unknown key wins over "not a string"), and a value no
+    member of a union takes lists the members ("expected one of: list[str], dict; got int").
+    Otherwise the first error is reported.
     """
-    err = exc.errors()[0]
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in skip or _TAG.match(p)))]
-    field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    errors = exc.errors()
+
+    def split(e: dict) -> tuple[list, list]:
+        """The error's location without, and with only, union tags and `skip`."""
+        keep: list = []
+        tags: list = []
+        for p in e["loc"]:
+            (tags if isinstance(p, str) and (p in skip or _TAG.match(p)) else keep).append(p)
+        return keep, tags
+
+    err = min(errors, key=lambda e: (e["type"].endswith("_type"), -len(e["loc"]))) if keys else errors[0]
+    loc, _ = split(err)
+    if keys:
+        field = prefix + ".".join(str(p) for p in loc)
+    else:
+        field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
     message = pydantic_message(err)
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = field.rsplit(".", 1)[0] if "." in field else ""
         valid = valid_fields(parent) if valid_fields else []
-        message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
+        message = "unknown key" if keys else f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
     elif kind == "missing":
         message = "missing (required)"
+    elif keys and kind.endswith("_type"):
+        tags = [t for e in errors if split(e)[0] == loc and e["type"].endswith("_type") for t in split(e)[1]]
+        if len(tags) > 1:
+            message = f"expected one of: {', '.join(dict.fromkeys(tags))}; got {type(err.get('input')).__name__}"
     located = _SELF_LOCATED.match(message)
     if located:
         field, message = located.group(1), located.group(2)

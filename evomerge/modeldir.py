@@ -34,10 +34,9 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
-from evomerge.errors import ConfigError, EvomergeWarning
+from evomerge.errors import ConfigError, EvomergeError, EvomergeWarning
 from evomerge.fsutil import UMASK, atomic_write_text
+from evomerge.resources import read_yaml
 
 MANIFEST = ".evomerge-files.json"
 STAGE = "evomerge-stage-"
@@ -148,9 +147,9 @@ def _legacy_files(target: Path) -> set[str] | None:
     """A model directory written before the manifest existed: found by evomerge's block in its
     mergekit_config.yml or by its model card; its weight files are evomerge's."""
     try:
-        config = yaml.safe_load((target / "mergekit_config.yml").read_text())
+        config = read_yaml(target / "mergekit_config.yml")
         ours = isinstance(config, dict) and "evomerge" in config
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, EvomergeError):
         ours = False
     if not ours:
         try:

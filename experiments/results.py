@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ("add", "reverse", "sort")
 COMPOSITION = "add_rev"
@@ -132,11 +130,11 @@ def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
 
 def holdout_scorer(limit: int | None = None) -> Any:
     """One in-process worker (the runs' own WorkerCore) with the 4-skill holdout evaluator."""
-    from evomerge.run.stages import evaluator_spec
+    from evomerge.evaluate import resolve_spec
     from evomerge.run.worker_core import WorkerCore
 
     overrides = {"holdout_limit": limit} if limit else {}
-    return WorkerCore({}, evaluator_spec(dict(HOLDOUT_EVALUATOR), overrides), device="cpu")
+    return WorkerCore({}, resolve_spec(dict(HOLDOUT_EVALUATOR), overrides), device="cpu")
 
 
 def score_holdout(core: Any, recipe: Any) -> dict[str, float]:
@@ -397,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from evomerge.fsutil import atomic_write_text
+    from evomerge.resources import read_yaml
     from evomerge.zoo import build_zoo
 
     start = time.perf_counter()
@@ -422,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe, search = run_best(run_dir, stage)
             models[label].recipes.append(recipe)
             models[label].search_mean.append(search)
-        exp = yaml.safe_load((args.out / f"{name}-seed{args.seeds[0]}" / "experiment.yaml").read_text())
+        exp = read_yaml(args.out / f"{name}-seed{args.seeds[0]}" / "experiment.yaml")
         stages = "; ".join(
             f"{s['name']}: {s['space']['kind']}"
             + (f" {s['space'].get('method')}" if s["space"].get("method") else "")

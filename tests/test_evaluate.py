@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.evaluate import EvalResult, Subset, build_evaluator
-from evomerge.evaluate.base import _kinds
+from evomerge.evaluate import EvalResult, Subset, build_evaluator, evaluator_class
 from evomerge.evaluate.subset import select, shard_slice
 from evomerge.resources import builtin_dir, builtin_names
 
@@ -144,7 +143,7 @@ def test_shipped_evaluators_are_valid_and_documented(name: str):
     text = path.read_text()
     assert text.startswith("#"), f"{path} needs a comment block on top"
     data = yaml.safe_load(text)
-    spec_cls, _ = _kinds()[data["kind"]]
+    spec_cls = evaluator_class(data["kind"]).spec_model
     spec_cls.model_validate(data)
 
 

@@ -1,4 +1,6 @@
-"""The Evaluator kind: built once per worker from a YAML spec, called once per candidate.
+"""The evaluator types every kind builds on: `SpecModel`, `Evaluator` and the helpers of its
+kinds. This module imports no kind; the kinds (`lmeval`, `classification`, `pyfunc`) import it,
+and `evomerge.evaluate.registry` maps a spec's `kind:` to its class and builds it.
 
 Worker-side use::
 
@@ -7,8 +9,9 @@ Worker-side use::
     part = ev.evaluate(model, tokenizer, "search", subset, shard=(i, n))   # one of n shards
     whole = EvalResult.combine([part_0, ..., part_n-1])                   # in shard order
 
-A spec is a mapping with a ``kind:`` key (``lm_eval``, ``classification`` or ``python``); the
-rest is validated by that kind's pydantic model (unknown keys are errors). Everything costly
+A spec is a mapping with a ``kind:`` key (``lm_eval``, ``classification``, ``python`` or a kind
+registered with `register_evaluator`); the rest is validated by that kind's pydantic model
+(`Evaluator.spec_model`; unknown keys are errors). Everything costly
 (task objects, datasets, prompts, tokenization, batches) is prepared once; `evaluate` runs the
 model and the metric code only. `evaluate` never raises for a bad candidate: an exception or a
 non-finite objective comes back as `EvalResult.failure` with the message, so the worker goes on.
@@ -16,8 +19,9 @@ non-finite objective comes back as `EvalResult.failure` with the message, so the
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
-import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -25,13 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError, pydantic_message
+from evomerge.errors import ConfigError
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset
-from evomerge.resources import find_yaml
 
 SPLITS: tuple[str, ...] = ("search", "holdout")
 Split = Literal["search", "holdout"]
@@ -43,10 +45,26 @@ class SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class SubsampleSpec(SpecModel):
+    """Score a seeded subset of `size` search documents (a new one per generation by default)."""
+
+    size: int = Field(gt=0)
+    per_generation: bool = True
+
+
 class Evaluator(ABC):
     """Scores in-memory models; subclasses implement `_evaluate` and `objective_directions`."""
 
     kind: ClassVar[str]
+    #: the pydantic model of this kind's spec
+    spec_model: ClassVar[type[SpecModel]]
+    # ---- capabilities: what the run reads instead of the kind's name ----
+    #: can score one of n document shards (`evaluate(..., shard=(i, n))`), so the run may split
+    #: one candidate over idle workers
+    SHARDABLE: ClassVar[bool] = False
+    #: reports per-sample scores with their document ids: True always, False never, None when
+    #: it depends on the spec (a python function may or may not)
+    PER_SAMPLE: ClassVar[bool | None] = None
 
     def __init__(self, spec: SpecModel, *, file: str | None = None, base_dir: Path | None = None) -> None:
         self.spec = spec
@@ -150,145 +168,8 @@ def resolve_objectives(
     return groups, directions
 
 
-def _kinds() -> dict[str, tuple[type[SpecModel], type[Evaluator]]]:
-    from evomerge.evaluate.classification import ClassificationEvaluator, ClassificationSpec
-    from evomerge.evaluate.lmeval import LmEvalEvaluator, LmEvalSpec
-    from evomerge.evaluate.pyfunc import PythonEvaluator, PythonSpec
-
-    return {
-        "lm_eval": (LmEvalSpec, LmEvalEvaluator),
-        "classification": (ClassificationSpec, ClassificationEvaluator),
-        "python": (PythonSpec, PythonEvaluator),
-    }
-
-
-def _merge(base: dict, overrides: Mapping) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
-
-
-_UNION_TAG = re.compile(r"^[A-Z]\w*$|[\[\]]|^(str|int|float|bool|function-after)$")
-
-
-def validation_error(err: ValidationError, *, file: str | None, prefix: str = "") -> ConfigError:
-    """The most specific pydantic error as a one-line ConfigError naming the field.
-
-    Union members (``str | TaskSpec``) tag their errors with the member's type; those tags are
-    dropped from the field path, and an error inside a member (an unknown key of a task
-    mapping) wins over "not a string".
-    """
-    errors = err.errors()
-
-    def path(e: dict) -> tuple[list, list]:
-        keep, tags = [], []
-        for p in e["loc"]:
-            (tags if isinstance(p, str) and _UNION_TAG.search(p) else keep).append(p)
-        return keep, tags
-
-    def rank(e: dict) -> tuple[bool, int]:
-        return (e["type"].endswith("_type"), -len(e["loc"]))
-
-    first = min(errors, key=rank)
-    keep, _ = path(first)
-    field = prefix + ".".join(str(p) for p in keep) if keep else (prefix.rstrip(".") or None)
-    message = pydantic_message(first)
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required"
-    elif first["type"].endswith("_type"):
-        same = [e for e in errors if path(e)[0] == keep and e["type"].endswith("_type")]
-        tags = [t for e in same for t in path(e)[1]]
-        if len(tags) > 1:
-            message = f"expected one of: {', '.join(dict.fromkeys(tags))}; got {type(first.get('input')).__name__}"
-    return ConfigError(message, file=file, field=field)
-
-
-def load_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> tuple[dict, str | None]:
-    """The spec mapping and the file it came from (None for a mapping)."""
-    file: str | None = None
-    if isinstance(ref, Mapping):
-        data = dict(ref)
-    else:
-        path = find_yaml("evaluators", ref, field="evaluator")
-        file = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", file=file) from None
-        except UnicodeDecodeError:
-            raise ConfigError("not a text file (not valid UTF-8); an evaluator file is YAML", file=file) from None
-        except OSError as err:
-            raise ConfigError(f"cannot read it ({err.strerror or err})", file=file) from None
-        if not isinstance(data, dict):
-            raise ConfigError("an evaluator file must be a mapping with a 'kind:' key", file=file)
-        data.setdefault("_dir", str(path.parent))
-    if overrides:
-        data = _merge(data, overrides)
-    return data, file
-
-
-def check_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> None:
-    """The spec's kind and schema, as `build_evaluator` checks them, without building the
-    evaluator (no dataset, no lm-eval task lookup): what a run checks before it loads anything."""
-    _validated(ref, overrides)
-
-
-def _validated(ref: str | Path | Mapping, overrides: Mapping | None) -> tuple[SpecModel, type[Evaluator], str | None, str | None]:
-    """(the validated spec, its evaluator class, the file it came from, its directory)."""
-    data, file = load_spec(ref, overrides)
-    base_dir = data.pop("_dir", None)
-    kinds = _kinds()
-    kind = data.get("kind")
-    if kind not in kinds:
-        got = "missing" if kind is None else f"'{kind}' is not a kind"
-        raise ConfigError(f"{got}; valid: {', '.join(kinds)}", file=file, field="kind")
-    spec_cls, ev_cls = kinds[kind]
-    try:
-        return spec_cls.model_validate(data), ev_cls, file, base_dir
-    except ValidationError as err:
-        error = validation_error(err, file=file)
-        if overrides and error.field and _overridden(error.field, overrides):
-            # the user's override is at fault, not the evaluator file: name the override
-            raise ConfigError(error.message, field=f"evaluator_overrides.{error.field}") from None
-        raise error from None
-
-
-def _overridden(field: str, overrides: Mapping) -> bool:
-    """True when the dotted `field` (e.g. "subsample.size", "tasks.0.task") is set by `overrides`."""
-    node: Any = overrides
-    for part in field.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
-
-
-def build_evaluator(ref: str | Path | Mapping, overrides: Mapping | None = None) -> Evaluator:
-    """An evaluator from a built-in name (`evaluators/NAME.yaml`), a YAML path or a spec mapping.
-
-    `overrides` are merged into the spec (nested mappings key by key), e.g.
-    ``{"subsample": {"size": 50}}``. Relative paths in a YAML file resolve next to that file.
-    Raises ConfigError (one line: file, field, what is valid) for anything invalid, including
-    unknown lm-eval tasks, metrics a task does not produce and broken local task folders.
-    """
-    spec, ev_cls, file, base_dir = _validated(ref, overrides)
-    return ev_cls(spec, file=file, base_dir=Path(base_dir) if base_dir else None)  # type: ignore[call-arg]
-
-
 def import_callable(ref: str, *, file: str | None, field: str, base_dir: Path | None = None) -> Any:
     """`package.module:function`, or `path/to/file.py:function` (relative to `base_dir`)."""
-    import importlib
-    import importlib.util
-
     module_name, sep, attr = ref.rpartition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"'{ref}' is not 'package.module:function' or 'file.py:function'", file=file, field=field)
@@ -313,3 +194,12 @@ def import_callable(ref: str, *, file: str | None, field: str, base_dir: Path | 
     if not callable(fn):
         raise ConfigError(f"'{module_name}' has no function '{attr}'", file=file, field=field)
     return fn
+
+
+def evaluator_directions(evaluator: Any) -> dict[str, bool]:
+    """objective -> higher is better, the primary objective first, as far as the evaluator says
+    before its first result (an `Evaluator`, or any object with `higher_is_better`)."""
+    directions = getattr(evaluator, "objective_directions", None)
+    if callable(directions):
+        return dict(directions())
+    return dict(getattr(evaluator, "higher_is_better", None) or {})

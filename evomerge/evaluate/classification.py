@@ -26,8 +26,7 @@ import torch
 from pydantic import Field
 
 from evomerge.errors import ConfigError
-from evomerge.evaluate.base import Evaluator, SpecModel, Split, import_callable
-from evomerge.evaluate.lmeval import SubsampleSpec
+from evomerge.evaluate.base import Evaluator, SpecModel, Split, SubsampleSpec, import_callable
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset, select, shard_slice
 
@@ -52,6 +51,9 @@ class ClassificationSpec(SpecModel):
 
 class ClassificationEvaluator(Evaluator):
     kind = "classification"
+    spec_model = ClassificationSpec
+    SHARDABLE = True
+    PER_SAMPLE = True
     spec: ClassificationSpec
 
     def __init__(self, spec: ClassificationSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:

@@ -53,7 +53,7 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import ConfigError
-from evomerge.evaluate.base import Evaluator, SpecModel, Split, resolve_objectives
+from evomerge.evaluate.base import Evaluator, SpecModel, Split, SubsampleSpec, resolve_objectives
 from evomerge.evaluate.forward import Plan, make_plan, run_plan
 from evomerge.evaluate.lmeval_tasks import find_manager, load_task
 from evomerge.evaluate.result import EvalResult, weighted_objectives
@@ -71,11 +71,6 @@ class PartitionSpec(SpecModel):
     split: str | None = None  # default: the task's test_split, else its validation_split
     holdout_fraction: float = Field(0.5, gt=0, lt=1)
     seed: int = 0
-
-
-class SubsampleSpec(SpecModel):
-    size: int = Field(gt=0)
-    per_generation: bool = True
 
 
 class TaskSpec(SpecModel):
@@ -139,6 +134,9 @@ def _quiet_lm_eval():
 
 class LmEvalEvaluator(Evaluator):
     kind = "lm_eval"
+    spec_model = LmEvalSpec
+    SHARDABLE = True
+    PER_SAMPLE = True
     spec: LmEvalSpec
 
     def __init__(self, spec: LmEvalSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:

@@ -38,6 +38,7 @@ class PythonSpec(SpecModel):
 
 class PythonEvaluator(Evaluator):
     kind = "python"
+    spec_model = PythonSpec
     spec: PythonSpec
 
     def __init__(self, spec: PythonSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:

@@ -1,6 +1,12 @@
 """Ask/tell optimizers: cmaes (pycma), optuna (tpe, cmaes, nsgaii, random), m2n2, random, grid.
 
-Build one with `make_optimizer`; the contract every optimizer follows is in `evomerge.optim.base`.
+Build one with `make_optimizer`; the contract every optimizer follows, and the capabilities it
+declares (`Optimizer.MULTI_OBJECTIVE`, `searches_space`, ...), are in `evomerge.optim.base`. A new
+optimizer is one module with an `Optimizer` subclass, registered by name::
+
+    register_optimizer("my_es", "mypackage.es:MyES")   # or the class itself
+
+after which an experiment's `optimizer: {name: my_es, ...}` uses it.
 """
 
 from __future__ import annotations
@@ -11,19 +17,42 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.optim.base import Candidate, Optimizer
-from evomerge.optim.cmaes import CMAES
-from evomerge.optim.m2n2 import M2N2, ArchivePort
-from evomerge.optim.optuna_study import OptunaSearch
-from evomerge.optim.simple import GridSearch, RandomSearch
 from evomerge.optim.state import load_state, save_state
+from evomerge.registry import Registry
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (CMAES, OptunaSearch, M2N2, RandomSearch, GridSearch)
-}
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", Optimizer, field="optimizer")
+OPTIMIZERS.register("cmaes", "evomerge.optim.cmaes:CMAES")
+OPTIMIZERS.register("grid", "evomerge.optim.simple:GridSearch")
+OPTIMIZERS.register("m2n2", "evomerge.optim.m2n2:M2N2")
+OPTIMIZERS.register("optuna", "evomerge.optim.optuna_study:OptunaSearch")
+OPTIMIZERS.register("random", "evomerge.optim.simple:RandomSearch")
+
+
+def register_optimizer(name: str, target: str | type[Optimizer], *, replace: bool = False) -> None:
+    """Make `name` an optimizer of experiments and `make_optimizer`: an `Optimizer` subclass or a
+    lazy `"package.module:Class"` (imported when first used)."""
+    OPTIMIZERS.register(name, target, replace=replace)
+
+
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The class registered as `name`; an unknown name is a ConfigError listing the valid ones."""
+    return OPTIMIZERS.get(name)
+
+
+def pareto_optimizers() -> list[str]:
+    """The registered optimizers that can search a Pareto front (`multi_objective: true`)."""
+    out = []
+    for name in OPTIMIZERS:
+        try:
+            if OPTIMIZERS.get(name).MULTI_OBJECTIVE:
+                out.append(name)
+        except ConfigError:  # a user entry that does not import is no help here
+            continue
+    return out
 
 
 def valid_options(name: str) -> list[str]:
-    cls = OPTIMIZERS[name]
+    cls = optimizer_class(name)
     return sorted({**cls.COMMON_OPTIONS, **cls.OPTIONS})
 
 
@@ -31,9 +60,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's options with their defaults, checked without building it (unknown
     optimizers and options, wrong types, out-of-range values: a one-line ConfigError whose field
     is `optimizer` or `optimizer.OPTION`)."""
-    cls = OPTIMIZERS.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown optimizer '{name}'; valid: {', '.join(sorted(OPTIMIZERS))}", field="optimizer")
+    cls = optimizer_class(name)
     try:
         return cls.check_options(options)
     except ConfigError as exc:
@@ -62,17 +89,19 @@ def make_optimizer(
         are refused (`check_options`).
     """
     check_options(name, options)
-    return OPTIMIZERS[name](dim=dim, bounds=bounds, x0=x0, seed=seed, objectives=objectives, **options)
+    return optimizer_class(name)(dim=dim, bounds=bounds, x0=x0, seed=seed, objectives=objectives, **options)
 
 
 __all__ = [
     "OPTIMIZERS",
-    "ArchivePort",
     "Candidate",
     "Optimizer",
     "check_options",
     "load_state",
     "make_optimizer",
+    "optimizer_class",
+    "pareto_optimizers",
+    "register_optimizer",
     "save_state",
     "valid_options",
 ]

@@ -110,7 +110,23 @@ class Optimizer(ABC):
         "max_evals": Option(None, "int", low=1),  # stop after this many candidates asked
         "max_seconds": Option(None, "number", low=0),  # stop after this much wall time (summed over resumes)
     }
+    # ---- capabilities: what the run reads instead of the optimizer's name ----
+    #: can search a Pareto front over every objective (`multi_objective: true`)
     MULTI_OBJECTIVE: ClassVar[bool] = False
+    #: learns from per-sample scores (`EvalResult.per_sample`), not only from the objectives
+    NEEDS_PER_SAMPLE: ClassVar[bool] = False
+
+    @classmethod
+    def searches_space(cls, options: dict[str, Any]) -> bool:
+        """Whether, with these options, candidates are genomes of a search space; False: they
+        carry their own recipes over whole models (M2N2 model mode) and the stage has no space."""
+        return True
+
+    @classmethod
+    def keeps_run_files(cls, options: dict[str, Any]) -> bool:
+        """Whether, with these options, it keeps files of its own under the stage's directory
+        (the run passes that directory as the option `run_dir`)."""
+        return False
 
     def __init__(
         self,
@@ -136,9 +152,10 @@ class Optimizer(ABC):
         opts = self.check_options(options)
         self.options = opts
         if opts["multi_objective"] and not self.MULTI_OBJECTIVE:
+            from evomerge.optim import pareto_optimizers  # the registry imports this module
+
             raise ConfigError(
-                f"optimizer '{self.name}' optimizes one objective; for a Pareto search use optuna "
-                f"(sampler nsgaii or tpe), random or grid",
+                f"optimizer '{self.name}' optimizes one objective; for a Pareto search use {', '.join(pareto_optimizers())}",
                 field="multi_objective",
             )
         self.objectives = Objectives.build(objectives, opts["objective"], opts["multi_objective"])

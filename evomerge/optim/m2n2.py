@@ -120,6 +120,11 @@ class M2N2(Optimizer):
         "tensor_names": Option(None, "list"),  # model mode: the members' tensor names in checkpoint order
         "archive_port": Option(None, "any"),  # model mode: object with persist(member_id, candidate)
     }
+    NEEDS_PER_SAMPLE = True
+
+    @classmethod
+    def searches_space(cls, options: dict[str, Any]) -> bool:
+        return options.get("mode", "genome") != "model"  # model mode: candidates carry recipes
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)

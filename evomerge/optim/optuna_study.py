@@ -83,6 +83,10 @@ class OptunaSearch(Optimizer):
     }
     MULTI_OBJECTIVE = True
 
+    @classmethod
+    def keeps_run_files(cls, options: dict[str, Any]) -> bool:
+        return options.get("storage") is None  # the study goes to RUN_DIR/optuna.db
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         import optuna

@@ -239,8 +239,8 @@ def experiment_stage_facts(experiment: Mapping[str, Any]) -> dict[str, dict[str,
         facts: dict[str, Any] = {}
         optimizer = stage.get("optimizer")
         space = stage.get("space")
-        if isinstance(optimizer, Mapping) and optimizer.get("name") == "m2n2" and optimizer.get("mode") == "model":
-            facts["space_kind"] = "m2n2"
+        if "space" in stage and space is None and isinstance(optimizer, Mapping):  # the optimizer's candidates carry recipes
+            facts["space_kind"] = str(optimizer.get("name"))
         elif isinstance(space, Mapping) and space.get("kind") in SPACE_KINDS:
             facts["space_kind"] = space["kind"]
         elif isinstance(space, str) and space.split("/")[-1].startswith(("ps_", "dfs", "weights")):

@@ -25,6 +25,9 @@ from evomerge.config import (
     resolve_experiment,
 )
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate import build_evaluator, evaluator_class
+from evomerge.evaluate.base import evaluator_directions
+from evomerge.evaluate.registry import resolve_spec
 from evomerge.evaluate.result import EvalResult
 from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
@@ -45,13 +48,9 @@ from evomerge.run.rundir import (
 )
 from evomerge.run.scheduler import Scheduler
 from evomerge.run.stages import (
-    SHARDABLE_KINDS,
     ArchivePort,
     StagePlan,
-    build_evaluator,
     decode_candidate,
-    directions_of,
-    evaluator_spec,
     make_stage_optimizer,
     run_best,
     score_holdout,
@@ -139,7 +138,7 @@ class Run:
         where = f"stages[{index}]"
         models, base = exp.stage_models(stage), exp.stage_base(stage)
         spec, evaluator, directions = self._evaluator(stage, where)
-        space, kind = None, "m2n2"
+        space, kind = None, stage.optimizer.name  # no space: the optimizer's candidates carry recipes
         if stage.space is not None:
             try:
                 space = build_space(stage.space, models=models, base=base, pool=pool, overrides=stage.space_overrides or None)
@@ -177,9 +176,9 @@ class Run:
         key = json.dumps([stage.evaluator, stage.evaluator_overrides], sort_keys=True, default=str)
         if key not in self._evaluators:
             try:
-                spec = evaluator_spec(stage.evaluator, stage.evaluator_overrides)
+                spec = resolve_spec(stage.evaluator, stage.evaluator_overrides)
                 evaluator = build_evaluator(spec)
-                directions = directions_of(evaluator)
+                directions = evaluator_directions(evaluator)
             except EvomergeError as exc:
                 field = f"{where}.evaluator" + (f".{exc.field}" if exc.field else "")
                 raise ConfigError(exc.message, file=exc.file or self.file, field=field) from None
@@ -421,7 +420,7 @@ class Run:
                 replay=replay,
                 failures_in_a_row=int(ckpt.get("failures_in_a_row", 0)),
                 last_error=ckpt.get("last_error"),
-                shardable=plan.evaluator_spec.get("kind") in SHARDABLE_KINDS,
+                shardable=evaluator_class(plan.evaluator_spec["kind"]).SHARDABLE,
                 progress=lambda done, note: bar.update(opt.n_told, plan.budget_evaluations, note),
             )
             reason = scheduler.run()

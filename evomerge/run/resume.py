@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evomerge.config import Experiment, apply_sets, parse_experiment, parse_sets
 from evomerge.errors import ConfigError
+from evomerge.run.rundir import experiment_data
 
 SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*"
 
@@ -59,7 +58,7 @@ def resume_changes(run_dir: Path, exp: Experiment, sets: list[str] | tuple[str, 
     finished run's last stage reopens. Raises ConfigError (file experiment.yaml, the field) for a
     change that may not be made."""
     file = str(run_dir / "experiment.yaml")
-    raw = yaml.safe_load(Path(file).read_text()) or {}
+    raw = experiment_data(run_dir)
     try:
         new = parse_experiment(apply_sets(raw, parse_sets(sets)), file=file)
     except ConfigError as exc:

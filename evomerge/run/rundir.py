@@ -22,11 +22,10 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
-
 from evomerge.config import Experiment, parse_experiment
 from evomerge.errors import ConfigError
 from evomerge.faults import os_fault
+from evomerge.resources import read_yaml
 
 EXPERIMENT_FILE = "experiment.yaml"
 LEDGER_FILE = "ledger.sqlite"
@@ -112,12 +111,11 @@ def experiment_data(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"not a run directory (no {EXPERIMENT_FILE})", file=str(run_dir))
     restore = "restore it from a copy (it is the experiment the run was started with)"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path)
     except OSError as exc:
         raise os_fault(exc, path) from None
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        what = " ".join(str(exc).split())
-        raise ConfigError(f"the run's experiment is damaged, not valid YAML ({type(exc).__name__}: {what}); {restore}", file=str(path)) from None
+    except ConfigError as exc:  # not text, not YAML
+        raise ConfigError(f"the run's experiment is damaged, {exc.message}; {restore}", file=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"the run's experiment is damaged: it holds a YAML {type(data).__name__}, not an experiment; {restore}", file=str(path))
     return data

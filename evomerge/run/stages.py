@@ -26,37 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.evaluate import evaluator_class
 from evomerge.merge.sources import SourcePool
-from evomerge.optim import make_optimizer
+from evomerge.optim import OPTIMIZERS, make_optimizer
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.recipe import Recipe
 from evomerge.run.jobs import WorkerPool
 from evomerge.run.ledger import LONG_GENOME, Ledger, LedgerRow
 from evomerge.run.scheduler import Evaluation, Scheduler
-
-SHARDABLE_KINDS = ("lm_eval", "classification")
-
-
-def evaluator_spec(ref: str | dict, overrides: dict | None = None) -> dict:
-    """The resolved evaluator spec mapping (what workers build their evaluator from)."""
-    from evomerge.evaluate.base import load_spec
-
-    data, _ = load_spec(ref, overrides or None)
-    return data
-
-
-def build_evaluator(spec: dict) -> Any:
-    from evomerge.evaluate import build_evaluator as build
-
-    return build(dict(spec))
-
-
-def directions_of(evaluator: Any) -> dict[str, bool]:
-    """objective -> higher_is_better, the primary objective first."""
-    getter = getattr(evaluator, "objective_directions", None)
-    if callable(getter):
-        return dict(getter())
-    return dict(evaluator.higher_is_better)
 
 
 def uses_subsamples(spec: Any) -> bool:
@@ -144,9 +121,16 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
         options["max_evals"] = plan.budget_evaluations
     if plan.budget_seconds is not None:
         options["max_seconds"] = plan.budget_seconds
-    if plan.optimizer_name == "optuna" and options.get("storage") is None and run_dir is not None:
+    where = f"stages[{plan.index}]"
+    optimizer = OPTIMIZERS.get(plan.optimizer_name, field=f"{where}.optimizer")
+    if optimizer.NEEDS_PER_SAMPLE and evaluator_class(plan.evaluator_spec.get("kind")).PER_SAMPLE is False:
+        raise ConfigError(
+            f"optimizer '{plan.optimizer_name}' learns from per-sample scores; evaluator kind '{plan.evaluator_spec['kind']}' reports none",
+            field=f"{where}.evaluator",
+        )
+    if run_dir is not None and optimizer.keeps_run_files(options):
         options.setdefault("run_dir", str(run_dir / "stages" / plan.name))
-    if plan.space_kind == "weights" and options.get("initial_models") is not None and options.get("mode", "genome") == "genome":
+    if plan.space_kind == "weights" and options.get("initial_models") is not None and optimizer.searches_space(options):
         from evomerge.run.weights import encode_model
 
         field = f"stages[{plan.index}].optimizer.initial_models"
@@ -159,7 +143,7 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
             options["initial"] = [encode_model(plan.space, pool.get(str(ref))) for ref in refs]
         except EvomergeError as exc:
             raise ConfigError(exc.message, file=exc.file, field=field) from None
-    if plan.space is None:  # m2n2 model mode
+    if plan.space is None:  # the optimizer's candidates carry recipes over the models (m2n2 model mode)
         options.setdefault("initial_models", list(plan.models))
         if options.get("tensor_names") is None:
             options["tensor_names"] = pool.get(plan.models[0]).names

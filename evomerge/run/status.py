@@ -30,8 +30,8 @@ from evomerge.run.stages import run_best, stage_best
 
 
 def _space_kind(stage: Any) -> str:
-    if stage.space is None:
-        return "m2n2"
+    if stage.space is None:  # the optimizer's candidates carry recipes (m2n2 model mode)
+        return stage.optimizer.name
     if isinstance(stage.space, dict):
         return str(stage.space.get("kind", "?"))
     try:

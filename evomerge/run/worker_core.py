@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluate import build_evaluator
+from evomerge.evaluate.base import evaluator_directions
 from evomerge.evaluate.result import EvalResult
 from evomerge.merge.engine import TORCH_DTYPES, MergePlan, merge_into, plan_merge, prepare_masks
 from evomerge.merge.sources import SourcePool
@@ -44,22 +46,10 @@ from evomerge.run.jobs import Job
 EvaluatorSpec = dict | str | Callable[[], Any]
 
 
-def build_evaluator(spec: EvaluatorSpec) -> Any:
-    """The evaluator for a resolved spec dict, name or path (`evomerge.evaluate.build_evaluator`); a callable
-    spec is a zero-argument factory (tests, benchmarks and embedding applications)."""
-    if callable(spec):
-        return spec()
-    from evomerge.evaluate import build_evaluator as build
-
-    return build(spec)
-
-
-def evaluator_directions(evaluator: Any) -> dict[str, bool]:
-    """objective -> higher is better, as far as the evaluator says before its first result."""
-    directions = getattr(evaluator, "objective_directions", None)
-    if callable(directions):
-        return dict(directions())
-    return dict(getattr(evaluator, "higher_is_better", None) or {})
+def evaluator_or_factory(spec: EvaluatorSpec) -> Any:
+    """The evaluator of a resolved spec dict, name or path (`evomerge.evaluate.build_evaluator`),
+    or what a zero-argument factory returns (tests, benchmarks and embedding applications)."""
+    return spec() if callable(spec) else build_evaluator(spec)
 
 
 def default_device() -> str:
@@ -71,7 +61,7 @@ class WorkerCore:
     """Materialize + evaluate, one job at a time, with sources and model kept resident.
 
     sources: ref -> local model directory. evaluator_spec: the resolved evaluator spec (or a
-    factory, see `build_evaluator`). dtype: the dtype the model is evaluated in (default: the
+    factory, see `evaluator_or_factory`). dtype: the dtype the model is evaluated in (default: the
     recipe's `out_dtype`/`dtype`, else float32). device: default `cuda` when available.
     tensors: optional ref -> {tensor name -> tensor} to use instead of reading the files.
     sparsifier: a `CachedSparsifier` (or subclass) to use; default a private one.
@@ -94,7 +84,7 @@ class WorkerCore:
         self.device = device or default_device()
         self.pool = SourcePool(allow_pickle=allow_pickle, resident=True)
         self.sparsifier = sparsifier if sparsifier is not None else CachedSparsifier()
-        self.evaluator = build_evaluator(evaluator_spec)
+        self.evaluator = evaluator_or_factory(evaluator_spec)
         self._directions = evaluator_directions(self.evaluator)
         self._model: torch.nn.Module | None = None
         self._model_key: str | None = None

@@ -1,0 +1,84 @@
+"""Name -> class tables whose entries are imported when first used (as lm-eval's registry and
+Optuna's samplers): the built-ins are `"module:Class"` strings, so listing the names or checking
+one imports nothing; a user adds their own from code (`register`), and a YAML `name:`/`kind:`
+resolves through the same table. An unknown name is one line listing the valid ones."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from evomerge.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """`what` names the entries in errors ("optimizer"); every class is a subclass of `base`;
+    `field` is where an unknown name is reported ("optimizer", "kind")."""
+
+    def __init__(self, what: str, base: type, *, field: str) -> None:
+        self.what = what
+        self.base = base
+        self.field = field
+        self._entries: dict[str, str | type[T]] = {}
+        self._loaded: dict[str, type[T]] = {}
+
+    def register(self, name: str, target: str | type[T], *, replace: bool = False) -> None:
+        """Add `name` -> a class or a lazy `"package.module:Class"`; a name taken by another entry
+        needs `replace=True`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.what} name is a non-empty string, got {name!r}")
+        if isinstance(target, str):
+            module, sep, attr = target.partition(":")
+            if not (sep and module and attr):
+                raise ValueError(f"{self.what} '{name}': '{target}' is not 'package.module:Class'")
+        elif not (isinstance(target, type) and issubclass(target, self.base)):
+            raise TypeError(f"{self.what} '{name}': {target!r} is not a subclass of {self.base.__name__}")
+        old = self._entries.get(name)
+        if old is not None and old != target and not replace:
+            raise ValueError(f"{self.what} '{name}' is already registered ({old}); pass replace=True to replace it")
+        self._entries[name] = target
+        self._loaded.pop(name, None)
+
+    def names(self) -> list[str]:
+        """The registered names, in registration order."""
+        return list(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def unknown(self, name: object) -> str:
+        """The one-line message for a name that is not registered."""
+        return f"unknown {self.what} '{name}'; valid: {', '.join(self._entries)}"
+
+    def get(self, name: str, *, file: str | None = None, field: str | None = None) -> type[T]:
+        """The class registered as `name` (imported on first use); a ConfigError listing the valid
+        names when there is none."""
+        entry = self._entries.get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise ConfigError(self.unknown(name), file=file, field=field or self.field)
+        if name in self._loaded:
+            return self._loaded[name]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(
+                    f"{self.what} '{name}' ({entry}) cannot be imported: {' '.join(f'{type(exc).__name__}: {exc}'.split())}",
+                    file=file,
+                    field=field or self.field,
+                ) from None
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise ConfigError(f"{self.what} '{name}' ({entry}) is not a subclass of {self.base.__name__}", file=file, field=field or self.field)
+            entry = cls
+        self._loaded[name] = entry
+        return entry
