@@ -87,6 +87,35 @@ def pool(ray_session, sources):
     pool.shutdown()
 
 
+# ---- what only these tests look at inside a worker (run there by Ray's __ray_call__) --------------
+
+
+def worker_pids(pool: RayWorkerPool) -> list[int]:
+    return [s["pid"] for s in pool.worker_stats()]
+
+
+def _source_views(worker, ref: str) -> dict:
+    """How a worker actor holds a source: whether its tensors view read-only shared memory, and
+    a checksum of its bytes (which reads every page of it)."""
+    arrays = worker._shared[ref]
+    return {
+        "nbytes": sum(int(a.nbytes) for a in arrays),
+        "shared_nbytes": sum(int(a.nbytes) for a in arrays if not a.flags.writeable and not a.flags.owndata),
+        "checksum": sum(int(a.sum(dtype="uint64")) for a in arrays),
+    }
+
+
+def _restart_meter(worker) -> None:
+    """Forget a worker actor's memory peaks so far (the base stays: it was taken after setup)."""
+    worker._meter.set_base(worker._meter.base)
+
+
+def restart_meters(pool: RayWorkerPool) -> None:
+    import ray
+
+    ray.get([actor.__ray_call__.remote(_restart_meter) for actor in pool.actors()])
+
+
 def _collect(pool: RayWorkerPool, n: int, timeout: float = 240.0) -> dict[str, JobOutcome]:
     outcomes: dict[str, JobOutcome] = {}
     deadline = time.monotonic() + timeout
@@ -175,7 +204,7 @@ def test_dead_workers_are_replaced_and_jobs_retried(pool, tmp_path):
     pool.submit(Job("after-2", recipe, "search", {"sleep": 0.5}))
     after = _collect(pool, 2)
     assert all(o.result.error is None for o in after.values())
-    assert killed not in pool.worker_pids() and pool.idle() == 2
+    assert killed not in worker_pids(pool) and pool.idle() == 2
 
 
 def test_jobs_held_behind_a_running_one_are_not_lost_when_its_worker_dies(pool, tmp_path):
@@ -207,7 +236,7 @@ def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path
     size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
     before = {s["pid"]: s for s in pool.worker_stats()}
     pool.add_source("stage:big", str(big))
-    views = ray_session.get([actor.source_views.remote("stage:big") for actor in pool.actors()])
+    views = ray_session.get([actor.__ray_call__.remote(_source_views, "stage:big") for actor in pool.actors()])
     after = {s["pid"]: s for s in pool.worker_stats()}
 
     assert len({v["checksum"] for v in views}) == 1  # both read the whole source, and the same bytes
@@ -223,7 +252,7 @@ def test_sources_are_shared_through_the_object_store(pool, ray_session, tmp_path
     recipe = Recipe.from_string(
         "merge_method: linear\nmodels:\n  - model: stage:big\n    parameters: {weight: 1.0}\ndtype: float32\n"
     )
-    pool.restart_meters()
+    restart_meters(pool)
     pool.submit(Job("big", recipe, "search"))
     outcome = _collect(pool, 1)["big"]
     assert outcome.result.error is None

@@ -292,20 +292,6 @@ class _WorkerActor:
             "sparsifier_own_tables": getattr(self.core.sparsifier, "own_tables", 0) if self.core else 0,
         }
 
-    def restart_meter(self) -> None:
-        """Forget the memory peaks so far (the base stays: it was taken after setup)."""
-        self._meter.set_base(self._meter.base)
-
-    def source_views(self, ref: str) -> dict:
-        """How a source is held here: whether its tensors view read-only shared memory, and a
-        checksum of its bytes (which reads every page of it)."""
-        arrays = self._shared[ref]
-        return {
-            "nbytes": sum(int(a.nbytes) for a in arrays),
-            "shared_nbytes": sum(int(a.nbytes) for a in arrays if not a.flags.writeable and not a.flags.owndata),
-            "checksum": sum(int(a.sum(dtype="uint64")) for a in arrays),
-        }
-
 
 # ---- the pool -----------------------------------------------------------------------------------------
 
@@ -494,15 +480,6 @@ class RayWorkerPool:
         import ray
 
         return ray.get([s.actor.stats.remote() for s in self._slots])
-
-    def restart_meters(self) -> None:
-        """Forget every worker's memory peaks so far (see `MemoryMeter`)."""
-        import ray
-
-        ray.get([s.actor.restart_meter.remote() for s in self._slots])
-
-    def worker_pids(self) -> list[int | None]:
-        return [s.pid for s in self._slots]
 
     def actors(self) -> list[Any]:
         return [s.actor for s in self._slots]
