@@ -108,8 +108,7 @@ def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
     """The best recipe of a run (of `stage`, default the last stage that has one), made portable
     (run-internal refs replaced by directories), and its search fitness."""
     from evomerge.recipe import Recipe
-    from evomerge.run.driver import portable_recipe
-    from evomerge.run.export import run_sources
+    from evomerge.run.export import portable_recipe, run_sources
     from evomerge.run.ledger import Ledger
     from evomerge.run.rundir import LEDGER_FILE, read_experiment
     from evomerge.run.stages import stage_best
@@ -349,8 +348,7 @@ def export_front(run_dir: Path) -> list[Path]:
     from evomerge.fsutil import atomic_write_text
     from evomerge.recipe import Recipe
     from evomerge.report.data import load_run
-    from evomerge.run.driver import portable_recipe
-    from evomerge.run.export import run_sources
+    from evomerge.run.export import portable_recipe, run_sources
 
     view = load_run(run_dir)
     pool = run_sources(run_dir)

@@ -34,7 +34,8 @@ from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
 from evomerge.recipe import Recipe
 from evomerge.resources import find_yaml
-from evomerge.run.checkpoint import load_checkpoint, save_checkpoint
+from evomerge.run.checkpoint import CheckpointPacer, load_checkpoint, save_checkpoint
+from evomerge.run.export import write_best, write_best_model
 from evomerge.run.jobs import WorkerPool
 from evomerge.run.ledger import Ledger, LedgerRow
 from evomerge.run.rundir import (
@@ -56,11 +57,7 @@ from evomerge.run.stages import (
     score_holdout,
     stage_best,
     uses_subsamples,
-    write_json,
 )
-
-CHECKPOINT_RATIO = 20  # see on_tell in Run._run_stage
-MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -388,22 +385,15 @@ class Run:
         def fitness(result: EvalResult) -> float | None:
             return opt.objectives.score(result)
 
-        clock = {"last": -float("inf"), "cost": 0.0}
+        pacer = CheckpointPacer()
 
         def on_tell(counters: dict) -> None:
-            # A checkpoint after every tell, unless writing it costs more than 1/CHECKPOINT_RATIO
-            # of the time since the last one (an M2N2 archive of 20 raw-weight genomes is MBs of
-            # state, an evaluation ms): then the next tells wait. Nothing is lost either way: a
-            # resume replays the ledger's rows after the checkpoint instead of evaluating them.
-            now = time.perf_counter()
-            if now - clock["last"] < CHECKPOINT_RATIO * clock["cost"]:
-                return
-            self._save(
-                ledger,
-                {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters},
+            pacer.maybe_write(
+                lambda: self._save(
+                    ledger,
+                    {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters},
+                )
             )
-            clock["last"] = time.perf_counter()
-            clock["cost"] = clock["last"] - now
 
         from evomerge.progress import Progress
 
@@ -517,18 +507,11 @@ class Run:
         scheduler.evaluate_all([t[-1] for t in todo])
         for i, stage, split, recipe, ev in todo:
             result = ev.result
-            score = None if result.failed else opt.objectives.score(result)
             ledger.append(
-                LedgerRow(
-                    seq=0, stage=stage, candidate_id=i, generation=-1, split=split, genome=None,
-                    recipe_hash=recipe.content_hash(), recipe_yaml=recipe.to_yaml(),
-                    objectives={k: float(v) for k, v in result.objectives.items()},
-                    higher_is_better=dict(result.higher_is_better),
-                    fitness=float("-inf") if score is None else float(score),
-                    per_sample={} if result.failed else {k: [float(x) for x in v] for k, v in result.per_sample.items()},
-                    worker=ev.worker, started=ev.started, finished=ev.finished,
-                    status="failed" if result.failed else "ok",
-                    error=(result.error or "non-finite objective") if result.failed else None,
+                LedgerRow.from_result(
+                    result, None if result.failed else opt.objectives.score(result),
+                    stage=stage, candidate_id=i, generation=-1, split=split, recipe_hash=recipe.content_hash(),
+                    recipe_yaml=recipe.to_yaml(), worker=ev.worker, started=ev.started, finished=ev.finished,
                 )
             )  # fmt: skip
 
@@ -544,157 +527,6 @@ def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerP
     from evomerge.run.workers import RayWorkerPool
 
     return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
-
-
-# ---- best/ -------------------------------------------------------------------------------------
-
-
-def _flat_scores(best: dict[str, Any]) -> dict[str, float]:
-    scores = {f"search/{k}": float(v) for k, v in (best.get("search") or {}).items()}
-    scores.update({f"holdout/{k}": float(v) for k, v in (best.get("holdout") or {}).items()})
-    return scores
-
-
-def portable_recipe(recipe: Recipe, pool: SourcePool) -> Recipe:
-    """The recipe with run-internal references (`stage:`, `archive:`, `zoo:`) replaced by the
-    local directories they stand for, so `mergekit-yaml` can run it; the original names are
-    kept in the `evomerge.sources` block."""
-    names: dict[str, str] = {}
-    for ref in recipe.model_refs():
-        if ref.startswith(MODEL_REF_PREFIXES):
-            names[ref] = str(pool.resolve(ref))
-
-    def swap(value: Any) -> Any:
-        if isinstance(value, str):
-            return names.get(value, value)
-        if isinstance(value, list):
-            return [swap(v) for v in value]
-        if isinstance(value, dict):
-            return {k: (v if k == "evomerge" else swap(v)) for k, v in value.items()}
-        return value
-
-    data = swap(recipe.to_dict())
-    out = Recipe.parse(data)
-    return out.with_evomerge(sources={path: ref for ref, path in names.items()}) if names else out
-
-
-def best_tensors(best: dict[str, Any], pool: SourcePool) -> tuple[Path, dict[str, Any]] | None:
-    """A weights-space best: (its template's directory, its tensors, rebuilt from the genome its
-    ledger row keeps); None for a merge recipe."""
-    from evomerge.run.weights import (
-        GENOME_PREFIX,
-        is_weights_recipe,
-        template_of,
-        tensors_digest,
-        tensors_from_genome,
-    )
-
-    recipe = Recipe.from_string(best["recipe_yaml"])
-    if not is_weights_recipe(recipe):
-        return None
-    if best.get("genome") is None:
-        raise ConfigError(f"the ledger row of candidate {best['candidate_id']} keeps no genome; its weights are lost", field="genome")
-    source = pool.get(template_of(recipe))
-    tensors = tensors_from_genome(best["genome"], source)
-    if GENOME_PREFIX + tensors_digest(tensors) != recipe.model_refs()[0]:
-        raise ConfigError(f"the genome of candidate {best['candidate_id']} does not rebuild the weights it scored (template '{template_of(recipe)}' changed?)", field="genome")
-    return source.path, tensors
-
-
-def write_best_model(
-    best: dict[str, Any], pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "", force: bool = False
-) -> Path:
-    """The best's model as a directory: the merge written by the engine (of `recipe`, default
-    the best's own), or for a weights-space best its evolved tensors beside the template's
-    config.json; the README (model card) says which, with the scores and, in `card_extra`, how
-    the best was chosen. An existing `out` is treated as `evomerge.modeldir` says (`force`)."""
-    weights = best_tensors(best, pool)
-    if weights is not None:
-        from evomerge.run.weights import write_weights_model
-
-        template_dir, tensors = weights
-        return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra, force=force)
-    from evomerge.merge.writer import write_model
-
-    recipe = recipe or Recipe.from_string(best["recipe_yaml"])
-    return write_model(recipe, pool, out, scores=_flat_scores(best), card_extra=card_extra, force=force)
-
-
-def weights_card(best: dict[str, Any], template_dir: Path) -> str:
-    """Model card of a weights-space best: evolved raw weights, not a merge of sources."""
-    recipe = Recipe.from_string(best["recipe_yaml"])
-    block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
-    config = json.loads((Path(template_dir) / "config.json").read_text())
-    arch = config.get("architecture") or ", ".join(config.get("architectures") or []) or config.get("model_type", "?")
-    if config.get("architecture") == "DigitsMLP":
-        load = "`evomerge.zoo.digits.DigitsMLP.from_pretrained(DIR)` (a plain torch MLP, not a transformers model)"
-    else:
-        load = "`transformers.AutoModel.from_pretrained(DIR)`"
-    lines = [
-        "---",
-        "tags: [evomerge, evolved-weights]",
-        "---",
-        f"# Evolved {arch} (raw weights, not a merge)",
-        "",
-        f"Made by evomerge from a `weights` search space: the genome is this model's {block.get('genes', '?')} raw",
-        f"parameters, evolved by {best.get('optimizer') or 'the stage optimizer'} in the architecture of",
-        f"the template model `{block.get('template', '?')}` (its `config.json` is copied here; its weights are not used",
-        "unless the experiment started from them). Nothing here was trained by gradient descent during the search.",
-        "",
-        f"Load it with {load}.",
-        "",
-        f"- stage: `{best['stage']}`, candidate {best['candidate_id']}, generation {best.get('generation')}",
-        f"- weights id: `{recipe.model_refs()[0]}` (sha256 of the tensors)",
-    ]
-    scores = _flat_scores(best)
-    if scores:
-        lines += ["", "## Scores", "", "| split / objective | score |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
-    return "\n".join(lines) + "\n"
-
-
-def selection_note(best: dict[str, Any]) -> str:
-    """The model card's section on which candidate this is and why."""
-    holdout = "-" if best.get("holdout_score") is None else f"{best['holdout_score']:.4f}"
-    lines = [
-        "",
-        "## Selection",
-        "",
-        f"Stage `{best['stage']}`, candidate {best['candidate_id']}: search fitness {best['score']:.4f}, holdout {holdout}.",
-    ]
-    if best.get("selection"):
-        lines.append(f"Chosen as {best['selection']}.")
-    return "\n".join(lines) + "\n"
-
-
-def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
-    """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far.
-    A weights-space best is also written to `best/model/` (its recipe is a passthrough of that
-    directory: the weights exist nowhere else)."""
-    run_dir = Path(run_dir)
-    recipe = Recipe.from_string(best["recipe_yaml"])
-    weights = best_tensors(best, pool)
-    if weights is not None:
-        model_dir = write_best_model(best, pool, run_dir / "best" / "model", card_extra=selection_note(best))
-        block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
-        recipe = Recipe.parse({"merge_method": "passthrough", "models": [{"model": str(model_dir)}]}).with_evomerge(
-            weights=block, sources={str(model_dir): recipe.model_refs()[0]}
-        )
-    else:
-        recipe = portable_recipe(recipe, pool)
-    exp = read_experiment(run_dir)
-    recipe = recipe.with_evomerge(
-        run={"name": exp.name, "seed": exp.seed, "dir": str(run_dir.resolve())},
-        stage=best["stage"],
-        candidate_id=best["candidate_id"],
-        recipe_hash=best["recipe_hash"],
-        scores={"search": best["search"], "holdout": best["holdout"]},
-        **({"selection": best["selection"]} if best.get("selection") else {}),
-        **({"lineage": best["lineage"]} if best.get("lineage") else {}),
-    )
-    atomic_write_text(run_dir / "best" / "recipe.yaml", recipe.to_yaml())
-    write_json(run_dir / "best" / "scores.json", {k: v for k, v in best.items() if k not in ("recipe_yaml", "genome")})
-    return recipe
 
 
 def _reopen_budget(opt: Any) -> None:

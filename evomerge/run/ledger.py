@@ -45,12 +45,15 @@ import math
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.faults import sqlite_fault
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.result import EvalResult
 
 SCHEMA_VERSION = 1
 BASELINE_PREFIX = "baseline:"
@@ -106,6 +109,50 @@ class LedgerRow:
     error: str | None
     subset: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_result(
+        cls,
+        result: EvalResult,
+        fitness: float | None,
+        *,
+        stage: str,
+        candidate_id: int,
+        generation: int,
+        split: str,
+        recipe_hash: str,
+        recipe_yaml: str,
+        worker: str,
+        started: float,
+        finished: float,
+        genome: list[float] | None = None,
+        subset: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> LedgerRow:
+        """The row of one evaluation's `result`, scored `fitness` (None: failed, the row's fitness
+        is -inf); `seq` is given by `Ledger.append`."""
+        failed = result.failed
+        return cls(
+            seq=0,
+            stage=stage,
+            candidate_id=candidate_id,
+            generation=generation,
+            split=split,
+            genome=genome,
+            recipe_hash=recipe_hash,
+            recipe_yaml=recipe_yaml,
+            objectives={k: float(v) for k, v in result.objectives.items()},
+            higher_is_better=dict(result.higher_is_better),
+            fitness=-math.inf if fitness is None else float(fitness),
+            per_sample={} if failed else {k: np.asarray(v, dtype=float).tolist() for k, v in result.per_sample.items()},
+            worker=worker,
+            started=started,
+            finished=finished,
+            status="failed" if failed else "ok",
+            error=(result.error or "non-finite objective") if failed else None,
+            subset=subset,
+            meta=dict(meta or {}),
+        )
 
     @property
     def ok(self) -> bool:

@@ -23,7 +23,6 @@ Rules (DESIGN.md, "Scheduler"), and how they are kept:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -222,7 +221,6 @@ class Scheduler:
 
     def _row(self, p: Pending, result: EvalResult) -> LedgerRow:
         ev = p.evaluation
-        score = None if result.failed else self.fitness(result)
         meta: dict[str, Any] = {}
         if result.doc_ids:
             meta["doc_ids"] = result.doc_ids
@@ -232,8 +230,9 @@ class Scheduler:
             meta["parents"] = list(p.cand.parents)
         if ev.reused_from is not None:
             meta["reused_from"] = ev.reused_from
-        return LedgerRow(
-            seq=0,
+        return LedgerRow.from_result(
+            result,
+            None if result.failed else self.fitness(result),
             stage=self.stage,
             candidate_id=p.cand.id,
             generation=p.cand.generation,
@@ -241,15 +240,9 @@ class Scheduler:
             genome=None if p.cand.genome is None else np.asarray(p.cand.genome, dtype=np.float64).ravel().tolist(),
             recipe_hash=p.recipe_hash,
             recipe_yaml=p.recipe.to_yaml() if p.recipe is not None else "",
-            objectives={k: float(v) for k, v in result.objectives.items()},
-            higher_is_better=dict(result.higher_is_better),
-            fitness=-math.inf if score is None else float(score),
-            per_sample={} if result.failed else {k: np.asarray(v, dtype=float).tolist() for k, v in result.per_sample.items()},
             worker=ev.worker,
             started=ev.started,
             finished=ev.finished,
-            status="failed" if result.failed else "ok",
-            error=(result.error or "non-finite objective") if result.failed else None,
             subset=p.subset_key,
             meta=meta,
         )

@@ -20,7 +20,6 @@ last stage with a result is taken, and the best says so (`selection`).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,11 +211,11 @@ def score_holdout(
     for row, ev in todo:
         result = ev.result
         assert result is not None
-        score = None if result.failed else fitness(result)
         written.append(
             ledger.append(
-                LedgerRow(
-                    seq=0,
+                LedgerRow.from_result(
+                    result,
+                    None if result.failed else fitness(result),
                     stage=plan.name,
                     candidate_id=row.candidate_id,
                     generation=row.generation,
@@ -224,15 +223,9 @@ def score_holdout(
                     genome=row.genome if row.genome is None or len(row.genome) <= LONG_GENOME else None,
                     recipe_hash=row.recipe_hash,
                     recipe_yaml=row.recipe_yaml,
-                    objectives={k: float(v) for k, v in result.objectives.items()},
-                    higher_is_better=dict(result.higher_is_better),
-                    fitness=-math.inf if score is None else float(score),
-                    per_sample={} if result.failed else {k: [float(x) for x in v] for k, v in result.per_sample.items()},
                     worker=ev.worker,
                     started=ev.started,
                     finished=ev.finished,
-                    status="failed" if result.failed else "ok",
-                    error=(result.error or "non-finite objective") if result.failed else None,
                     meta={"doc_ids": result.doc_ids} if result.doc_ids else {},
                 )
             )
