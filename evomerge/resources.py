@@ -1,12 +1,14 @@
 """Built-in YAML instances (search spaces, evaluators, experiments) looked up by name.
 
-They live in the repository's top-level folders; an installed wheel carries them under
-`<prefix>/share/evomerge/`. A name is a file stem (`ps_ties`), a path is used as given.
+They ship inside the package, in `evomerge/_builtin/` (found with `importlib.resources`, so from
+any working directory, editable install or wheel); the repository's top-level folders are their
+source. A name is a file stem (`ps_ties`), a path is used as given: a path first, then the
+built-ins.
 """
 
 from __future__ import annotations
 
-import sys
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,9 @@ KINDS = ("search_spaces", "evaluators", "experiments")
 
 
 def builtin_dir(kind: str) -> Path:
-    repo = Path(__file__).resolve().parents[1] / kind
-    if repo.is_dir():
-        return repo
-    return Path(sys.prefix) / "share" / "evomerge" / kind
+    """The folder of built-in `kind` files inside the installed package (pip installs a wheel
+    unpacked, so it is a real folder that lm-eval can read task folders from)."""
+    return Path(str(files("evomerge._builtin") / kind))
 
 
 def builtin_names(kind: str) -> list[str]:
