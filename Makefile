@@ -9,7 +9,7 @@ TORCH_CPU := torch==2.13.0
 # venv of its own (never a dependency of evomerge): mergekit==0.1.5 over the CPU torch.
 MERGEKIT_VENV := .venv-mergekit
 
-.PHONY: install mergekit run test lint bench clean
+.PHONY: install mergekit run test wheel-check lint bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ run: install
 test: install mergekit
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "chromium not installed (apt-get failed): the report page test will skip"
 	EVOMERGE_MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(PY) -m pytest -q tests
+
+# The wheel as a user gets it: built from this checkout, installed (not editable) into a fresh
+# venv and run from outside the repository on the test zoo (.ci/wheel-check; about a minute).
+wheel-check: install
+	PY=$(PY) .ci/wheel-check
 
 lint: install
 	$(VENV)/bin/ruff check evomerge tests experiments
