@@ -5,7 +5,7 @@ chunk scratch (`Workspace`), `BoundMethod` (a kernel bound to its declaration) a
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -148,18 +148,16 @@ class BoundMethod:
 
     # parameter access with defaults and clear errors
     def _model_value(self, values: Mapping[str, Any], spec: ParamSpec, index: int) -> Any:
+        return self._value(values, spec, lambda: f"'{spec.name}' ({spec.doc}) for model #{index}")
+
+    def _global_value(self, params: Mapping[str, Any], spec: ParamSpec) -> Any:
+        return self._value(params, spec, lambda: f"parameter '{spec.name}' ({spec.doc})")
+
+    def _value(self, values: Mapping[str, Any] | None, spec: ParamSpec, what: Callable[[], str]) -> Any:
         value = values.get(spec.name) if values is not None else None
         if value is None:
             if spec.required:
-                raise ValueError(f"merge method '{self.name}' needs '{spec.name}' ({spec.doc}) for model #{index}")
-            return spec.default
-        return value
-
-    def _global_value(self, params: Mapping[str, Any], spec: ParamSpec) -> Any:
-        value = params.get(spec.name) if params is not None else None
-        if value is None:
-            if spec.required:
-                raise ValueError(f"merge method '{self.name}' needs parameter '{spec.name}' ({spec.doc})")
+                raise ValueError(f"merge method '{self.name}' needs {what()}")
             return spec.default
         return value
 
