@@ -40,17 +40,6 @@ def decode_array(data: dict | None) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(data["shape"])
 
 
-def rng_state(rng: np.random.Generator) -> dict:
-    """The exact state of a numpy Generator (JSON-able: big ints stay Python ints)."""
-    return rng.bit_generator.state
-
-
-def rng_from_state(state: dict) -> np.random.Generator:
-    bit_generator = getattr(np.random, state["bit_generator"])()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
-
-
 def library_version(library: str) -> str:
     try:
         return importlib.metadata.version(library)
