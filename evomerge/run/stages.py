@@ -67,17 +67,6 @@ class StagePlan:
     def budget(self) -> int | None:
         return self.budget_evaluations
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "space_kind": self.space_kind,
-            "models": self.models,
-            "base": self.base,
-            "objectives": [{"name": k, "higher_is_better": v} for k, v in self.directions.items()],
-            "optimizer": self.optimizer_name,
-            "budget": {"evaluations": self.budget_evaluations, "seconds": self.budget_seconds},
-        }
-
 
 class ArchivePort:
     """M2N2 model mode: a member entering the archive is materialized to disk and registered."""
