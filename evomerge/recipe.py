@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from evomerge.errors import ConfigError, schema_error
 from evomerge.merge.specs import ParamSpec, find_spec, unknown_method
+from evomerge.resources import read_yaml
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -114,8 +115,6 @@ class Recipe(_Strict):
         path = Path(path)
         if not path.is_file():
             raise ConfigError("recipe file does not exist", file=str(path))
-        from evomerge.resources import read_yaml
-
         return cls.parse(read_yaml(path) or {}, file=str(path))
 
     @classmethod

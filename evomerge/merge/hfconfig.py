@@ -41,6 +41,7 @@ FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 def causal_lm_architecture(model_type: str) -> str | None:
     """transformers' causal-LM class for `model_type` (e.g. "llama" -> "LlamaForCausalLM");
     None when transformers maps it to none."""
+    # imported when asked: transformers takes seconds to import
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)

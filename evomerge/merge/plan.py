@@ -71,7 +71,7 @@ class MergePlan:
 def _torch_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    import torch
+    import torch  # only when a torch dtype is asked for: planning itself needs no torch
 
     return getattr(torch, name)
 

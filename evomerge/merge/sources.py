@@ -151,6 +151,7 @@ class Source:
     def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
+            # here: safe_open(framework='pt') loads torch; only once a tensor is read
             from safetensors import safe_open
 
             handle = self._handles[file] = safe_open(str(file), framework="pt")
@@ -229,6 +230,7 @@ def resolve_model_ref(
     if aliases and ref in aliases:
         return aliases[ref]
     if ref.startswith("zoo:"):
+        # here: the zoo's builders import torch; only for zoo: references
         from evomerge.zoo import resolve_zoo_ref
 
         return resolve_zoo_ref(ref[len("zoo:"):])
@@ -247,7 +249,7 @@ def resolve_model_ref(
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # slow to import: only for Hub ids
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
@@ -360,7 +362,7 @@ def _load_pickle(ref: str, file: Path) -> dict[str, torch.Tensor]:
     the pre-1.6 format (which cannot be mapped)."""
     import zipfile
 
-    import torch
+    import torch  # pickles only: safetensors sources are read without torch where possible
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # dtype name (torch's without "torch.", numpy's) -> safetensors code, and back
 DTYPE_CODES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -122,12 +124,10 @@ def dtype_name(array: Any) -> str:
 def raw_bytes(array: Any) -> memoryview:
     """The bytes of a tensor or array in C order, without a copy when it is contiguous."""
     if hasattr(array, "detach"):  # torch: go through a uint8 view (numpy has no bfloat16)
-        import torch
+        import torch  # only for torch tensors: the numpy executor's writes never import it
 
         array = array.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     else:
-        import numpy as np
-
         array = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     return memoryview(array)
 
