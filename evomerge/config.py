@@ -113,7 +113,7 @@ class StageSpec(_Strict):
     def searches_space(self) -> bool:
         """Whether the stage's optimizer searches a space (not: M2N2 in model mode, whose
         candidates carry recipes); an unknown optimizer is named by `check_experiment`."""
-        if self.optimizer.name not in OPTIMIZERS:
+        if not OPTIMIZERS.find(self.optimizer.name):
             return True
         return OPTIMIZERS.get(self.optimizer.name).searches_space(self.optimizer.options)
 

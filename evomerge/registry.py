@@ -1,12 +1,16 @@
 """Name -> class tables whose entries are imported when first used (as lm-eval's registry and
 Optuna's samplers): the built-ins are `"module:Class"` strings, so listing the names or checking
 one imports nothing; a user adds their own from code (`register`), and a YAML `name:`/`kind:`
-resolves through the same table. An unknown name is one line listing the valid ones."""
+resolves through the same table. An unknown name is one line listing the valid ones.
+
+A name not registered yet first makes the registry call its `on_miss` (the plugin loader,
+`evomerge.merge.specs.load_plugins`: the modules of ``EVOMERGE_PLUGINS`` and the entry points),
+so a plugin module that registers its classes at import serves the CLI and every worker."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from evomerge.errors import ConfigError
@@ -16,12 +20,14 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """`what` names the entries in errors ("optimizer"); every class is a subclass of `base`;
-    `field` is where an unknown name is reported ("optimizer", "kind")."""
+    `field` is where an unknown name is reported ("optimizer", "kind"); `on_miss` is called once
+    per unknown name before it is refused (it may register more)."""
 
-    def __init__(self, what: str, base: type, *, field: str) -> None:
+    def __init__(self, what: str, base: type, *, field: str, on_miss: Callable[[], None] | None = None) -> None:
         self.what = what
         self.base = base
         self.field = field
+        self.on_miss = on_miss
         self._entries: dict[str, str | type[T]] = {}
         self._loaded: dict[str, type[T]] = {}
 
@@ -59,12 +65,18 @@ class Registry(Generic[T]):
         """The one-line message for a name that is not registered."""
         return f"unknown {self.what} '{name}'; valid: {', '.join(self._entries)}"
 
+    def find(self, name: str) -> bool:
+        """Whether `name` is registered, after the plugins are loaded when it is not."""
+        if isinstance(name, str) and name not in self._entries and self.on_miss is not None:
+            self.on_miss()
+        return name in self._entries
+
     def get(self, name: str, *, file: str | None = None, field: str | None = None) -> type[T]:
         """The class registered as `name` (imported on first use); a ConfigError listing the valid
         names when there is none."""
-        entry = self._entries.get(name) if isinstance(name, str) else None
-        if entry is None:
+        if not self.find(name):
             raise ConfigError(self.unknown(name), file=file, field=field or self.field)
+        entry = self._entries[name]
         if name in self._loaded:
             return self._loaded[name]
         if isinstance(entry, str):

@@ -4,6 +4,7 @@ and evaluator kind, registered from code, run a tiny in-process experiment."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,32 @@ def test_a_user_registered_optimizer_and_evaluator_run_in_process(llama_family: 
         assert info.value.field == "stages[0].evaluator" and not (tmp_path / "m").exists()
     finally:
         register_evaluator("test_logits", LogitEvaluator, replace=True)
+
+
+def test_a_plugin_registers_an_optimizer_and_an_evaluator_kind_for_the_cli(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """`evomerge run --local` in a fresh process: the names are unknown until EVOMERGE_PLUGINS's
+    module registers them; an unknown optimizer still lists the valid ones, plugins included."""
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(
+        "from evomerge.evaluate import register_evaluator\n"
+        "from evomerge.optim import register_optimizer\n"
+        "register_optimizer('test_sweep', 'tests.test_registry:Sweep')\n"
+        "register_evaluator('test_logits', 'tests.test_registry:LogitEvaluator')\n"
+    )
+    exp = experiment(llama_family)
+    exp["stages"][0].update(optimizer={"name": "test_sweep", "batch": 2}, evaluator={"kind": "test_logits"}, budget={"evaluations": 4})
+    file = write_exp(tmp_path / "e.yaml", exp)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(out: str, *sets: str, plugins: str = str(plugin)) -> subprocess.CompletedProcess:
+        env = {**os.environ, "EVOMERGE_PLUGINS": plugins}
+        args = [sys.executable, "-m", "evomerge.cli", "run", str(file), "--local", "--out", str(tmp_path / out)]
+        return subprocess.run([*args, *(f"--set={s}" for s in sets)], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+    done = run("run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(rows(tmp_path / "run", split="search")) == 4
+    refused = run("bad", "stages.ps.optimizer.name=bayes")
+    assert refused.returncode == 2 and "unknown optimizer 'bayes'; valid: cmaes, grid, m2n2, optuna, random, test_sweep" in refused.stderr
+    unplugged = run("none", plugins="")
+    assert unplugged.returncode == 2 and "unknown optimizer 'test_sweep'; valid: cmaes, grid, m2n2, optuna, random" in unplugged.stderr

@@ -4,6 +4,9 @@ checking a spec of another kind never imports lm-eval or torch). A new kind is o
 `Evaluator` subclass (its `spec_model` and capabilities), registered by name::
 
     register_evaluator("my_kind", "mypackage.scoring:MyEvaluator")   # or the class itself
+
+(from the CLI and on Ray workers too when the registering module is a plugin:
+``EVOMERGE_PLUGINS=mypackage.scoring``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pydantic import ValidationError
 from evomerge.errors import ConfigError, schema_error
 from evomerge.evaluate.base import Evaluator, SpecModel
 from evomerge.faults import os_fault
+from evomerge.merge.specs import load_plugins
 from evomerge.registry import Registry
 from evomerge.resources import find_yaml, read_yaml
 
-EVALUATORS: Registry[Evaluator] = Registry("evaluator kind", Evaluator, field="kind")
+EVALUATORS: Registry[Evaluator] = Registry("evaluator kind", Evaluator, field="kind", on_miss=load_plugins)
 EVALUATORS.register("lm_eval", "evomerge.evaluate.lmeval:LmEvalEvaluator")
 EVALUATORS.register("classification", "evomerge.evaluate.classification:ClassificationEvaluator")
 EVALUATORS.register("python", "evomerge.evaluate.pyfunc:PythonEvaluator")

@@ -6,7 +6,8 @@ optimizer is one module with an `Optimizer` subclass, registered by name::
 
     register_optimizer("my_es", "mypackage.es:MyES")   # or the class itself
 
-after which an experiment's `optimizer: {name: my_es, ...}` uses it.
+after which an experiment's `optimizer: {name: my_es, ...}` uses it (from the CLI and on Ray
+workers too when the registering module is a plugin: ``EVOMERGE_PLUGINS=mypackage.es``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
+from evomerge.merge.specs import load_plugins
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.optim.state import load_state, save_state
 from evomerge.registry import Registry
 
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", Optimizer, field="optimizer")
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", Optimizer, field="optimizer", on_miss=load_plugins)
 OPTIMIZERS.register("cmaes", "evomerge.optim.cmaes:CMAES")
 OPTIMIZERS.register("grid", "evomerge.optim.simple:GridSearch")
 OPTIMIZERS.register("m2n2", "evomerge.optim.m2n2:M2N2")
