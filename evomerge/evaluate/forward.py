@@ -7,7 +7,7 @@ the answer of a request is ``(sum of the log-softmax of its continuation tokens,
 continuation token is the argmax)``. It differs only in how the work is arranged, which is
 what makes it cheaper than HFLM per candidate:
 
-- a :class:`Plan` (unique inputs sorted longest first, padded batches, gather indices) is built
+- a :class:`BatchPlan` (unique inputs sorted longest first, padded batches, gather indices) is built
   once per set of requests and reused for every candidate;
 - identical inputs are run once (HFLM does this only for one-token continuations);
 - the log-softmax is taken only at the continuation positions, not over the whole sequence,
@@ -43,26 +43,26 @@ class _Batch:
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     """Batches for a fixed list of requests (built once, run for every candidate)."""
 
     n_requests: int
     batches: list[_Batch]
     n_tokens: int  # input tokens actually run (after de-duplication), padding excluded
 
-    def to(self, device: torch.device) -> Plan:
+    def to(self, device: torch.device) -> BatchPlan:
         if all(b.input_ids.device == device for b in self.batches):
             return self
         moved = [
             _Batch(*(getattr(b, f).to(device) for f in _Batch.__dataclass_fields__))
             for b in self.batches
         ]
-        return Plan(self.n_requests, moved, self.n_tokens)
+        return BatchPlan(self.n_requests, moved, self.n_tokens)
 
 
 def make_plan(
     requests: list[TokenRequest], *, max_length: int, batch_size: int = 64, max_batch_tokens: int | None = None
-) -> Plan:
+) -> BatchPlan:
     """Group requests into padded batches of unique inputs, longest first."""
     unique: dict[tuple[int, ...], int] = {}
     inputs: list[tuple[int, ...]] = []
@@ -104,7 +104,7 @@ def make_plan(
         batches.append(
             _Batch(ids, *(torch.tensor(v, dtype=torch.long) for v in (rows, positions, keep, kept, targets, owner)))
         )
-    return Plan(len(requests), batches, sum(len(x) for x in inputs))
+    return BatchPlan(len(requests), batches, sum(len(x) for x in inputs))
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -116,7 +116,7 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def run_plan(model: torch.nn.Module, plan: Plan, *, keep_logits: bool | None = None) -> tuple[list[float], list[bool]]:
+def run_plan(model: torch.nn.Module, plan: BatchPlan, *, keep_logits: bool | None = None) -> tuple[list[float], list[bool]]:
     """(loglikelihood, is_greedy) of every request of the plan, in request order.
 
     keep_logits: compute the output head only at scored positions (default: when supported).
@@ -143,7 +143,7 @@ def run_plan(model: torch.nn.Module, plan: Plan, *, keep_logits: bool | None = N
 
 
 @torch.inference_mode()
-def run_bare(model: torch.nn.Module, plan: Plan) -> None:
+def run_bare(model: torch.nn.Module, plan: BatchPlan) -> None:
     """Only the model's forward passes over the plan's batches (the benchmark's baseline)."""
     device = next(model.parameters()).device
     for batch in plan.to(device).batches:

@@ -26,7 +26,7 @@ Preparation (once, at build time): the TaskManager (cached per process), the tas
 their datasets, every document's prompt and requests (lm-eval's own `fewshot_context` and
 `construct_requests`, few-shot sampler seeded like `simple_evaluate`). On the first `evaluate`
 with a tokenizer: the requests are tokenized exactly as lm-eval's HFLM does (its own
-`tok_encode`/`_encode_pair`). Per subset of documents: the padded batches (`forward.Plan`).
+`tok_encode`/`_encode_pair`). Per subset of documents: the padded batches (`forward.BatchPlan`).
 Per candidate: forward passes, then lm-eval's filters, `process_results` and aggregation.
 
 Fast path: `loglikelihood` and `multiple_choice` tasks (all their requests are loglikelihood
@@ -54,7 +54,7 @@ from pydantic import Field
 
 from evomerge.errors import ConfigError
 from evomerge.evaluate.base import Evaluator, SpecModel, Split, SubsampleSpec, resolve_objectives
-from evomerge.evaluate.forward import Plan, make_plan, run_plan
+from evomerge.evaluate.forward import BatchPlan, make_plan, run_plan
 from evomerge.evaluate.lmeval_tasks import find_manager, load_task
 from evomerge.evaluate.result import EvalResult, weighted_objectives
 from evomerge.evaluate.subset import Subset, select, shard_slice
@@ -160,7 +160,7 @@ class LmEvalEvaluator(Evaluator):
             file=file,
         )
         self._tokenized: dict[int, tuple[Any, dict[int, tuple[list[int], list[int]]]]] = {}
-        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
 
     # ------------------------------------------------------------------ preparation
     def _include_paths(self) -> tuple[str, ...]:
@@ -373,7 +373,7 @@ class LmEvalEvaluator(Evaluator):
         self._tokenized = {id(tokenizer): (tokenizer, table)}  # one tokenizer per worker: keep the latest
         return table
 
-    def _plan(self, key: tuple, requests: list[tuple[list[int], list[int]]], max_length: int) -> Plan:
+    def _plan(self, key: tuple, requests: list[tuple[list[int], list[int]]], max_length: int) -> BatchPlan:
         plan = self._plans.get(key)
         if plan is None:
             plan = make_plan(requests, max_length=max_length, batch_size=self.spec.batch_size, max_batch_tokens=self.spec.max_batch_tokens)
