@@ -21,6 +21,7 @@ import yaml
 from evomerge.errors import EvomergeError
 from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
+from evomerge.resources import read_yaml
 from evomerge.run.ledger import BASELINE_PREFIX
 from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, is_run_dir
 
@@ -304,13 +305,12 @@ def _run_status(run_dir: Path, notes: list[str]) -> dict:
 
 
 def _read_yaml(path: Path, notes: list[str]) -> dict:
-    text = _read_text(path)
-    if text is None:
-        return {}
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        notes.append(f"{path.name} is not valid YAML ({type(exc).__name__})")
+        data = read_yaml(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return {}
+    except EvomergeError as exc:  # not text or not YAML: the report goes on without it
+        notes.append(f"{path.name}: {exc.message}")
         return {}
     return data if isinstance(data, dict) else {}
 
