@@ -140,6 +140,35 @@ def test_the_registries_import_no_optimizer_or_evaluator_until_used() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_evaluate_has_no_import_cycle() -> None:
+    """Within evomerge/evaluate: base imports no evaluator kind, and the imports form no cycle
+    (a module importing the package itself depends on its __init__)."""
+    import ast
+
+    import evomerge.evaluate
+
+    folder = Path(evomerge.evaluate.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for file in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name == "evomerge.evaluate" or name.startswith("evomerge.evaluate."):
+                    deps.add(name.split(".")[2] if name.count(".") >= 2 else "__init__")
+        graph[file.stem] = deps - {file.stem}
+    assert graph["base"] <= {"result", "subset"}
+    assert "base" in graph["registry"] and not graph["registry"] & {"lmeval", "classification", "pyfunc"}
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        for dep in graph.get(node, ()):
+            visit(dep, (*path, node))
+
+    for module in graph:
+        visit(module, ())
+
+
 def test_capabilities_are_declared_by_the_classes() -> None:
     assert optimizer_class("m2n2").searches_space({"mode": "model"}) is False
     assert optimizer_class("m2n2").searches_space({}) and optimizer_class("cmaes").searches_space({"mode": "model"})
