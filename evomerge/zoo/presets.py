@@ -36,74 +36,8 @@ LM presets (``tiny``, ``test``) train a base, then experts from it:
   skill is. The layout is a design choice for the merge searches that use the zoo, not a
   property the searches are told about.
 
-Measured on ``tiny`` (zoo code version 5; ``python -m evomerge.zoo.merges --preset tiny``,
-2026-11-23; 1900 training steps in all): experts 0.955/0.995/1.00 on their own skill and at or
-below base level on the others (0.01-0.13); each with only its own layers' delta
-0.927/0.973/0.985; all three merged: task arithmetic lambda 1 -> 0.21/0.455/0.70 (mean 0.46),
-lambda 0.5 -> 0.02/0.40/0.585 (0.34), TIES 0.5 -> 0.11/0.635/0.70 (0.48), DARE-TIES 0.5 ->
-0.05/0.08/0.16 (0.10); layer-wise composite -> 0.90/0.968/0.99 (0.953), i.e. 94%/97%/99% of the
-experts (pairs: add + reverse 0.925/0.973, add + sort 0.92/0.978, reverse + sort 0.973/0.99).
-Version 5 differs from version 4 in the reverse and sort experts only: each expert's skill
-phase now follows the previous expert's skill phase, not its drift phase (the gradients left
-on frozen parameters, which gradient clipping counts, are the skill phase's), so the drift
-phases can run beside the next training (see :func:`evomerge.zoo.build.build_lm`); the base
-and addition are bit for bit version 4's. Version 4 measured: task arithmetic lambda 1 ->
-0.14/0.49/0.60 (0.41), lambda 0.5 -> 0.02/0.42/0.59 (0.34), TIES 0.5 -> 0.11/0.64/0.73 (0.49),
-DARE-TIES 0.5 -> 0.05/0.05/0.08 (0.06), the composite the same. Build time (``evomerge zoo
-build --preset tiny``, the 2 cores otherwise idle): version 5 278-322 s wall (344-399 CPU s) in four builds
-(machine noise: the same work took up to 16% more CPU in the slowest); version 4, every
-step in one process one after another, 330 s wall / 325 CPU s (version 3 took 1950 steps). In
-version 4's making: the zoo as first changed (32 distillation documents per step, sort
-150 steps) built in 342 s against version 3's 321 s when both were built side by side on the
-2 cores (+7%); this preset (16 documents, sort 100 steps) built in 324 s against version 3's
-333 s, side by side the same way (-3%), with tensors identical to the cached build's.
-
-Why version 3 kept only 85% of reverse in the composite (probing its experts with scratch
-composites, one expert's layers at a time): the reverse expert scored 0.9875 whole but 0.925
-with only its own layers (its drift helped it), and adding the add expert's layers 0-1 cost
-it another 7 points (0.855: it had learned reverse on the base's layers 0-1, and addition's
-distillation, weight 3 on replayed documents, left reverse's prompts' hidden states changed);
-sort's layers cost it nothing (0.925). Addition lost 2 points to sort's layers and 5.5 to
-reverse's and sort's together (0.9275 -> 0.8725). Tried, each retraining reverse and sort
-from the same base and add expert (composite add/reverse/sort):
-distillation on 32 real documents per step and the whole batch's cross-entropy once more with
-the earlier layers in: 0.825/0.9225/0.9925 (reverse fixed, but sort's layers now cost
-addition 10 points; reverse's phase twice as slow); half the batch with the earlier layers in
-and the logit term (weight 3) for reverse too: 0.9225/0.8275/0.995 (addition fixed; reverse's
-own layers reached only 0.84, the expert 0.98 through its drift); no logit term for reverse,
-400 steps: 0.9175/0.9775/0.9975 (96%/98%/100%; TIES 0.48, task arithmetic lambda 1 0.32),
-but 150 training steps more than version 3; reverse 350 and sort 150 steps (the same step
-count as version 3): 0.905/0.97/0.995 (95%/98%/99.5%; evolved PS 87.8/93.8/99.1 over seeds
-0-2, 92%/95%/99% of the experts); the same with 16 distillation documents per step and sort
-100 steps (this preset, to save build time): 0.90/0.968/0.99.
-
-Before (zoo code version 3: reverse and sort 250 steps each, distilled on the replayed
-documents only, their cross-entropy on the base's layers only), with addition's skill phase at
-750 steps (``python -m evomerge.zoo.merges --preset tiny``, 2026-11-23; 357 s wall / 328 CPU s while the test suite ran beside it on the 2
-cores): experts 0.955/0.99/1.00 on their own skill; all three merged: task arithmetic lambda 1
--> 0.15/0.36/0.65 (mean 0.38), lambda 0.5 -> 0.03/0.42/0.45 (0.30), TIES 0.5 ->
-0.12/0.55/0.75 (0.47), DARE-TIES 0.5 -> 0.05/0.06/0.24 (0.12); layer-wise composite ->
-0.87/0.84/0.98 (0.90), i.e. 91%/85%/98% of the experts. Reverse + sort alone compose to
-0.93/0.995.
-
-The same with addition at 500 steps (holdout exact match, 400 documents per skill; built in
-247 CPU seconds, one thread):
-base 0.01/0.12/0.11 on add/reverse/sort; experts 0.86/0.99/1.00 on their own skill and at
-base level on the others (addition learns least with its layers this constrained; with
-``preserve`` 1 instead of 3 it reached 0.92, but the composite below composed worse). Each
-expert with only its own layers' delta: 0.80/0.93/1.00. Merging all three: task arithmetic
-lambda 1 -> 0.15/0.28/0.43 (mean 0.29), lambda 0.5 -> 0.03/0.39/0.40 (0.27), TIES density
-0.5 -> 0.11/0.49/0.79 (0.46), DARE-TIES density 0.5 -> 0.06/0.07/0.19 (0.10); the layer-wise
-composite (each expert weight 1 on its own layers, 0 elsewhere) -> 0.74/0.82/0.96 (0.84),
-i.e. 86%/83%/96% of the experts: the ceiling of a layer-wise search here is about 85% of
-each expert, short of 90%. Pairs compose better (reverse + sort: 0.93/0.995). Earlier
-designs, measured the same way: reverse and sort distilled with weight 3 like addition (not 10),
-composite 0.70/0.83/0.91; distillation against the plain base only (no earlier experts
-swapped in), composite 0.50/0.79/0.85; no distillation, 0.50/0.32/0.27 (no better than task
-arithmetic); a 0.05-0.15 learning-rate spill-over instead of the drift phase, each expert
-needed its spill-over (own layers alone: add 0.48-0.76, reverse 0.40); experts trained side
-by side with each other's layers switched on at random, composite 0.52/0.33/0.40; addition
-in the top layers (4-5) did not learn (0.08).
+What the experts and the hand-set merges score on ``tiny`` (``python -m evomerge.zoo.merges
+--preset tiny``), and the designs tried before this one: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
