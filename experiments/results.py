@@ -48,7 +48,7 @@ GOAL_MARGIN = 0.10
 GOAL_KEEP = 0.90
 # add_rev: a merge "beats" the sources only by more than this (2 points = 8 of 400 documents)
 COMPOSITION_NOISE = 0.02
-# natural_niches (JAX reference, seed 42) measured on these machines, see ../shared/DESIGN.md
+# natural_niches (the JAX reference code, seed 42), measured on these machines when the project was designed
 REFERENCE = {
     "scratch": {"test_acc": 0.8667, "passes": 50_000, "seconds": 591.0},
     "pretrained": {"test_acc": 0.6889, "passes": 10_000, "seconds": 99.0},

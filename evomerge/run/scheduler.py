@@ -1,6 +1,7 @@
 """The scheduler: ask, evaluate on the worker pool, write the ledger, tell, checkpoint.
 
-Rules (DESIGN.md, "Scheduler"), and how they are kept:
+The rules (the project's design: every worker busy, the same run whatever order workers finish
+in, nothing lost to a kill, no recipe evaluated twice, failures told), and how they are kept:
 
 - *Every worker busy.* Up to `depth` candidates (default: twice the pool's size, so a slow
   candidate at the head of the tell order does not leave the other workers without work) are
