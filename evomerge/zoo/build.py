@@ -92,8 +92,8 @@ def build_lm(preset: LMPreset, out: Path, progress: Progress, *, parallel: bool 
     """Train the base and the experts into ``out/<name>/``; returns the manifest's measured part.
 
     Each expert's drift phase trains a copy of the model as its skill phase left it, and the
-    next expert's skill phase follows the skill phase, not the drift (since zoo code version 5;
-    the model's leftover gradients, which gradient clipping counts, are the skill phase's). So
+    next expert's skill phase follows the skill phase, not the drift (the model's leftover
+    gradients, which gradient clipping counts, are the skill phase's). So
     the drift phases, like saving and scoring, feed no later training, and with `parallel`
     (where this process can fork: a POSIX system, no other thread running) they run in forked
     processes beside it, as do making the batches and the task-arithmetic figures. A forked
