@@ -49,3 +49,14 @@ def test_the_core_imports_no_zoo_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_classification_evaluator_takes_its_data_from_its_spec() -> None:
+    """No zoo default in the core: the digits data is named by evaluators/digits.yaml."""
+    from evomerge.errors import ConfigError
+    from evomerge.evaluate import build_evaluator
+
+    with pytest.raises(ConfigError, match="no data") as info:
+        build_evaluator({"kind": "classification"})
+    assert info.value.field == "data"
+    assert build_evaluator("digits").spec.data == "evomerge.zoo.digits:load_split"
