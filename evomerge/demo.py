@@ -30,8 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoModelForCausalLM
+
+from evomerge.config import load_experiment
 from evomerge.fsutil import atomic_write_text
+from evomerge.merge.sources import SourcePool
+from evomerge.merge.writer import write_model
 from evomerge.recipe import Recipe
+from evomerge.report import write_report
+from evomerge.resources import find_yaml
+from evomerge.run.driver import resume_run, start_run
+from evomerge.run.export import export_run
+from evomerge.run.ledger import Ledger
+from evomerge.run.rundir import LEDGER_FILE, is_run_dir, read_experiment
+from evomerge.run.stages import stage_best
+from evomerge.zoo import PRESETS, build_zoo
+from evomerge.zoo.build import holdout_accuracy
 
 DEFAULT_OUT = Path("runs/demo")
 EXPERIMENT = "tiny_ps_dfs"
@@ -61,10 +75,6 @@ def run_table(run_dir: str | Path, sources: Sequence[str] = ()) -> list[TableRow
     """Rows of the results table from a run's ledger: the models named in `sources` (scored by a
     baseline of that name, i.e. a one-model passthrough recipe), the other baselines (hand-set
     merges), then each stage's best by search fitness with its holdout scores."""
-    from evomerge.run.ledger import Ledger
-    from evomerge.run.rundir import LEDGER_FILE, read_experiment
-    from evomerge.run.stages import stage_best
-
     run_dir = Path(run_dir)
     exp = read_experiment(run_dir)
     rows: list[TableRow] = []
@@ -132,14 +142,6 @@ def run_demo_search(
     `local` are for tests and quick looks (``--set`` overrides, in-process workers).
     Returns the paths, the table rows and the wall time in seconds.
     """
-    from evomerge.config import load_experiment
-    from evomerge.report import write_report
-    from evomerge.resources import find_yaml
-    from evomerge.run.driver import resume_run, start_run
-    from evomerge.run.export import export_run
-    from evomerge.run.rundir import is_run_dir
-    from evomerge.zoo import PRESETS, build_zoo
-
     start = time.perf_counter()
     out = Path(out) if out is not None else DEFAULT_OUT
     run_dir = out / "run"
@@ -206,13 +208,6 @@ def run_merge_only(
 
     `preset` exists for the tests (``test`` builds in seconds); the demo is ``tiny``.
     """
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.merge.sources import SourcePool
-    from evomerge.merge.writer import write_model
-    from evomerge.zoo import build_zoo
-    from evomerge.zoo.build import holdout_accuracy
-
     out = Path(out) if out is not None else DEFAULT_OUT
     zoo_dir = build_zoo(preset, progress=echo)
     recipe = demo_recipe(zoo_dir)

@@ -69,7 +69,7 @@ def build_model(config: Mapping[str, Any]) -> torch.nn.Module:
     model = registered_model(config)
     if model is not None:
         return model
-    import transformers
+    import transformers  # here: a registered kind's model needs none of transformers' import time
     from transformers.initialization import no_init_weights
 
     hf_config = transformers.AutoConfig.for_model(**config)

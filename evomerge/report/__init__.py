@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.fsutil import atomic_write
+from evomerge.report import plots
 from evomerge.report.data import (
     EXPERIMENT_FILE,
     LEDGER_FILE,
@@ -31,6 +32,7 @@ from evomerge.report.data import (
     short_ref,
 )
 from evomerge.report.html import Image, Section, render_page
+from evomerge.run.integrity import check_run_files
 
 __all__ = ["NotARunError", "write_report", "render_report"]
 
@@ -45,8 +47,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     no run, and a one-line error naming the file when the run is damaged (unreadable experiment,
     checkpoint or ledger, a ledger that lost rows: `evomerge.run.integrity.check_run_files`), before
     anything is written."""
-    from evomerge.run.integrity import check_run_files
-
     path = Path(run_dir)
     if path.is_dir() and any((path / name).exists() for name in (EXPERIMENT_FILE, LEDGER_FILE)):
         check_run_files(run_dir)  # a run with a damaged file says which; load_run says what a run directory is
@@ -56,8 +56,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
 
 def render_report(view: RunView, out_dir: Path) -> Path:
     """Draw the plots of `view` into `out_dir` and write index.html there (last)."""
-    from evomerge.report import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
 

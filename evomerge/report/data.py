@@ -22,7 +22,7 @@ from evomerge.errors import EvomergeError
 from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
 from evomerge.resources import read_yaml
-from evomerge.run.ledger import BASELINE_PREFIX
+from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, is_run_dir
 
 SPACE_KINDS = ("ps", "dfs", "weights", "m2n2")
@@ -282,8 +282,6 @@ def _merge_baselines(first: list[Baseline], second: list[Baseline]) -> list[Base
 
 
 def _read_ledger(path: Path) -> tuple[list[Any], list[str]]:
-    from evomerge.run.ledger import Ledger
-
     try:
         with Ledger.open(path, readonly=True) as ledger:
             return ledger.rows(), ledger.stages()
@@ -295,7 +293,7 @@ def _run_status(run_dir: Path, notes: list[str]) -> dict:
     """The run's status facts; a run that is being written may not give all of them."""
     if not (run_dir / LEDGER_FILE).is_file():
         return {}
-    try:
+    try:  # imported here: a run whose status cannot be computed still gets a report
         from evomerge.run.status import run_status
 
         return dict(run_status(run_dir))

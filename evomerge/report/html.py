@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -98,8 +99,6 @@ def render_page(view: RunView, sections: Sequence[Section]) -> str:
 
 
 def _json(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, sort_keys=False, default=str)
 
 
