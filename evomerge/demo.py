@@ -98,9 +98,9 @@ def run_table(run_dir: str | Path, sources: Sequence[str] = ()) -> list[TableRow
                     TableRow(
                         "evolved",
                         f"{exp.name}:{stage.name}",
-                        search=dict(best["search"] or {}),
-                        holdout=dict(best["holdout"] or {}),
-                        recipe_yaml=best["recipe_yaml"],
+                        search=dict(best.search),
+                        holdout=dict(best.holdout or {}),
+                        recipe_yaml=best.recipe_yaml,
                     )
                 )
     return rows

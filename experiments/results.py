@@ -119,8 +119,8 @@ def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
         for name in names:
             best = stage_best(ledger, name)
             if best is not None:
-                recipe = portable_recipe(Recipe.from_string(best["recipe_yaml"]), run_sources(run_dir))
-                return recipe, float(best["score"])
+                recipe = portable_recipe(Recipe.from_string(best.recipe_yaml), run_sources(run_dir))
+                return recipe, float(best.score)
     raise SystemExit(f"{run_dir}: no successful evaluation to take a best from")
 
 

@@ -481,9 +481,9 @@ def test_run_best_takes_the_best_stage_only_when_the_stages_share_the_evaluator(
         same = [SimpleNamespace(name=n, evaluator={"kind": "x"}, evaluator_overrides={}) for n in ("ps", "dfs")]
         best = run_best(same, ledger)
         # over both stages; the tie at 0.6 goes to the earlier stage
-        assert (best["stage"], best["candidate_id"], best["holdout_score"]) == ("ps", 1, 0.55)
-        assert "over stages 'ps', 'dfs'" in best["selection"]
+        assert (best.stage, best.candidate_id, best.holdout_score) == ("ps", 1, 0.55)
+        assert "over stages 'ps', 'dfs'" in best.selection
         other = [same[0], SimpleNamespace(name="dfs", evaluator={"kind": "y"}, evaluator_overrides={})]
         best = run_best(other, ledger)
-        assert (best["stage"], best["candidate_id"]) == ("dfs", 1) and "evaluators differ" in best["selection"]
-        assert run_best(same[:1], ledger)["stage"] == "ps"
+        assert (best.stage, best.candidate_id) == ("dfs", 1) and "evaluators differ" in best.selection
+        assert run_best(same[:1], ledger).stage == "ps"

@@ -225,6 +225,16 @@ class Optimizer(ABC):
         """Candidates asked and not yet told, in ask order."""
         return [self._in_flight[i] for i in sorted(self._in_flight)]
 
+    def reopen(self) -> bool:
+        """Go on after its budget was raised (`evomerge resume --set`): a stop on an evaluation or
+        time budget that is no longer spent is lifted. Returns whether it was."""
+        reason = self._stop_reason or ""
+        spent = reason.startswith("evaluation budget spent") and (self.max_evals is None or self.n_asked < self.max_evals)
+        timed = reason.startswith("time budget spent") and (self.max_seconds is None or self._elapsed < self.max_seconds)
+        if spent or timed:
+            self._stop_reason = None
+        return spent or timed
+
     @property
     def stopped(self) -> str | None:
         """Why the optimizer will propose nothing more, or None while it goes on."""

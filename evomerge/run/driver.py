@@ -50,6 +50,7 @@ from evomerge.run.rundir import (
 from evomerge.run.scheduler import Scheduler
 from evomerge.run.stages import (
     ArchivePort,
+    Best,
     StagePlan,
     decode_candidate,
     make_stage_optimizer,
@@ -217,7 +218,7 @@ class Run:
             raise exc.located(file=self.file, field=field) from None
 
     # ---- execution ----------------------------------------------------------------------
-    def execute(self, *, rebuild: bool = False) -> dict[str, Any] | None:
+    def execute(self, *, rebuild: bool = False) -> Best | None:
         """Run (or carry on) every stage; returns the run's best (see `stage_best`). `rebuild`:
         first re-create the rows the ledger lost (see `rebuild_state`). Ctrl-C raises
         RunInterrupted, a file fault (disk full, permissions) one line naming the file; both say
@@ -236,7 +237,7 @@ class Run:
         """Hold the run's lock while it executes (`evomerge.run.rundir.acquire_lock`)."""
         return acquire_lock(self.run_dir)
 
-    def _execute(self, rebuild: bool = False) -> dict[str, Any] | None:
+    def _execute(self, rebuild: bool = False) -> Best | None:
         ckpt = self._readable_checkpoint() if rebuild else load_checkpoint(self.run_dir)
         ledger = Ledger.open(self.run_dir / LEDGER_FILE)
         try:
@@ -348,7 +349,7 @@ class Run:
             self._pool.shutdown()
             self._pool = self._pool_key = None
 
-    def _run_stage(self, index: int, ledger: Ledger, ckpt: dict, state: dict) -> dict[str, Any] | None:
+    def _run_stage(self, index: int, ledger: Ledger, ckpt: dict, state: dict) -> Best | None:
         stage = self.exp.stages[index]
         plan = self.plan(index, self.sources)
         _, evaluator, _ = self._evaluator(stage, f"stages[{index}]")
@@ -371,7 +372,7 @@ class Run:
         if ckpt.get("optimizer") is not None:
             opt.load_state_dict(ckpt["optimizer"])
             after = int(ckpt.get("ledger_seq", 0))
-            _reopen_budget(opt)
+            opt.reopen()  # a budget raised by `resume --set` lets a stopped search go on
         replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after)}
         ledger.cursor = after  # checkpoints count what has been told: rows after it are replayed
         subsampled = uses_subsamples(plan.evaluator_spec)
@@ -427,21 +428,21 @@ class Run:
 
             raise RunStopped(f"stage '{stage.name}' has no successful evaluation, and a later stage uses stage:{stage.name}")
         was = state["stage_bests"].get(stage.name)
-        now = None if best is None else best["recipe_hash"]
+        now = None if best is None else best.recipe_hash
         if was is not None and was != now:
             self._check_later_rows(index, ledger, was, now)
         state["stage_bests"][stage.name] = now
         if best is not None:
             self._finish_stage(index, best, pool, ledger)
-            holdout = "-" if best["holdout_score"] is None else f"{best['holdout_score']:.4f}"
-            self.echo(f"stage {stage.name}: best search {best['score']:.4f}, holdout {holdout} (candidate {best['candidate_id']})")
+            holdout = "-" if best.holdout_score is None else f"{best.holdout_score:.4f}"
+            self.echo(f"stage {stage.name}: best search {best.score:.4f}, holdout {holdout} (candidate {best.candidate_id})")
         state["stages_done"].append(stage.name)
         if index == len(self.exp.stages) - 1:  # kept so that `resume --set` can raise its budget
             state["final_optimizer"] = {"stage": stage.name, "state": opt.state_dict()}
         self._save(ledger, {**state, "stage": None, "ledger_seq": ledger.last_seq()})
         return best
 
-    def _finish_stage(self, index: int, best: dict[str, Any], pool: WorkerPool, ledger: Ledger) -> None:
+    def _finish_stage(self, index: int, best: Best, pool: WorkerPool, ledger: Ledger) -> None:
         name = self.exp.stages[index].name
         later = self.exp.stages[index + 1 :]
         needed = any(f"stage:{name}" in self._refs(s) for s in later)
@@ -527,16 +528,6 @@ def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerP
     from evomerge.run.workers import RayWorkerPool
 
     return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
-
-
-def _reopen_budget(opt: Any) -> None:
-    """After a resume whose budget was raised (`resume --set`), an optimizer that had stopped on
-    its old budget goes on."""
-    reason = opt._stop_reason or ""
-    spent = reason.startswith("evaluation budget spent") and (opt.max_evals is None or opt.n_asked < opt.max_evals)
-    timed = reason.startswith("time budget spent") and (opt.max_seconds is None or opt._elapsed < opt.max_seconds)
-    if spent or timed:
-        opt._stop_reason = None
 
 
 # ---- entry points ------------------------------------------------------------------------------

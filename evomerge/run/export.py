@@ -39,7 +39,7 @@ from evomerge.run.rundir import (
     is_run_dir,
     read_experiment,
 )
-from evomerge.run.stages import run_best, write_json
+from evomerge.run.stages import Best, run_best, write_json
 
 MODEL_REF_PREFIXES = ("stage:", "archive:", "zoo:")
 
@@ -74,7 +74,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: boo
         raise ConfigError("the run has no successful evaluation yet; nothing to export", file=str(run_dir))
     pool = run_sources(run_dir, exp.allow_pickle)
     # archive ids are per stage: the best's own stage wins
-    for member in sorted(RunDir(run_dir).archive(best["stage"]).glob("*")):
+    for member in sorted(RunDir(run_dir).archive(best.stage).glob("*")):
         if member.name.isdigit():
             pool.register(f"archive:{member.name}", member)
     recipe = write_best(run_dir, best, pool)
@@ -101,9 +101,9 @@ def check_out_outside_run(out: Path, run_dir: Path) -> None:
 # ---- best/ and model cards ---------------------------------------------------------------------
 
 
-def _flat_scores(best: dict[str, Any]) -> dict[str, float]:
-    scores = {f"search/{k}": float(v) for k, v in (best.get("search") or {}).items()}
-    scores.update({f"holdout/{k}": float(v) for k, v in (best.get("holdout") or {}).items()})
+def _flat_scores(best: Best) -> dict[str, float]:
+    scores = {f"search/{k}": float(v) for k, v in best.search.items()}
+    scores.update({f"holdout/{k}": float(v) for k, v in (best.holdout or {}).items()})
     return scores
 
 
@@ -130,7 +130,7 @@ def portable_recipe(recipe: Recipe, pool: SourcePool) -> Recipe:
     return out.with_evomerge(sources={path: ref for ref, path in names.items()}) if names else out
 
 
-def best_tensors(best: dict[str, Any], pool: SourcePool) -> tuple[Path, dict[str, Any]] | None:
+def best_tensors(best: Best, pool: SourcePool) -> tuple[Path, dict[str, Any]] | None:
     """A weights-space best: (its template's directory, its tensors, rebuilt from the genome its
     ledger row keeps); None for a merge recipe."""
     from evomerge.run.weights import (
@@ -141,20 +141,20 @@ def best_tensors(best: dict[str, Any], pool: SourcePool) -> tuple[Path, dict[str
         tensors_from_genome,
     )
 
-    recipe = Recipe.from_string(best["recipe_yaml"])
+    recipe = Recipe.from_string(best.recipe_yaml)
     if not is_weights_recipe(recipe):
         return None
-    if best.get("genome") is None:
-        raise ConfigError(f"the ledger row of candidate {best['candidate_id']} keeps no genome; its weights are lost", field="genome")
+    if best.genome is None:
+        raise ConfigError(f"the ledger row of candidate {best.candidate_id} keeps no genome; its weights are lost", field="genome")
     source = pool.get(template_of(recipe))
-    tensors = tensors_from_genome(best["genome"], source)
+    tensors = tensors_from_genome(best.genome, source)
     if GENOME_PREFIX + tensors_digest(tensors) != recipe.model_refs()[0]:
-        raise ConfigError(f"the genome of candidate {best['candidate_id']} does not rebuild the weights it scored (template '{template_of(recipe)}' changed?)", field="genome")
+        raise ConfigError(f"the genome of candidate {best.candidate_id} does not rebuild the weights it scored (template '{template_of(recipe)}' changed?)", field="genome")
     return source.path, tensors
 
 
 def write_best_model(
-    best: dict[str, Any], pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "", force: bool = False
+    best: Best, pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "", force: bool = False
 ) -> Path:
     """The best's model as a directory: the merge written by the engine (of `recipe`, default
     the best's own), or for a weights-space best its evolved tensors beside the template's
@@ -168,13 +168,13 @@ def write_best_model(
         return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra, force=force)
     from evomerge.merge.writer import write_model
 
-    recipe = recipe or Recipe.from_string(best["recipe_yaml"])
+    recipe = recipe or Recipe.from_string(best.recipe_yaml)
     return write_model(recipe, pool, out, scores=_flat_scores(best), card_extra=card_extra, force=force)
 
 
-def weights_card(best: dict[str, Any], template_dir: Path) -> str:
+def weights_card(best: Best, template_dir: Path) -> str:
     """Model card of a weights-space best: evolved raw weights, not a merge of sources."""
-    recipe = Recipe.from_string(best["recipe_yaml"])
+    recipe = Recipe.from_string(best.recipe_yaml)
     block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
     config = json.loads((Path(template_dir) / "config.json").read_text())
     arch = config.get("architecture") or ", ".join(config.get("architectures") or []) or config.get("model_type", "?")
@@ -189,13 +189,13 @@ def weights_card(best: dict[str, Any], template_dir: Path) -> str:
         f"# Evolved {arch} (raw weights, not a merge)",
         "",
         f"Made by evomerge from a `weights` search space: the genome is this model's {block.get('genes', '?')} raw",
-        f"parameters, evolved by {best.get('optimizer') or 'the stage optimizer'} in the architecture of",
+        f"parameters, evolved by {best.optimizer or 'the stage optimizer'} in the architecture of",
         f"the template model `{block.get('template', '?')}` (its `config.json` is copied here; its weights are not used",
         "unless the experiment started from them). Nothing here was trained by gradient descent during the search.",
         "",
         f"Load it with {load}.",
         "",
-        f"- stage: `{best['stage']}`, candidate {best['candidate_id']}, generation {best.get('generation')}",
+        f"- stage: `{best.stage}`, candidate {best.candidate_id}, generation {best.generation}",
         f"- weights id: `{recipe.model_refs()[0]}` (sha256 of the tensors)",
     ]
     scores = _flat_scores(best)
@@ -205,26 +205,26 @@ def weights_card(best: dict[str, Any], template_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selection_note(best: dict[str, Any]) -> str:
+def selection_note(best: Best) -> str:
     """The model card's section on which candidate this is and why."""
-    holdout = "-" if best.get("holdout_score") is None else f"{best['holdout_score']:.4f}"
+    holdout = "-" if best.holdout_score is None else f"{best.holdout_score:.4f}"
     lines = [
         "",
         "## Selection",
         "",
-        f"Stage `{best['stage']}`, candidate {best['candidate_id']}: search fitness {best['score']:.4f}, holdout {holdout}.",
+        f"Stage `{best.stage}`, candidate {best.candidate_id}: search fitness {best.score:.4f}, holdout {holdout}.",
     ]
-    if best.get("selection"):
-        lines.append(f"Chosen as {best['selection']}.")
+    if best.selection:
+        lines.append(f"Chosen as {best.selection}.")
     return "\n".join(lines) + "\n"
 
 
-def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
+def write_best(run_dir: Path, best: Best, pool: SourcePool) -> Recipe:
     """`best/recipe.yaml` (a mergekit config) and `best/scores.json` for the run's best so far.
     A weights-space best is also written to `best/model/` (its recipe is a passthrough of that
     directory: the weights exist nowhere else)."""
     run_dir = Path(run_dir)
-    recipe = Recipe.from_string(best["recipe_yaml"])
+    recipe = Recipe.from_string(best.recipe_yaml)
     weights = best_tensors(best, pool)
     if weights is not None:
         model_dir = write_best_model(best, pool, RunDir(run_dir).best / "model", card_extra=selection_note(best))
@@ -237,13 +237,13 @@ def write_best(run_dir: Path, best: dict[str, Any], pool: SourcePool) -> Recipe:
     exp = read_experiment(run_dir)
     recipe = recipe.with_evomerge(
         run={"name": exp.name, "seed": exp.seed, "dir": str(run_dir.resolve())},
-        stage=best["stage"],
-        candidate_id=best["candidate_id"],
-        recipe_hash=best["recipe_hash"],
-        scores={"search": best["search"], "holdout": best["holdout"]},
-        **({"selection": best["selection"]} if best.get("selection") else {}),
-        **({"lineage": best["lineage"]} if best.get("lineage") else {}),
+        stage=best.stage,
+        candidate_id=best.candidate_id,
+        recipe_hash=best.recipe_hash,
+        scores={"search": best.search, "holdout": best.holdout},
+        **({"selection": best.selection} if best.selection else {}),
+        **({"lineage": best.lineage} if best.lineage else {}),
     )
     atomic_write_text(RunDir(run_dir).best / "recipe.yaml", recipe.to_yaml())
-    write_json(RunDir(run_dir).best / "scores.json", {k: v for k, v in best.items() if k not in ("recipe_yaml", "genome")})
+    write_json(RunDir(run_dir).best / "scores.json", best.scores())
     return recipe

@@ -7,8 +7,9 @@ that died three times) come back as outcomes whose `result.error` is set.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from evomerge.evaluate.result import EvalResult
 from evomerge.recipe import Recipe
@@ -17,15 +18,40 @@ from evomerge.recipe import Recipe
 MAX_ATTEMPTS = 3
 
 
+@dataclass(frozen=True)
+class TensorsPayload:
+    """Raw weights to score (a weights-space candidate, `evomerge.run.weights`): `tensors` fill the
+    architecture of the source model `template`; `recipe` names them in the ledger (a passthrough
+    of `genome:<sha256 of the tensors>`, so its hash identifies exactly these weights)."""
+
+    template: str
+    tensors: Mapping[str, Any]  # name -> torch.Tensor
+    recipe: Recipe
+
+
+#: what a job scores: a merge recipe, or raw tensors
+Payload: TypeAlias = Recipe | TensorsPayload
+
+
+def payload_recipe(payload: Payload) -> Recipe:
+    """The recipe that names what `payload` scores (in the ledger, for dedup and replay)."""
+    return payload.recipe if isinstance(payload, TensorsPayload) else payload
+
+
 @dataclass
 class Job:
-    """One evaluation: a recipe scored on one split (optionally one shard of its documents)."""
+    """One evaluation: a recipe (or raw tensors) scored on one split (optionally one shard of its
+    documents)."""
 
     job_id: str  # unique, e.g. f"{stage}:{candidate_id}:{split}:{shard}"
-    recipe: Recipe
+    payload: Payload
     split: str  # "search" | "holdout"
     subset: Any | None = None  # evaluator subset object (evomerge.evaluate), None = all docs
     shard: tuple[int, int] | None = None  # (i, n): score only shard i of n of the documents
+
+    @property
+    def recipe(self) -> Recipe:
+        return payload_recipe(self.payload)
 
 
 @dataclass

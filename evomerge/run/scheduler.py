@@ -35,7 +35,7 @@ from evomerge.errors import EvomergeError
 from evomerge.evaluate.result import EvalResult
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.recipe import Recipe
-from evomerge.run.jobs import Job, JobOutcome, WorkerPool
+from evomerge.run.jobs import Job, JobOutcome, Payload, WorkerPool, payload_recipe
 from evomerge.run.ledger import Ledger, LedgerRow
 
 MAX_FAILURES_IN_A_ROW = 20
@@ -52,7 +52,7 @@ class Evaluation:
     """One recipe to score on one split: its jobs, their parts, and the result once complete."""
 
     key: str  # stage|split|subset|hash
-    recipe: Recipe | None
+    payload: Payload | None  # None: the candidate did not decode
     split: str
     subset: Any
     n_parts: int = 0
@@ -66,6 +66,10 @@ class Evaluation:
     @property
     def done(self) -> bool:
         return self.result is not None
+
+    @property
+    def recipe(self) -> Recipe | None:
+        return None if self.payload is None else payload_recipe(self.payload)
 
 
 @dataclass
@@ -100,7 +104,7 @@ def recipe_hash(recipe: Recipe | None) -> str:
 class Scheduler:
     """Drives one stage's optimizer over a worker pool; see the module docstring.
 
-    decode: candidate -> recipe (raises on a genome the space cannot build: the candidate fails).
+    decode: candidate -> recipe or raw tensors (raises on a genome the space cannot build: the candidate fails).
     subset_for: generation -> (subset object for the evaluator, key naming its documents).
     fitness: result -> higher-is-better scalar or None when failed.
     on_tell: called after each tell with the scheduler's counters; writes the checkpoint.
@@ -114,7 +118,7 @@ class Scheduler:
         optimizer: Optimizer,
         pool: WorkerPool,
         ledger: Ledger,
-        decode: Callable[[Candidate], Recipe],
+        decode: Callable[[Candidate], Payload],
         subset_for: Callable[[int], tuple[Any, str]],
         fitness: Callable[[EvalResult], float | None],
         on_tell: Callable[[dict], None],
@@ -175,23 +179,24 @@ class Scheduler:
     def _pending(self, cand: Candidate) -> Pending:
         subset, subset_key = self.subset_for(cand.generation)
         try:
-            recipe = cand.recipe if cand.recipe is not None else self.decode(cand)
+            payload: Payload | None = cand.recipe if cand.recipe is not None else self.decode(cand)
         except Exception as exc:  # a genome the space cannot build fails like a bad merge
-            recipe, error = None, f"decode: {type(exc).__name__}: {exc}"
+            payload, error = None, f"decode: {type(exc).__name__}: {exc}"
         else:
             error = None
+        recipe = None if payload is None else payload_recipe(payload)
         digest = recipe_hash(recipe)
         key = f"{self.stage}|search|{subset_key}|{digest}"
         replayed = self.replay.pop(cand.id, None)
         if replayed is not None and replayed.recipe_hash != digest:
             replayed = None  # not the same candidate after all: evaluate it again
         if replayed is not None:
-            evaluation = Evaluation(key, recipe, "search", subset, result=result_from_row(replayed))
+            evaluation = Evaluation(key, payload, "search", subset, result=result_from_row(replayed))
             return Pending(cand, recipe, digest, subset_key, evaluation, replayed)
-        if recipe is None:
+        if payload is None:
             evaluation = Evaluation(key, None, "search", subset, result=EvalResult.failure(error or "", self._directions()))
             return Pending(cand, recipe, digest, subset_key, evaluation)
-        return Pending(cand, recipe, digest, subset_key, self.evaluation(key, recipe, "search", subset, subset_key))
+        return Pending(cand, recipe, digest, subset_key, self.evaluation(key, payload, "search", subset, subset_key))
 
     def _tell(self, p: Pending) -> None:
         result = p.evaluation.result
@@ -249,20 +254,20 @@ class Scheduler:
         )
 
     # ---- evaluations (search, holdout, baselines) ---------------------------------------
-    def evaluation(self, key: str, recipe: Recipe, split: str, subset: Any, subset_key: str) -> Evaluation:
-        """The evaluation of `recipe`: one already running for the same key, one from the
-        ledger, or a new one queued for the pool."""
+    def evaluation(self, key: str, payload: Payload, split: str, subset: Any, subset_key: str) -> Evaluation:
+        """The evaluation of `payload` (a recipe, or raw tensors): one already running for the
+        same key, one from the ledger, or a new one queued for the pool."""
         known = self._evals.get(key)
         if known is not None:
             return known
-        digest = recipe.content_hash()
+        digest = payload_recipe(payload).content_hash()
         stage = key.split("|", 1)[0]
         row = self.ledger.find(digest, split, stage=stage, subset=subset_key)
         if row is not None:
-            ev = Evaluation(key, recipe, split, subset, result=result_from_row(row), reused_from=row.seq)
+            ev = Evaluation(key, payload, split, subset, result=result_from_row(row), reused_from=row.seq)
             ev.worker, ev.started, ev.finished = f"ledger:{row.seq}", time.time(), time.time()
             return ev
-        ev = Evaluation(key, recipe, split, subset)
+        ev = Evaluation(key, payload, split, subset)
         self._evals[key] = ev
         self._queue.append(ev)
         return ev
@@ -289,7 +294,7 @@ class Scheduler:
                 self._job_counter += 1
                 job_id = f"{ev.key}|{i}/{n}|{self._job_counter}"
                 self._jobs[job_id] = (ev, i)
-                self.pool.submit(Job(job_id, ev.recipe, ev.split, ev.subset, (i, n) if n > 1 else None))  # type: ignore[arg-type]
+                self.pool.submit(Job(job_id, ev.payload, ev.split, ev.subset, (i, n) if n > 1 else None))  # type: ignore[arg-type]
 
     def _collect(self) -> None:
         if not self._jobs:

@@ -8,8 +8,7 @@ row) and reported with its holdout scores. M2N2 in model mode keeps its archive 
 `<run>/archive/<stage>/<id>` and registers each as `archive:<id>`.
 
 A weights stage (a `weights` space: the genome is the raw parameters of the stage's first model,
-the template) sends each candidate as a `WeightsRecipe` carrying its tensors
-(`evomerge.run.weights`); `initial_models` in an M2N2 genome-mode stage's optimizer options
+the template) sends each candidate as raw tensors (`TensorsPayload`, `evomerge.run.weights`); `initial_models` in an M2N2 genome-mode stage's optimizer options
 become its initial genomes (each model's parameters, encoded in the space's order).
 
 The run's best (`run_best`): when every stage scores with the same evaluator spec their search
@@ -20,7 +19,7 @@ last stage with a result is taken, and the best says so (`selection`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from evomerge.merge.sources import SourcePool
 from evomerge.optim import OPTIMIZERS, make_optimizer
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.recipe import Recipe
-from evomerge.run.jobs import WorkerPool
+from evomerge.run.jobs import Payload, WorkerPool
 from evomerge.run.ledger import LONG_GENOME, Ledger, LedgerRow
 from evomerge.run.scheduler import Evaluation, Scheduler
 
@@ -148,13 +147,13 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
         raise
 
 
-def decode_candidate(plan: StagePlan, cand: Candidate) -> Recipe:
+def decode_candidate(plan: StagePlan, cand: Candidate) -> Payload:
     if cand.recipe is not None:
         return cand.recipe
     if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_recipe
+        from evomerge.run.weights import weights_payload
 
-        return weights_recipe(plan.space, cand.genome, plan.models[0])
+        return weights_payload(plan.space, cand.genome, plan.models[0])
     recipe = plan.space.decode(cand.genome)
     if not isinstance(recipe, Recipe):
         raise ConfigError(
@@ -164,13 +163,13 @@ def decode_candidate(plan: StagePlan, cand: Candidate) -> Recipe:
     return recipe
 
 
-def row_recipe(plan: StagePlan, row: LedgerRow) -> Recipe | None:
-    """The recipe a ledger row scored, ready to evaluate again (a weights row: rebuilt from its
-    genome, None when the ledger did not keep it)."""
+def row_payload(plan: StagePlan, row: LedgerRow) -> Payload | None:
+    """What a ledger row scored, ready to evaluate again (a weights row: its tensors rebuilt from
+    its genome, None when the ledger did not keep it)."""
     if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_recipe
+        from evomerge.run.weights import weights_payload
 
-        return None if row.genome is None else weights_recipe(plan.space, row.genome, plan.models[0])
+        return None if row.genome is None else weights_payload(plan.space, row.genome, plan.models[0])
     return Recipe.from_string(row.recipe_yaml)
 
 
@@ -190,11 +189,11 @@ def score_holdout(
     for row in top:
         if ledger.find(row.recipe_hash, "holdout", stage=plan.name) is not None:
             continue
-        recipe = row_recipe(plan, row)
-        if recipe is None:
+        payload = row_payload(plan, row)
+        if payload is None:
             continue
         key = f"{plan.name}|holdout||{row.recipe_hash}"
-        todo.append((row, scheduler.evaluation(key, recipe, "holdout", None, "")))
+        todo.append((row, scheduler.evaluation(key, payload, "holdout", None, "")))
     scheduler.evaluate_all([ev for _, ev in todo])
     written = []
     for row, ev in todo:
@@ -222,7 +221,34 @@ def score_holdout(
     return written
 
 
-def stage_best(ledger: Ledger, stage: str, *, with_lineage: bool = True) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Best:
+    """The best candidate of a stage (`stage_best`) or of the run (`run_best`): its ledger row's
+    facts, its holdout scores when scored, its M2N2 lineage (ancestors first; empty when it has
+    none or was not read); a run's best also names its stage's optimizer and why it was chosen
+    (`selection`)."""
+
+    stage: str
+    candidate_id: int
+    generation: int
+    recipe_hash: str
+    recipe_yaml: str
+    score: float  # search fitness
+    search: dict[str, float]  # search objectives
+    holdout: dict[str, float] | None  # holdout objectives
+    holdout_score: float | None  # holdout fitness
+    seq: int
+    genome: list[float] | None
+    lineage: list[dict[str, Any]]
+    optimizer: str | None = None
+    selection: str | None = None
+
+    def scores(self) -> dict[str, Any]:
+        """What `best/scores.json` holds: everything but the recipe and the genome."""
+        return {k: v for k, v in asdict(self).items() if k not in ("recipe_yaml", "genome")}
+
+
+def stage_best(ledger: Ledger, stage: str, *, with_lineage: bool = True) -> Best | None:
     """The stage's best by search fitness, with its holdout scores when scored (and its M2N2
     lineage unless `with_lineage` is False: that reads every row's recipe)."""
     ranked = ranked_rows(ledger, stage, 1)
@@ -230,20 +256,21 @@ def stage_best(ledger: Ledger, stage: str, *, with_lineage: bool = True) -> dict
         return None
     row = ranked[0]
     holdout = ledger.find(row.recipe_hash, "holdout", stage=stage)
-    return {
-        "stage": stage,
-        "candidate_id": row.candidate_id,
-        "generation": row.generation,
-        "recipe_hash": row.recipe_hash,
-        "recipe_yaml": row.recipe_yaml,
-        "score": row.fitness,
-        "search": row.objectives,
-        "holdout": holdout.objectives if holdout is not None and holdout.ok else None,
-        "holdout_score": holdout.fitness if holdout is not None and holdout.ok else None,
-        "seq": row.seq,
-        "genome": row.genome,
-        "lineage": lineage(ledger, stage, row) if with_lineage and row.meta.get("parents") else [],
-    }
+    scored = holdout is not None and holdout.ok
+    return Best(
+        stage=stage,
+        candidate_id=row.candidate_id,
+        generation=row.generation,
+        recipe_hash=row.recipe_hash,
+        recipe_yaml=row.recipe_yaml,
+        score=row.fitness,
+        search=row.objectives,
+        holdout=holdout.objectives if scored else None,
+        holdout_score=holdout.fitness if scored else None,
+        seq=row.seq,
+        genome=row.genome,
+        lineage=lineage(ledger, stage, row) if with_lineage and row.meta.get("parents") else [],
+    )
 
 
 def same_objective(stages: list[Any]) -> bool:
@@ -253,21 +280,21 @@ def same_objective(stages: list[Any]) -> bool:
     return len(specs) <= 1
 
 
-def run_best(stages: list[Any], ledger: Ledger, *, with_lineage: bool = True) -> dict[str, Any] | None:
+def run_best(stages: list[Any], ledger: Ledger, *, with_lineage: bool = True) -> Best | None:
     """The run's best so far over `stages` (StageSpecs, in order): see the module docstring.
-    The dict is `stage_best`'s plus `selection`, a sentence saying how it was chosen."""
-    found = [(s.name, {**best, "optimizer": _optimizer_text(s)}) for s in stages if (best := stage_best(ledger, s.name, with_lineage=with_lineage)) is not None]
+    Its `selection` is a sentence saying how it was chosen."""
+    found = [(s.name, replace(best, optimizer=_optimizer_text(s))) for s in stages if (best := stage_best(ledger, s.name, with_lineage=with_lineage)) is not None]
     if not found:
         return None
     if len(found) == 1:
         name, best = found[0]
-        return {**best, "selection": f"the best search fitness of stage '{name}'" + (" (the only stage)" if len(stages) == 1 else " (the only stage with a result so far)")}
+        return replace(best, selection=f"the best search fitness of stage '{name}'" + (" (the only stage)" if len(stages) == 1 else " (the only stage with a result so far)"))
     names = ", ".join(f"'{n}'" for n, _ in found)
     if same_objective(stages):
-        name, best = max(found, key=lambda item: item[1]["score"])  # max keeps the first on ties
-        return {**best, "selection": f"the best search fitness over stages {names} (same evaluator), from stage '{name}'"}
+        name, best = max(found, key=lambda item: item[1].score)  # max keeps the first on ties
+        return replace(best, selection=f"the best search fitness over stages {names} (same evaluator), from stage '{name}'")
     name, best = found[-1]
-    return {**best, "selection": f"the last stage's best (stage '{name}'): the stages' evaluators differ, so their search fitnesses do not compare"}
+    return replace(best, selection=f"the last stage's best (stage '{name}'): the stages' evaluators differ, so their search fitnesses do not compare")
 
 
 def _optimizer_text(stage: Any) -> str:

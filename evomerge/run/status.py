@@ -26,7 +26,7 @@ from typing import Any
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import RunDir, lock_holder
-from evomerge.run.stages import run_best, stage_best
+from evomerge.run.stages import Best, run_best, stage_best
 
 
 def _space_kind(stage: Any) -> str:
@@ -43,18 +43,18 @@ def _space_kind(stage: Any) -> str:
         return "?"
 
 
-def _best(best: dict[str, Any] | None) -> dict[str, Any]:
+def _best(best: Best | None) -> dict[str, Any]:
     if best is None:
         return {"stage": None, "score": None, "holdout": None, "recipe_hash": None, "candidate_id": None}
     return {
-        "stage": best["stage"],
-        "score": best["score"],
-        "holdout": best["holdout_score"],
-        "recipe_hash": best["recipe_hash"],
-        "candidate_id": best["candidate_id"],
-        "objectives": best["search"],
-        "holdout_objectives": best["holdout"],
-        **({"selection": best["selection"]} if best.get("selection") else {}),
+        "stage": best.stage,
+        "score": best.score,
+        "holdout": best.holdout_score,
+        "recipe_hash": best.recipe_hash,
+        "candidate_id": best.candidate_id,
+        "objectives": best.search,
+        "holdout_objectives": best.holdout,
+        **({"selection": best.selection} if best.selection else {}),
     }
 
 

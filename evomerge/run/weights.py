@@ -1,17 +1,17 @@
 """Weights-space candidates in the run path: a genome that *is* a model's raw parameters.
 
 A weights space (evolution from scratch, or from pre-trained members in genome mode: the M2N2
-digits set-ups) decodes a genome into a state dict, not into a merge of sources. To go through
-the same scheduler, ledger and workers as every other stage, such a candidate travels as a
-`WeightsRecipe`:
+digits set-ups) decodes a genome into a state dict, not into a merge of sources. Such a candidate
+travels to the workers as raw tensors (`TensorsPayload`, `evomerge.run.jobs`) with a recipe that
+names it in the ledger:
 
-- its mergekit part is `passthrough` of one model named `genome:<sha256 of the tensors>`, so the
-  recipe hash (dedup, ledger, replay on resume) identifies exactly the weights it carries;
+- a `passthrough` of one model named `genome:<sha256 of the tensors>`, so the recipe hash (dedup,
+  ledger, replay on resume) identifies exactly the weights it carries;
 - its `evomerge.weights` block names the template model (the source whose architecture and
-  tensor names the genome follows: `template`) and the number of genes;
-- the tensors ride along as a private attribute (pickled with the recipe to Ray workers). A
-  recipe read back from the ledger's YAML has no tensors: rebuild it from the row's genome
-  (`weights_recipe`), which gives the same hash.
+  tensor names the genome follows: `template`) and the number of genes.
+
+A recipe read back from the ledger's YAML has no tensors: rebuild them from the row's genome
+(`weights_payload`), which gives the same hash.
 
 `WorkerCore` builds the template's architecture once and copies the tensors into it; an export
 writes the tensors with the template's `config.json` (`write_weights_model`).
@@ -26,25 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import PrivateAttr
 
 from evomerge.errors import ConfigError
 from evomerge.merge.hfconfig import complete_checkpoint
 from evomerge.modeldir import model_dir_writer
 from evomerge.recipe import Recipe
+from evomerge.run.jobs import TensorsPayload
 
 GENOME_PREFIX = "genome:"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class WeightsRecipe(Recipe):
-    """A recipe standing for raw weights (see the module docstring); `tensors` holds them."""
-
-    _tensors: dict[str, torch.Tensor] | None = PrivateAttr(default=None)
-
-    @property
-    def tensors(self) -> dict[str, torch.Tensor] | None:
-        return self._tensors
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -57,18 +47,18 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_recipe(space: Any, genome: Any, template: str) -> WeightsRecipe:
-    """The recipe of one genome of a weights `space` whose template model is `template`."""
+def weights_payload(space: Any, genome: Any, template: str) -> TensorsPayload:
+    """The tensors of one genome of a weights `space` whose template model is `template`, with
+    the recipe that names them."""
     tensors = space.decode(np.asarray(genome, dtype=np.float64))
-    recipe = WeightsRecipe.model_validate(
+    recipe = Recipe.model_validate(
         {
             "merge_method": "passthrough",
             "models": [{"model": f"{GENOME_PREFIX}{tensors_digest(tensors)}"}],
             "evomerge": {"weights": {"template": template, "genes": int(space.dim)}},
         }
     )
-    recipe._tensors = tensors
-    return recipe
+    return TensorsPayload(template=template, tensors=tensors, recipe=recipe)
 
 
 def is_weights_recipe(recipe: Recipe) -> bool:
@@ -82,17 +72,6 @@ def template_of(recipe: Recipe) -> str:
     if not block.get("template"):
         raise ConfigError("a genome: recipe needs evomerge.weights.template (the model whose architecture it fills)", field="evomerge.weights")
     return str(block["template"])
-
-
-def recipe_tensors(recipe: Recipe) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """(template ref, tensors) of a weights recipe that carries its tensors; None for a merge
-    recipe. A weights recipe without tensors (read back from YAML) is an error."""
-    if not is_weights_recipe(recipe):
-        return None
-    tensors = recipe.tensors if isinstance(recipe, WeightsRecipe) else None
-    if tensors is None:
-        raise RuntimeError(f"the recipe of {recipe.model_refs()[0]} carries no weights (rebuild it from its genome)")
-    return template_of(recipe), tensors
 
 
 def encode_model(space: Any, source: Any) -> np.ndarray:

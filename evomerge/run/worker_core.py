@@ -9,7 +9,7 @@
   the same as the previous one's is copied into it in place; another architecture (a DFS path
   of a new length) builds a new skeleton from the merged config (`evomerge.models`: a Hugging
   Face config, or a registered model kind such as the zoo's digits MLP);
-- weights-space candidates (`evomerge.run.weights`: a recipe carrying raw tensors over a
+- weights-space candidates (`evomerge.run.weights`: raw tensors, a `TensorsPayload`, over a
   template model) skip the merge: the tensors are copied into the template's architecture;
 - the evaluator, built once, and the tokenizers, loaded once per source directory.
 
@@ -41,7 +41,7 @@ from evomerge.merge.sources import SourcePool
 from evomerge.merge.sparsify import CachedSparsifier
 from evomerge.merge.writer import TOKENIZER_FILES
 from evomerge.models import build_model
-from evomerge.run.jobs import Job
+from evomerge.run.jobs import Job, Payload, TensorsPayload
 
 EvaluatorSpec = dict | str | Callable[[], Any]
 
@@ -113,7 +113,7 @@ class WorkerCore:
         failed results, never as exceptions."""
         start = time.perf_counter()
         try:
-            model, tokenizer = self.prepare(job.recipe)
+            model, tokenizer = self.prepare(job.payload)
             with torch.no_grad():
                 result = self.evaluator.evaluate(model, tokenizer, job.split, job.subset, shard=job.shard)
         except Exception as exc:  # a bad candidate must never take the worker down
@@ -130,13 +130,12 @@ class WorkerCore:
             )
         return result
 
-    def prepare(self, recipe) -> tuple[torch.nn.Module, Any]:
-        """The resident model holding the merge of `recipe`, and its tokenizer."""
-        from evomerge.run.weights import recipe_tensors
-
-        weights = recipe_tensors(recipe)
-        if weights is not None:
-            return self._prepare_weights(*weights)
+    def prepare(self, payload: Payload) -> tuple[torch.nn.Module, Any]:
+        """The resident model holding the merge of a recipe (or the raw tensors of a weights-space
+        candidate), and its tokenizer."""
+        if isinstance(payload, TensorsPayload):
+            return self._prepare_weights(payload.template, payload.tensors)
+        recipe = payload
         plan = plan_merge(recipe, self.pool)
         if self.merge_offset and plan.tasks:
             k = int(len(plan.tasks) * self.merge_offset) % len(plan.tasks)
