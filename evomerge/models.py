@@ -4,7 +4,8 @@ A Hugging Face config (one with `model_type`) builds the transformers class its 
 names, else `AutoModelForCausalLM`. Any other config names its kind in `architecture`, looked
 up in a table: `register_model_kind(name, loader)` adds one, `loader` being a function
 `config -> torch.nn.Module` or a lazy ``"package.module:attr"`` string imported on first use
-(so the core imports no model code it does not build).
+(so the core imports no model code it does not build), and `load_hint` tells a model card's
+reader how to load a saved directory of the kind.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ if TYPE_CHECKING:
 
 ModelLoader = Callable[[Mapping[str, Any]], "torch.nn.Module"]
 
-_KINDS: dict[str, ModelLoader | str] = {
-    "DigitsMLP": "evomerge.zoo.digits:DigitsMLP.from_config",  # the zoo's digits classifiers
-}
+HF_LOAD_HINT = "`transformers.AutoModel.from_pretrained(DIR)`"
+_KINDS: dict[str, ModelLoader | str] = {}
+_LOAD_HINTS: dict[str, str] = {}
 
 
-def register_model_kind(name: str, loader: ModelLoader | str, *, replace: bool = False) -> None:
+def register_model_kind(name: str, loader: ModelLoader | str, *, load_hint: str | None = None, replace: bool = False) -> None:
     """Configs with ``"architecture": name`` are built by `loader` (a function of the config, or a
-    lazy ``"package.module:attr"``); a name taken by another loader needs `replace=True`."""
+    lazy ``"package.module:attr"``); `load_hint` says how a user loads a saved directory of the
+    kind (model cards). A name taken by another loader needs `replace=True`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a model kind's name is a non-empty string, got {name!r}")
     if isinstance(loader, str) and not all(loader.partition(":")[::2]):
@@ -37,6 +39,15 @@ def register_model_kind(name: str, loader: ModelLoader | str, *, replace: bool =
     if old is not None and old != loader and not replace:
         raise ValueError(f"model kind '{name}' is already registered ({old}); pass replace=True to replace it")
     _KINDS[name] = loader
+    if load_hint is not None:
+        _LOAD_HINTS[name] = load_hint
+
+
+register_model_kind(  # the zoo's digits classifiers
+    "DigitsMLP",
+    "evomerge.zoo.digits:DigitsMLP.from_config",
+    load_hint="`evomerge.zoo.digits.DigitsMLP.from_pretrained(DIR)` (a plain torch MLP, not a transformers model)",
+)
 
 
 def model_kinds() -> list[str]:
@@ -62,6 +73,14 @@ def registered_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
     if name not in _KINDS:
         raise ValueError(f"unknown architecture '{name}' in config.json; valid: {', '.join(_KINDS)} or a Hugging Face config")
     return _loader(name)(config)
+
+
+def load_hint(config: Mapping[str, Any]) -> str:
+    """How a user loads a saved model directory with this config (for its model card)."""
+    name = config.get("architecture")
+    if name in _KINDS:
+        return _LOAD_HINTS.get(name, f"the loader registered for model kind '{name}' (evomerge.models)")
+    return HF_LOAD_HINT
 
 
 def build_model(config: Mapping[str, Any]) -> torch.nn.Module:

@@ -60,3 +60,10 @@ def test_the_classification_evaluator_takes_its_data_from_its_spec() -> None:
         build_evaluator({"kind": "classification"})
     assert info.value.field == "data"
     assert build_evaluator("digits").spec.data == "evomerge.zoo.digits:load_split"
+
+
+def test_a_model_card_says_how_to_load_the_kind() -> None:
+    from evomerge.models import load_hint
+
+    assert "DigitsMLP.from_pretrained(DIR)" in load_hint({"architecture": "DigitsMLP", "sizes": [64, 10]})
+    assert load_hint({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "`transformers.AutoModel.from_pretrained(DIR)`"

@@ -27,6 +27,7 @@ from evomerge.errors import ConfigError
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
 from evomerge.modeldir import check_target
+from evomerge.models import load_hint
 from evomerge.recipe import Recipe
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import Ledger
@@ -178,10 +179,7 @@ def weights_card(best: Best, template_dir: Path) -> str:
     block = (recipe.evomerge.model_dump() if recipe.evomerge else {}).get("weights", {})
     config = json.loads((Path(template_dir) / "config.json").read_text())
     arch = config.get("architecture") or ", ".join(config.get("architectures") or []) or config.get("model_type", "?")
-    if config.get("architecture") == "DigitsMLP":
-        load = "`evomerge.zoo.digits.DigitsMLP.from_pretrained(DIR)` (a plain torch MLP, not a transformers model)"
-    else:
-        load = "`transformers.AutoModel.from_pretrained(DIR)`"
+    load = load_hint(config)
     lines = [
         "---",
         "tags: [evomerge, evolved-weights]",
