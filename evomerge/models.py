@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
+from evomerge.merge.specs import load_plugins
+
 if TYPE_CHECKING:
     import torch
 
@@ -70,6 +72,8 @@ def registered_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
     if config.get("model_type") is not None or config.get("architecture") is None:
         return None
     name = config["architecture"]
+    if name not in _KINDS:
+        load_plugins()  # a plugin module (EVOMERGE_PLUGINS, entry points) may register it
     if name not in _KINDS:
         raise ValueError(f"unknown architecture '{name}' in config.json; valid: {', '.join(_KINDS)} or a Hugging Face config")
     return _loader(name)(config)

@@ -67,3 +67,17 @@ def test_a_model_card_says_how_to_load_the_kind() -> None:
 
     assert "DigitsMLP.from_pretrained(DIR)" in load_hint({"architecture": "DigitsMLP", "sizes": [64, 10]})
     assert load_hint({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}) == "`transformers.AutoModel.from_pretrained(DIR)`"
+
+
+def test_a_plugin_module_registers_a_model_kind(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evomerge.merge import specs
+
+    monkeypatch.setattr(models, "_KINDS", dict(models._KINDS))
+    monkeypatch.setattr(specs, "_plugins_loaded", set(specs._plugins_loaded))
+    plugin = tmp_path / "my_kind.py"
+    plugin.write_text(
+        "import torch\nfrom evomerge.models import register_model_kind\n"
+        "register_model_kind('PluginLinear', lambda config: torch.nn.Linear(config['n'], 2))\n"
+    )
+    monkeypatch.setenv(specs.PLUGINS_ENV, str(plugin))
+    assert build_model({"architecture": "PluginLinear", "n": 4}).in_features == 4
