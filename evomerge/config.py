@@ -39,8 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
+from evomerge.merge.specs import METHOD_SPECS
 from evomerge.optim import OPTIMIZERS, check_options
-from evomerge.recipe import DTYPES
+from evomerge.recipe import DTYPES, Recipe
+from evomerge.resources import find_yaml, read_yaml
+from evomerge.spaces.config import PSSpec, load_space_spec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -253,8 +256,6 @@ def _list_index(node: list, part: str, key: str) -> int:
 
 def load_experiment(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, override and check the schema of an experiment file (nothing is resolved yet)."""
-    from evomerge.resources import find_yaml, read_yaml
-
     path = find_yaml("experiments", path)
     file = str(path)
     data = read_yaml(path)
@@ -315,8 +316,6 @@ def resolve_experiment(exp: Experiment, *, file: str | None = None) -> Experimen
     """A copy with paths made absolute (relative to the experiment file) and each stage's search
     space and evaluator inlined (the spec with its overrides applied), ready to be frozen in a
     run directory. Checked first (`check_experiment`), while the overrides are still apart."""
-    from evomerge.spaces.config import load_space_spec
-
     check_experiment(exp, file=file)  # overrides still apart: a bad one is named as such
     base_dir = Path(file).resolve().parent if file else Path.cwd()
     data = exp.to_dict()
@@ -365,10 +364,6 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
     parameters; a base model where the method needs one), the baselines' recipes (structure,
     parameter names and values) and each evaluator's spec (kind and schema). One line naming the
     file and the field for the first problem."""
-    from evomerge.merge.specs import METHOD_SPECS
-    from evomerge.recipe import Recipe
-    from evomerge.spaces.config import PSSpec, load_space_spec
-
     base_dir = Path(file).resolve().parent if file else Path.cwd()
     for i, stage in enumerate(exp.stages):
         where = f"stages[{i}]"
