@@ -65,16 +65,20 @@ class Registry(Generic[T]):
         """The one-line message for a name that is not registered."""
         return f"unknown {self.what} '{name}'; valid: {', '.join(self._entries)}"
 
-    def find(self, name: str) -> bool:
-        """Whether `name` is registered, after the plugins are loaded when it is not."""
+    def find(self, name: str, *, file: str | None = None, field: str | None = None) -> bool:
+        """Whether `name` is registered, after the plugins are loaded when it is not (a plugin
+        that fails to import is a ConfigError naming it)."""
         if isinstance(name, str) and name not in self._entries and self.on_miss is not None:
-            self.on_miss()
+            try:
+                self.on_miss()
+            except ValueError as exc:  # the plugin loader's one-line error
+                raise ConfigError(str(exc), file=file, field=field or self.field) from None
         return name in self._entries
 
     def get(self, name: str, *, file: str | None = None, field: str | None = None) -> type[T]:
         """The class registered as `name` (imported on first use); a ConfigError listing the valid
         names when there is none."""
-        if not self.find(name):
+        if not self.find(name, file=file, field=field):
             raise ConfigError(self.unknown(name), file=file, field=field or self.field)
         entry = self._entries[name]
         if name in self._loaded:

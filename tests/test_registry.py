@@ -246,3 +246,6 @@ def test_a_plugin_registers_an_optimizer_and_an_evaluator_kind_for_the_cli(llama
     assert refused.returncode == 2 and "unknown optimizer 'bayes'; valid: cmaes, grid, m2n2, optuna, random, test_sweep" in refused.stderr
     unplugged = run("none", plugins="")
     assert unplugged.returncode == 2 and "unknown optimizer 'test_sweep'; valid: cmaes, grid, m2n2, optuna, random" in unplugged.stderr
+    broken = run("broken", plugins="no_such_plugin_module")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "stages[0].optimizer: plugin no_such_plugin_module failed to import: ModuleNotFoundError" in broken.stderr

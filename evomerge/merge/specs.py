@@ -240,7 +240,7 @@ def _import_plugin(label: str, load: Callable[[], Any]) -> None:
     try:
         load()
     except Exception as exc:
-        raise ValueError(f"merge-method plugin {label} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"plugin {label} failed to import: {type(exc).__name__}: {exc}") from exc
 
 
 def _import_module(ref: str) -> Any:
