@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
-from evomerge.merge.specs import load_plugins
+from evomerge.plugins import load_plugins
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@ one imports nothing; a user adds their own from code (`register`), and a YAML `n
 resolves through the same table. An unknown name is one line listing the valid ones.
 
 A name not registered yet first makes the registry call its `on_miss` (the plugin loader,
-`evomerge.merge.specs.load_plugins`: the modules of ``EVOMERGE_PLUGINS`` and the entry points),
+`evomerge.plugins.load_plugins`: the modules of ``EVOMERGE_PLUGINS`` and the entry points),
 so a plugin module that registers its classes at import serves the CLI and every worker."""
 
 from __future__ import annotations

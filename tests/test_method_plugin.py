@@ -21,9 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from evomerge import plugins
 from evomerge.merge import specs
 from evomerge.merge.engine import materialize
 from evomerge.merge.sources import SourcePool
+from evomerge.plugins import PLUGINS_ENV
 from evomerge.recipe import Recipe
 from evomerge.spaces import build_space
 
@@ -82,13 +84,13 @@ def plugin_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The plugin as a file named in EVOMERGE_PLUGINS; the registry is restored afterwards."""
     path = tmp_path / "mean_plus_method.py"
     path.write_text(PLUGIN)
-    monkeypatch.setenv(specs.PLUGINS_ENV, str(path))
-    before, loaded = dict(specs.METHOD_SPECS), set(specs._plugins_loaded)
+    monkeypatch.setenv(PLUGINS_ENV, str(path))
+    before, loaded = dict(specs.METHOD_SPECS), set(plugins._plugins_loaded)
     yield path
     specs.METHOD_SPECS.clear()
     specs.METHOD_SPECS.update(before)
-    specs._plugins_loaded.clear()
-    specs._plugins_loaded.update(loaded)
+    plugins._plugins_loaded.clear()
+    plugins._plugins_loaded.update(loaded)
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -146,7 +148,7 @@ def test_a_plugin_method_in_a_ps_space(llama_family: dict[str, Path], plugin_fil
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
 
-    env = {**os.environ, specs.PLUGINS_ENV: str(plugin_file)}
+    env = {**os.environ, PLUGINS_ENV: str(plugin_file)}
     described = cli("space", "describe", str(space_file), "--models", ",".join(models), env=env)
     assert described.returncode == 0, described.stderr
     assert "ps space: 6 genes" in described.stdout and "offset[mlp]" in described.stdout
@@ -164,7 +166,7 @@ def test_evomerge_merge_finds_a_plugin_by_entry_point(llama_family: dict[str, Pa
     (dist / "entry_points.txt").write_text("[evomerge.methods]\nmean_plus = toy_mean_plus\n")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(llama_family)))
-    env = {k: v for k, v in os.environ.items() if k != specs.PLUGINS_ENV}
+    env = {k: v for k, v in os.environ.items() if k != PLUGINS_ENV}
 
     missing = cli("merge", str(recipe), "--out", str(tmp_path / "none"), env=env)
     assert missing.returncode == 2 and "unknown merge method 'mean_plus'" in missing.stderr

@@ -11,6 +11,7 @@ import torch
 
 from evomerge import models
 from evomerge.models import build_model, model_kinds, register_model_kind, registered_model
+from evomerge.plugins import PLUGINS_ENV
 
 
 def test_the_digits_mlp_is_a_registered_kind_found_by_its_architecture() -> None:
@@ -70,14 +71,14 @@ def test_a_model_card_says_how_to_load_the_kind() -> None:
 
 
 def test_a_plugin_module_registers_a_model_kind(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from evomerge.merge import specs
+    from evomerge import plugins
 
     monkeypatch.setattr(models, "_KINDS", dict(models._KINDS))
-    monkeypatch.setattr(specs, "_plugins_loaded", set(specs._plugins_loaded))
+    monkeypatch.setattr(plugins, "_plugins_loaded", set(plugins._plugins_loaded))
     plugin = tmp_path / "my_kind.py"
     plugin.write_text(
         "import torch\nfrom evomerge.models import register_model_kind\n"
         "register_model_kind('PluginLinear', lambda config: torch.nn.Linear(config['n'], 2))\n"
     )
-    monkeypatch.setenv(specs.PLUGINS_ENV, str(plugin))
+    monkeypatch.setenv(PLUGINS_ENV, str(plugin))
     assert build_model({"architecture": "PluginLinear", "n": 4}).in_features == 4

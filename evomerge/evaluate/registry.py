@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from evomerge.errors import ConfigError, schema_error
 from evomerge.evaluate.base import Evaluator, SpecModel
 from evomerge.faults import os_fault
-from evomerge.merge.specs import load_plugins
+from evomerge.plugins import load_plugins
 from evomerge.registry import Registry
 from evomerge.resources import find_yaml, read_yaml
 

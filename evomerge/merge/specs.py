@@ -12,10 +12,7 @@ a search space's gene bounds) and every model count against `MethodSpec.count_pr
 
 Adding a method: declare it with `register_method` (a `MethodSpec`) or decorate its kernel
 function with `merge_method(...)`, in one module. evomerge imports plugin modules when a method
-name is not known yet (`load_plugins`): the modules named in the environment variable
-`EVOMERGE_PLUGINS` (comma-separated module names or `.py` file paths), then the entry points of
-the group `evomerge.methods` (a package declares `[project.entry-points."evomerge.methods"]
-name = "package.module"`).
+name is not known yet (`evomerge.plugins.load_plugins`: `EVOMERGE_PLUGINS`, entry points).
 
 The parameters per method are mergekit 0.1.5's (`mergekit.merge_methods`): the task-arithmetic
 family accepts `density` and `rescale` even without sparsification (task_arithmetic), where
@@ -24,15 +21,12 @@ neither has an effect (`inert`: accepted so that mergekit configs run, never sea
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
+
+from evomerge.plugins import load_plugins
 
 
 @dataclass(frozen=True)
@@ -173,9 +167,6 @@ class UnknownMethodError(ValueError):
 # ---- the registry ----------------------------------------------------------------------------
 
 METHOD_SPECS: dict[str, MethodSpec] = {}
-PLUGINS_ENV = "EVOMERGE_PLUGINS"
-ENTRY_POINT_GROUP = "evomerge.methods"
-_plugins_loaded: set[str] = set()
 
 
 def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
@@ -218,43 +209,6 @@ def get_spec(name: str) -> MethodSpec:
 
 def unknown_method(name: str) -> str:
     return f"unknown merge method '{name}'; valid: {', '.join(sorted(METHOD_SPECS))}"
-
-
-def load_plugins() -> None:
-    """Import the plugin modules not imported yet: those of ``EVOMERGE_PLUGINS`` (module names or
-    ``.py`` paths, comma-separated), then the ``evomerge.methods`` entry points. A plugin that
-    fails to import is a ValueError naming it."""
-    # importlib.metadata only when a name is not known (importing it and scanning cost time)
-    from importlib.metadata import entry_points
-
-    for ref in filter(None, (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(","))):
-        _import_plugin(ref, lambda ref=ref: _import_module(ref))
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        _import_plugin(f"{ep.name} ({ep.value})", ep.load)
-
-
-def _import_plugin(label: str, load: Callable[[], Any]) -> None:
-    if label in _plugins_loaded:
-        return
-    _plugins_loaded.add(label)
-    try:
-        load()
-    except Exception as exc:
-        raise ValueError(f"plugin {label} failed to import: {type(exc).__name__}: {exc}") from exc
-
-
-def _import_module(ref: str) -> Any:
-    if not ref.endswith(".py"):
-        return importlib.import_module(ref)
-    path = Path(ref).expanduser().resolve()
-    name = f"evomerge_plugin_{path.stem}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None or not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    module_spec.loader.exec_module(module)
-    return module
 
 
 # ---- the built-in methods (mergekit 0.1.5's) -------------------------------------------------

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
-from evomerge.merge.specs import load_plugins
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.optim.state import load_state, save_state
+from evomerge.plugins import load_plugins
 from evomerge.registry import Registry
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", Optimizer, field="optimizer", on_miss=load_plugins)
