@@ -20,8 +20,6 @@ from pathlib import Path
 from evomerge.fsutil import atomic_write
 from evomerge.report import plots
 from evomerge.report.data import (
-    EXPERIMENT_FILE,
-    LEDGER_FILE,
     NotARunError,
     RunView,
     StageView,
@@ -33,10 +31,10 @@ from evomerge.report.data import (
 )
 from evomerge.report.html import Image, Section, render_page
 from evomerge.run.integrity import check_run_files
+from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, REPORT_DIR
 
 __all__ = ["NotARunError", "write_report", "render_report"]
 
-REPORT_DIR = "report"
 _PLOT_PREFIXES = ("fitness_", "pareto_", "ps_", "dfs_")
 
 

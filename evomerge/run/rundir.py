@@ -43,37 +43,16 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-
-    @property
-    def experiment(self) -> Path:
-        return self.root / EXPERIMENT_FILE
-
-    @property
-    def ledger(self) -> Path:
-        return self.root / LEDGER_FILE
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT_DIR
-
-    @property
-    def best(self) -> Path:
-        return self.root / BEST_DIR
-
-    @property
-    def report(self) -> Path:
-        return self.root / REPORT_DIR
+        self.experiment = self.root / EXPERIMENT_FILE
+        self.ledger = self.root / LEDGER_FILE
+        self.lock = self.root / LOCK_FILE
+        self.checkpoint = self.root / CHECKPOINT_DIR
+        self.best = self.root / BEST_DIR
+        self.report = self.root / REPORT_DIR
 
     def stage_model(self, stage: str) -> Path:
         """Where stage `stage`'s best model is written when a later stage uses it."""
         return self.root / STAGES_DIR / stage / STAGE_MODEL
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.root / STAGES_DIR / stage
 
     def archive(self, stage: str) -> Path:
         """M2N2 model mode: stage `stage`'s archive members, one directory per member id."""
