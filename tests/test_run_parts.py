@@ -53,3 +53,27 @@ def test_the_pacer_skips_checkpoints_that_would_cost_more_than_a_twentieth_of_th
     assert not pacer.maybe_write(write)  # 5 s since the last one < 20 x 1 s
     now[0] += 15.0
     assert pacer.maybe_write(write) and writes == [0.0, 21.0]
+
+
+def test_a_raised_budget_reopens_an_optimizer_that_stopped_on_it() -> None:
+    from evomerge.evaluate.result import EvalResult
+    from evomerge.optim import make_optimizer
+
+    opt = make_optimizer("random", dim=2, bounds=[(0.0, 1.0)] * 2, x0=None, seed=0, objectives={"acc": True}, max_evals=2)
+    cands = opt.ask(2)
+    opt.tell(cands, [EvalResult(objectives={"acc": 0.5}, higher_is_better={"acc": True}) for _ in cands])
+    assert opt.ask(1) == [] and opt.stopped and not opt.reopen()  # the budget is still spent
+    opt.max_evals = 4  # what `resume --set stages[0].budget.evaluations=4` gives the restored optimizer
+    assert opt.reopen() and opt.stopped is None and len(opt.ask(2)) == 2
+
+
+def test_a_job_carries_a_recipe_or_raw_tensors() -> None:
+    import torch
+
+    from evomerge.recipe import Recipe
+    from evomerge.run.jobs import Job, TensorsPayload
+
+    recipe = Recipe.from_string("merge_method: passthrough\nmodels:\n- model: genome:abc\n")
+    tensors = TensorsPayload(template="zoo:digits/base", tensors={"w": torch.zeros(2)}, recipe=recipe)
+    assert Job("t", tensors, "search").recipe is recipe  # the recipe that names the tensors in the ledger
+    assert Job("r", recipe, "search").recipe is recipe
