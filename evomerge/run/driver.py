@@ -29,15 +29,20 @@ from evomerge.evaluate import build_evaluator, evaluator_class
 from evomerge.evaluate.base import evaluator_directions
 from evomerge.evaluate.registry import resolve_spec
 from evomerge.evaluate.result import EvalResult
+from evomerge.evaluate.subset import Subset
 from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
+from evomerge.models import registered_model
+from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.resources import find_yaml
 from evomerge.run.checkpoint import CheckpointPacer, load_checkpoint, save_checkpoint
 from evomerge.run.export import write_best, write_best_model
+from evomerge.run.integrity import check_ledger, find_gap
 from evomerge.run.jobs import WorkerPool
 from evomerge.run.ledger import Ledger, LedgerRow
+from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
 from evomerge.run.rundir import (
     EXPERIMENT_FILE,
     LEDGER_FILE,
@@ -47,7 +52,7 @@ from evomerge.run.rundir import (
     read_experiment,
     require_run_dir,
 )
-from evomerge.run.scheduler import Scheduler
+from evomerge.run.scheduler import RunStopped, Scheduler
 from evomerge.run.stages import (
     ArchivePort,
     Best,
@@ -59,6 +64,7 @@ from evomerge.run.stages import (
     stage_best,
     uses_subsamples,
 )
+from evomerge.spaces import build_space
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -101,7 +107,7 @@ class Run:
             refs += [(f"stages[{i}].models[{j}]", r) for j, r in enumerate(stage.models or [])]
             if stage.base:
                 refs.append((f"stages[{i}].base", stage.base))
-        from evomerge.zoo import PRESETS, build_zoo, list_zoo_models
+        from evomerge.zoo import PRESETS, build_zoo, list_zoo_models  # only when a run uses the zoo
 
         zoo_refs = [ref[len("zoo:"):].partition("/") for _, ref in refs if ref.startswith("zoo:")]
         # A first build takes minutes: say what is going on (a bad name fails below, unbuilt).
@@ -129,8 +135,6 @@ class Run:
         return plans
 
     def plan(self, index: int, pool: SourcePool, *, checking: bool = False) -> StagePlan:
-        from evomerge.spaces import build_space
-
         exp = self.exp
         stage: StageSpec = exp.stages[index]
         where = f"stages[{index}]"
@@ -186,7 +190,7 @@ class Run:
         return self._evaluators[key]
 
     def _check_recipe(self, recipe: Recipe, pool: SourcePool, field: str) -> None:
-        from evomerge.merge.engine import plan_merge
+        from evomerge.merge.engine import plan_merge  # imports torch: only when a recipe is checked
 
         try:
             plan_merge(recipe, pool)
@@ -196,8 +200,6 @@ class Run:
     def _check_template(self, ref: str, pool: SourcePool, field: str) -> None:
         """A weights space's template must be a model the workers can build: a Hugging Face
         config or a registered model kind (`evomerge.models`)."""
-        from evomerge.models import registered_model
-
         config = pool.get(ref).config
         if config.get("model_type") is None:
             try:
@@ -300,8 +302,6 @@ class Run:
         ignored: every stage is rebuilt from the ledger (lost rows at its end cannot be seen then;
         they are evaluated again, as after a kill -9).
         """
-        from evomerge.run.integrity import find_gap
-
         names = [s.name for s in self.exp.stages]
         gap = find_gap(ledger, ckpt)
         if ckpt is not None and gap is None:
@@ -378,8 +378,6 @@ class Run:
         subsampled = uses_subsamples(plan.evaluator_spec)
 
         def subset_for(generation: int) -> tuple[Any, str]:
-            from evomerge.evaluate.subset import Subset
-
             key = f"seed={self.exp.seed},generation={generation}" if subsampled else ""
             return Subset(seed=self.exp.seed, generation=generation), key
 
@@ -395,8 +393,6 @@ class Run:
                     {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters},
                 )
             )
-
-        from evomerge.progress import Progress
 
         with Progress(f"stage {stage.name}", log_every_s=10.0 if self.show_progress else 1e9) as bar:
             scheduler = Scheduler(
@@ -424,8 +420,6 @@ class Run:
         score_holdout(plan, scheduler, ledger, fitness)
         best = stage_best(ledger, stage.name)
         if best is None and any(f"stage:{stage.name}" in self._refs(s) for s in self.exp.stages[index + 1 :]):
-            from evomerge.run.scheduler import RunStopped
-
             raise RunStopped(f"stage '{stage.name}' has no successful evaluation, and a later stage uses stage:{stage.name}")
         was = state["stage_bests"].get(stage.name)
         now = None if best is None else best.recipe_hash
@@ -486,8 +480,6 @@ class Run:
     def _score_baselines(self, plan: StagePlan, pool: WorkerPool, ledger: Ledger, opt: Any) -> None:
         """Hand-set recipes scored on both splits with the first stage's evaluator (stage
         `baseline:NAME` in the ledger), once per run."""
-        from evomerge.evaluate.subset import Subset
-
         scheduler = Scheduler(
             stage="baseline", optimizer=opt, pool=pool, ledger=ledger, decode=lambda c: c.recipe,
             subset_for=lambda g: (None, ""), fitness=opt.objectives.score, on_tell=lambda c: None,
@@ -521,11 +513,11 @@ def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerP
     """The worker pool the experiment's `ray:` section asks for (`workers: 0` or --local: in-process)."""
     device = None if exp.device == "auto" else exp.device
     if local or exp.ray.workers == 0:
-        from evomerge.run.local import LocalWorkerPool
+        from evomerge.run.local import LocalWorkerPool  # imports torch
 
         threads = max(1, round(exp.ray.num_cpus_per_worker)) if exp.ray.num_cpus_per_worker else None
         return LocalWorkerPool(evaluator=evaluator, device=device, threads=threads)
-    from evomerge.run.workers import RayWorkerPool
+    from evomerge.run.workers import RayWorkerPool  # Ray: only for a run on Ray workers
 
     return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
 
@@ -578,8 +570,6 @@ def resume_run(
     `evomerge.run.resume`); a raised budget of a finished run's last stage reopens it.
     A ledger that lacks rows the checkpoint counts is refused (`evomerge.run.integrity`) unless
     `rebuild` (`Run.rebuild_state`), which also goes on without a readable checkpoint."""
-    from evomerge.run.integrity import check_ledger
-    from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
 
     run_dir = require_run_dir(run_dir)
     exp = read_experiment(run_dir)

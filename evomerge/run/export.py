@@ -26,6 +26,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.writer import write_model
 from evomerge.modeldir import check_target
 from evomerge.models import load_hint
 from evomerge.recipe import Recipe
@@ -134,7 +135,7 @@ def portable_recipe(recipe: Recipe, pool: SourcePool) -> Recipe:
 def best_tensors(best: Best, pool: SourcePool) -> tuple[Path, dict[str, Any]] | None:
     """A weights-space best: (its template's directory, its tensors, rebuilt from the genome its
     ledger row keeps); None for a merge recipe."""
-    from evomerge.run.weights import (
+    from evomerge.run.weights import (  # imports torch: only for a weights-space best
         GENOME_PREFIX,
         is_weights_recipe,
         template_of,
@@ -163,12 +164,10 @@ def write_best_model(
     the best was chosen. An existing `out` is treated as `evomerge.modeldir` says (`force`)."""
     weights = best_tensors(best, pool)
     if weights is not None:
-        from evomerge.run.weights import write_weights_model
+        from evomerge.run.weights import write_weights_model  # imports torch
 
         template_dir, tensors = weights
         return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra, force=force)
-    from evomerge.merge.writer import write_model
-
     recipe = recipe or Recipe.from_string(best.recipe_yaml)
     return write_model(recipe, pool, out, scores=_flat_scores(best), card_extra=card_extra, force=force)
 

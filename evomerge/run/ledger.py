@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,8 +276,6 @@ class Ledger:
         """Copy the write-ahead log into the main file as far as readers allow (PASSIVE: never
         waits), then flush both to disk: every committed row is on disk, and in the main file
         alone unless a reader held the log back."""
-        import os
-
         if not self.readonly:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()

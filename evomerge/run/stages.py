@@ -25,7 +25,9 @@ from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate import evaluator_class
+from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.writer import write_model
 from evomerge.optim import OPTIMIZERS, make_optimizer
 from evomerge.optim.base import Candidate, Optimizer
 from evomerge.recipe import Recipe
@@ -76,8 +78,6 @@ class ArchivePort:
         self.workers = workers
 
     def persist(self, member_id: int, candidate: Candidate) -> None:
-        from evomerge.merge.writer import write_model
-
         out = self.root / str(member_id)
         if not (out / "config.json").is_file():  # written whole or not at all (writer renames)
             assert candidate.recipe is not None
@@ -118,7 +118,7 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
     if run_dir is not None and optimizer.keeps_run_files(options):
         options.setdefault("run_dir", str(run_dir / "stages" / plan.name))
     if plan.space_kind == "weights" and options.get("initial_models") is not None and optimizer.searches_space(options):
-        from evomerge.run.weights import encode_model
+        from evomerge.run.weights import encode_model  # imports torch: only for a weights space
 
         field = f"stages[{plan.index}].optimizer.initial_models"
         refs = options.pop("initial_models")
@@ -151,7 +151,7 @@ def decode_candidate(plan: StagePlan, cand: Candidate) -> Payload:
     if cand.recipe is not None:
         return cand.recipe
     if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_payload
+        from evomerge.run.weights import weights_payload  # imports torch: only for a weights space
 
         return weights_payload(plan.space, cand.genome, plan.models[0])
     recipe = plan.space.decode(cand.genome)
@@ -167,7 +167,7 @@ def row_payload(plan: StagePlan, row: LedgerRow) -> Payload | None:
     """What a ledger row scored, ready to evaluate again (a weights row: its tensors rebuilt from
     its genome, None when the ledger did not keep it)."""
     if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_payload
+        from evomerge.run.weights import weights_payload  # imports torch: only for a weights space
 
         return None if row.genome is None else weights_payload(plan.space, row.genome, plan.models[0])
     return Recipe.from_string(row.recipe_yaml)
@@ -311,7 +311,7 @@ def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
     from its parents (or the source model an initial member copies); a weights-space candidate's
     entry names its weights (`genome:<sha>`) and parents, there is no recipe to show. Reads only
     the ids, hashes, recipes and parents of the stage's rows."""
-    from evomerge.run.weights import is_weights_recipe
+    from evomerge.run.weights import is_weights_recipe  # imports torch: only for an M2N2 lineage
 
     by_id = ledger.lineage_info(stage)
     order: list[int] = []
@@ -341,6 +341,4 @@ def lineage(ledger: Ledger, stage: str, row: LedgerRow) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    from evomerge.fsutil import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True, default=str) + "\n")

@@ -27,6 +27,7 @@ from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import RunDir, lock_holder
 from evomerge.run.stages import Best, run_best, stage_best
+from evomerge.spaces.config import load_space_spec
 
 
 def _space_kind(stage: Any) -> str:
@@ -35,8 +36,6 @@ def _space_kind(stage: Any) -> str:
     if isinstance(stage.space, dict):
         return str(stage.space.get("kind", "?"))
     try:
-        from evomerge.spaces.config import load_space_spec
-
         spec, _ = load_space_spec(stage.space, stage.space_overrides or None)
         return spec.kind
     except Exception:
