@@ -134,26 +134,17 @@ class LedgerRow:
         is -inf); `seq` is given by `Ledger.append`."""
         failed = result.failed
         return cls(
-            seq=0,
-            stage=stage,
-            candidate_id=candidate_id,
-            generation=generation,
-            split=split,
-            genome=genome,
-            recipe_hash=recipe_hash,
-            recipe_yaml=recipe_yaml,
+            seq=0, stage=stage, candidate_id=candidate_id, generation=generation, split=split, genome=genome,
+            recipe_hash=recipe_hash, recipe_yaml=recipe_yaml,
             objectives={k: float(v) for k, v in result.objectives.items()},
             higher_is_better=dict(result.higher_is_better),
             fitness=-math.inf if fitness is None else float(fitness),
             per_sample={} if failed else {k: np.asarray(v, dtype=float).tolist() for k, v in result.per_sample.items()},
-            worker=worker,
-            started=started,
-            finished=finished,
+            worker=worker, started=started, finished=finished,
             status="failed" if failed else "ok",
             error=(result.error or "non-finite objective") if failed else None,
-            subset=subset,
-            meta=dict(meta or {}),
-        )
+            subset=subset, meta=dict(meta or {}),
+        )  # fmt: skip
 
     @property
     def ok(self) -> bool:

@@ -258,19 +258,13 @@ def stage_best(ledger: Ledger, stage: str, *, with_lineage: bool = True) -> Best
     holdout = ledger.find(row.recipe_hash, "holdout", stage=stage)
     scored = holdout is not None and holdout.ok
     return Best(
-        stage=stage,
-        candidate_id=row.candidate_id,
-        generation=row.generation,
-        recipe_hash=row.recipe_hash,
-        recipe_yaml=row.recipe_yaml,
-        score=row.fitness,
-        search=row.objectives,
+        stage=stage, candidate_id=row.candidate_id, generation=row.generation, recipe_hash=row.recipe_hash,
+        recipe_yaml=row.recipe_yaml, score=row.fitness, search=row.objectives,
         holdout=holdout.objectives if scored else None,
         holdout_score=holdout.fitness if scored else None,
-        seq=row.seq,
-        genome=row.genome,
+        seq=row.seq, genome=row.genome,
         lineage=lineage(ledger, stage, row) if with_lineage and row.meta.get("parents") else [],
-    )
+    )  # fmt: skip
 
 
 def same_objective(stages: list[Any]) -> bool:
