@@ -41,7 +41,7 @@ from evomerge.report import write_report
 from evomerge.resources import find_yaml
 from evomerge.run.driver import resume_run, start_run
 from evomerge.run.export import export_run
-from evomerge.run.ledger import Ledger
+from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import LEDGER_FILE, is_run_dir, read_experiment
 from evomerge.run.stages import stage_best
 from evomerge.zoo import PRESETS, build_zoo
@@ -81,7 +81,7 @@ def run_table(run_dir: str | Path, sources: Sequence[str] = ()) -> list[TableRow
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         baselines: dict[str, TableRow] = {}
         for row in ledger.baselines():
-            name = row.stage.removeprefix("baseline:")
+            name = row.stage.removeprefix(BASELINE_PREFIX)
             entry = baselines.setdefault(name, TableRow("hand-set", name, recipe_yaml=row.recipe_yaml))
             if row.ok:
                 setattr(entry, row.split, {k: float(v) for k, v in row.objectives.items()})

@@ -41,7 +41,7 @@ from evomerge.run.checkpoint import CheckpointPacer, load_checkpoint, save_check
 from evomerge.run.export import write_best, write_best_model
 from evomerge.run.integrity import check_ledger, find_gap
 from evomerge.run.jobs import WorkerPool
-from evomerge.run.ledger import Ledger, LedgerRow
+from evomerge.run.ledger import BASELINE_PREFIX, Ledger, LedgerRow
 from evomerge.run.resume import log_changes, reopened_checkpoint, resume_changes
 from evomerge.run.rundir import (
     EXPERIMENT_FILE,
@@ -488,7 +488,7 @@ class Run:
         for i, baseline in enumerate(self.exp.baselines):
             recipe = self._baseline_recipe(i)
             digest = recipe.content_hash()
-            stage = f"baseline:{baseline.name}"
+            stage = f"{BASELINE_PREFIX}{baseline.name}"
             for split in ("search", "holdout"):
                 if ledger.find(digest, split, stage=stage) is None:
                     subset = Subset(seed=self.exp.seed, generation=0) if split == "search" else None

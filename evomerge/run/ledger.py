@@ -418,7 +418,7 @@ class Ledger:
 
     def baselines(self) -> list[LedgerRow]:
         """Rows of the hand-set baseline recipes a run scored for reference (stage `baseline:NAME`)."""
-        cur = self._iter("SELECT * FROM evaluations WHERE stage LIKE 'baseline:%' ORDER BY seq")
+        cur = self._iter("SELECT * FROM evaluations WHERE substr(stage, 1, ?) = ? ORDER BY seq", (len(BASELINE_PREFIX), BASELINE_PREFIX))
         return [self._row(r) for r in cur]
 
     def find(self, recipe_hash: str, split: str, stage: str | None = None, subset: str | None = None) -> LedgerRow | None:

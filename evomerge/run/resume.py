@@ -23,7 +23,7 @@ from typing import Any
 
 from evomerge.config import Experiment, apply_sets, parse_experiment, parse_sets
 from evomerge.errors import ConfigError
-from evomerge.run.rundir import experiment_data
+from evomerge.run.rundir import RunDir, experiment_data
 
 SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*"
 
@@ -57,7 +57,7 @@ def resume_changes(run_dir: Path, exp: Experiment, sets: list[str] | tuple[str, 
     """The experiment with `sets` applied, the changes (as "field: old -> new"), and whether the
     finished run's last stage reopens. Raises ConfigError (file experiment.yaml, the field) for a
     change that may not be made."""
-    file = str(run_dir / "experiment.yaml")
+    file = str(RunDir(run_dir).experiment)
     raw = experiment_data(run_dir)
     try:
         new = parse_experiment(apply_sets(raw, parse_sets(sets)), file=file)
