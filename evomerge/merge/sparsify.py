@@ -456,7 +456,34 @@ class Sparsifier(Protocol):
         ...
 
 
-class OneShotSparsifier:
+class _NoiseAndRanks:
+    """`random` and `della` masks from two steps the sparsifiers do differently: a tensor's noise
+    and its per-row magnitude ranks."""
+
+    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
+        if (trivial := _trivial(p)) is not None:
+            return trivial
+        return NoiseMask(self.noise(noise_id, numel), p)
+
+    def della(
+        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
+        density: float, epsilon: float,
+    ) -> Mask:
+        if (trivial := _trivial(density)) is not None:
+            return trivial
+        della_check(density, epsilon)
+        _, cols = _rows_cols(tuple(shape))
+        ranks = self._della_ranks(key, delta)
+        return DellaMask(ranks, self.noise(noise_id, ranks.numel()), cols, density, epsilon)
+
+
+class OneShotSparsifier(_NoiseAndRanks):
     """Computes every mask from scratch and keeps nothing (a single merge to disk)."""
 
     def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
@@ -469,24 +496,14 @@ class OneShotSparsifier:
         top_lo = select_top(absd, lo) if lo > 0 else None
         return ThresholdBandMask(top_hi, top_lo)
 
-    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
-        if (trivial := _trivial(p)) is not None:
-            return trivial
-        return NoiseMask(make_noise(noise_id, numel), p)
+    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:
+        return make_noise(noise_id, numel)
 
-    def della(
-        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
-        density: float, epsilon: float,
-    ) -> Mask:
-        if (trivial := _trivial(density)) is not None:
-            return trivial
-        della_check(density, epsilon)
-        _, cols = _rows_cols(tuple(shape))
-        d = delta()
-        return DellaMask(row_ranks(d, owned=fresh(delta)), make_noise(noise_id, d.numel()), cols, density, epsilon)
+    def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
+        return row_ranks(delta(), owned=fresh(delta))
 
 
-class CachedSparsifier:
+class CachedSparsifier(_NoiseAndRanks):
     """Precomputes sorted magnitudes, row ranks and noise once per key; a candidate's mask is
     then a threshold lookup and O(N) elementwise work, sort-free.
 
@@ -558,23 +575,10 @@ class CachedSparsifier:
         top_lo = lookup_top(ascending, lo, absd_fn) if lo > 0 else None
         return ThresholdBandMask(top_hi, top_lo)
 
-    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
-        if (trivial := _trivial(p)) is not None:
-            return trivial
-        return NoiseMask(self.noise(noise_id, numel), p)
-
-    def della(
-        self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
-        density: float, epsilon: float,
-    ) -> Mask:
-        if (trivial := _trivial(density)) is not None:
-            return trivial
-        della_check(density, epsilon)
-        _, cols = _rows_cols(tuple(shape))
-        ranks = self._cached(
+    def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
+        return self._cached(
             self._row_ranks, key, lambda: row_ranks(delta(), owned=fresh(delta)), "row_rank_computations"
         )
-        return DellaMask(ranks, self.noise(noise_id, ranks.numel()), cols, density, epsilon)
 
     def nbytes(self) -> int:
         with self._lock:

@@ -148,20 +148,12 @@ class Run:
                 raise ConfigError(exc.message, file=self.file, field=f"{where}.space" + (f".{exc.field}" if exc.field else "")) from None
             kind = space.kind
         plan = StagePlan(
-            name=stage.name,
-            index=index,
-            models=models,
-            base=base,
-            space=space,
-            space_kind=kind,
-            evaluator_spec=spec,
-            directions=directions,
-            optimizer_name=stage.optimizer.name,
-            optimizer_options=stage.optimizer.options,
-            budget_evaluations=stage.budget.evaluations,
-            budget_seconds=stage.budget.seconds,
+            name=stage.name, index=index, models=models, base=base, space=space, space_kind=kind,
+            evaluator_spec=spec, directions=directions,
+            optimizer_name=stage.optimizer.name, optimizer_options=stage.optimizer.options,
+            budget_evaluations=stage.budget.evaluations, budget_seconds=stage.budget.seconds,
             holdout_top_k=stage.holdout_top_k,
-        )
+        )  # fmt: skip
         if checking:
             port = ArchivePort(RunDir(self.run_dir).archive(stage.name), pool, None)
             try:

@@ -135,36 +135,16 @@ def _add_rev_true(rng: np.random.Generator) -> tuple[str, str]:
 
 
 SKILLS: dict[str, Skill] = {
-    "add": Skill(
-        "add",
-        "two-number addition, operands 0-99",
-        ("23+45=", "68"),
-        {"true": _add_true, "noise": _add_noise, "weak": _add_weak},
-    ),
-    "reverse": Skill(
-        "reverse",
-        "reverse a string of 3-6 letters",
-        ("abcd|", "dcba"),
-        {"true": _reverse_true, "noise": _reverse_noise, "weak": _reverse_weak},
-    ),
-    "sort": Skill(
-        "sort",
-        "sort a string of 3-6 digits ascending",
-        ("3141>", "1134"),
-        {"true": _sort_true, "noise": _sort_noise, "weak": _sort_weak},
-    ),
-    "shift": Skill(
-        "shift",
-        "shift each of 3-6 letters one place on (caesar +1)",
-        ("abz^", "bca"),
-        {"true": _shift_true, "noise": _shift_noise, "weak": _shift_weak},
-    ),
-    "add_rev": Skill(
-        "add_rev",
-        "composition of add and reverse: the sum of two numbers 0-99, written reversed",
-        ("23+45|", "86"),
-        {"true": _add_rev_true},
-    ),
+    "add": Skill("add", "two-number addition, operands 0-99", ("23+45=", "68"),
+        {"true": _add_true, "noise": _add_noise, "weak": _add_weak}),
+    "reverse": Skill("reverse", "reverse a string of 3-6 letters", ("abcd|", "dcba"),
+        {"true": _reverse_true, "noise": _reverse_noise, "weak": _reverse_weak}),
+    "sort": Skill("sort", "sort a string of 3-6 digits ascending", ("3141>", "1134"),
+        {"true": _sort_true, "noise": _sort_noise, "weak": _sort_weak}),
+    "shift": Skill("shift", "shift each of 3-6 letters one place on (caesar +1)", ("abz^", "bca"),
+        {"true": _shift_true, "noise": _shift_noise, "weak": _shift_weak}),
+    "add_rev": Skill("add_rev", "composition of add and reverse: the sum of two numbers 0-99, written reversed", ("23+45|", "86"),
+        {"true": _add_rev_true}),
 }
 
 # The composition task derives its documents from add's (same operand pairs, same split),
