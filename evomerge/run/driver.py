@@ -54,8 +54,8 @@ from evomerge.run.rundir import (
 )
 from evomerge.run.scheduler import RunStopped, Scheduler
 from evomerge.run.stages import (
-    ArchivePort,
     Best,
+    RunArchive,
     StagePlan,
     decode_candidate,
     make_stage_optimizer,
@@ -155,7 +155,7 @@ class Run:
             holdout_top_k=stage.holdout_top_k,
         )  # fmt: skip
         if checking:
-            port = ArchivePort(RunDir(self.run_dir).archive(stage.name), pool, None)
+            port = RunArchive(RunDir(self.run_dir).archive(stage.name), pool, None)
             try:
                 make_stage_optimizer(plan, seed=exp.seed + index, run_dir=None, pool=pool, port=port)
             except EvomergeError as exc:
@@ -348,7 +348,7 @@ class Run:
         pool = self._pool_for(plan, evaluator)
         port = None
         if plan.space is None:
-            port = ArchivePort(RunDir(self.run_dir).archive(stage.name), self.sources, pool)
+            port = RunArchive(RunDir(self.run_dir).archive(stage.name), self.sources, pool)
             for ref, path in port.register_existing():
                 pool.add_source(ref, path)
         opt = make_stage_optimizer(plan, seed=self.exp.seed + index, run_dir=self.run_dir, pool=self.sources, port=port)

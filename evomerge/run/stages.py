@@ -69,7 +69,7 @@ class StagePlan:
         return self.budget_evaluations
 
 
-class ArchivePort:
+class RunArchive:
     """M2N2 model mode: a member entering the archive is materialized to disk and registered."""
 
     def __init__(self, root: Path, pool: SourcePool, workers: WorkerPool | None):
@@ -100,7 +100,7 @@ class ArchivePort:
         return found
 
 
-def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, pool: SourcePool, port: ArchivePort | None) -> Optimizer:
+def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, pool: SourcePool, port: RunArchive | None) -> Optimizer:
     options = dict(plan.optimizer_options)
     if plan.budget_evaluations is not None:
         if options.get("max_evals") is not None:
