@@ -1,4 +1,8 @@
-"""The `evomerge` command line."""
+"""The `evomerge` command line.
+
+Each verb imports what it needs when it runs, so `evomerge --help`, `space describe` and the
+torch-free `merge` path start without loading torch, Ray or lm-eval.
+"""
 
 from __future__ import annotations
 

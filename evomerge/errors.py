@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -128,9 +130,6 @@ class EvomergeWarning(UserWarning):
 def one_line_warnings() -> None:
     """Show EvomergeWarnings as `warning: message` (one line on stderr, no source line); other
     warnings as Python shows them. The CLI installs this once."""
-    import sys
-    import warnings
-
     show = warnings.showwarning
     if getattr(show, "_evomerge", False):
         return

@@ -6,6 +6,8 @@ up in a table: `register_model_kind(name, loader)` adds one, `loader` being a fu
 `config -> torch.nn.Module` or a lazy ``"package.module:attr"`` string imported on first use
 (so the core imports no model code it does not build), and `load_hint` tells a model card's
 reader how to load a saved directory of the kind.
+
+transformers is imported where a model is built (importing it takes seconds).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Progress for long work: a rich bar on a terminal, a few plain log lines otherwise."""
+"""Progress for long work: a rich bar on a terminal, a few plain log lines otherwise.
+
+rich's progress classes are imported only when a bar is shown on a terminal.
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evomerge.errors import ConfigError
 
 KINDS = ("search_spaces", "evaluators", "experiments")
@@ -46,8 +48,6 @@ def find_yaml(kind: str, name_or_path: str | Path, *, field: str | None = None, 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's content; a file that is not UTF-8 text or not valid YAML is one line naming it
     (the recipe, experiment and search-space readers share this)."""
-    import yaml
-
     path = Path(path)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))

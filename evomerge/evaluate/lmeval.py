@@ -37,6 +37,9 @@ Splits: a task's search and holdout documents come from different dataset splits
 seeded partition of one split, so no document can be in both. Document ids are
 ``"<dataset split>:<index in that split>"``. Only mean-aggregated metrics are accepted, because
 an objective must be the mean of the per-sample scores the optimizers (M2N2) receive.
+
+lm-eval's modules are imported where they are used: importing lm-eval takes seconds and
+evaluators of other kinds never need it.
 """
 
 from __future__ import annotations

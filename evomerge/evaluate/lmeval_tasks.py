@@ -5,6 +5,8 @@ managers are cached per process, and when every task an evaluator names is found
 folders (`include_path`) a manager over those folders alone is used (well under a second). lm-eval
 silently skips task YAMLs it cannot parse; `load_task` looks for such a file when a name is
 unknown, so the user sees the parse error instead of "unknown task".
+
+lm-eval's modules are imported where they are used (importing lm-eval takes seconds).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -360,8 +361,6 @@ def _load_pickle(ref: str, file: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded weights-only (even when pickles are allowed, never run
     arbitrary code); memory-mapped when the file is in torch's zip format, read whole when it is
     the pre-1.6 format (which cannot be mapped)."""
-    import zipfile
-
     import torch  # pickles only: safetensors sources are read without torch where possible
 
     try:

@@ -17,6 +17,8 @@
   `min_generations` generations.
 - State: a versioned pickle of the CMAEvolutionStrategy object (its Generator included) plus the
   pending generation, in the JSON-able state dict.
+
+cma is imported where used, so that listing or validating optimizers does not import it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ the storage. On load, when the storage holds trials asked after the checkpoint (
 crashed with candidates in flight), the trials known to the checkpoint are copied to a new
 study `NAME.rK` as they were then, so the next asks are exactly those of the uninterrupted run
 (Optuna seeds some samplers with trial numbers; stale trials would shift them).
+
+optuna (and SQLAlchemy) are imported inside the functions that use them: importing optuna
+takes about a second, and runs with other optimizers never need it.
 """
 
 from __future__ import annotations

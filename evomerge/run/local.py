@@ -8,6 +8,8 @@ scores either way. Nothing runs in the background: a job submitted and not waite
 actor to its `num_cpus`; restored at shutdown). On shared, busy cores a multi-threaded forward pass
 of a small model spins: the digits MLP took 31 ms per pass with 2 threads against 2.5-4.5 ms with
 one, measured at load average 3 on 2 cores.
+
+torch is imported where used: the module is also imported on paths that compute nothing.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ A recipe read back from the ledger's YAML has no tensors: rebuild them from the 
 
 `WorkerCore` builds the template's architecture once and copies the tensors into it; an export
 writes the tensors with the template's `config.json` (`write_weights_model`).
+
+safetensors' torch writer is imported where a model is written (it imports torch).
 """
 
 from __future__ import annotations

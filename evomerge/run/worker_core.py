@@ -19,6 +19,8 @@ the rank tables of a first job are built before the skeleton is written (`prepar
 Ray workers also give MKL's GEMM buffers back after each job (`evomerge.run.worker_memory`).
 
 Any exception, or a non-finite objective, becomes `EvalResult.failure(...)`.
+
+transformers is imported where a model or tokenizer is built (importing it takes seconds).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ process, so without `release_free_memory` and `release_blas_buffers` a merge's t
 the last evaluation's BLAS buffers would stay resident in every worker while it holds its
 model and merges the next candidate. `MemoryMeter` measures what a worker holds beyond its base
 (taken after setup), split where the evaluator is called (`MeteredEvaluator`).
+
+ctypes, torch and psutil are imported inside the helpers: each is needed by one of them only,
+and importing this module must stay free of torch.
 """
 
 from __future__ import annotations

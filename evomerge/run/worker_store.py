@@ -8,6 +8,8 @@ the node's shared memory (no copy), and `unpack` wraps them as tensors without c
 so N workers on a node hold each source once. Tensors travel as raw bytes, so dtypes numpy
 lacks (bfloat16) travel too. The views are read-only memory: the merge engine must never write
 into a source tensor (it does not: methods build new tensors).
+
+Ray is imported where it is used, so the in-process paths that share this code never load it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ segfault) is replaced by a fresh actor and its job retried, up to `MAX_ATTEMPTS`
 then the job comes back as a failed outcome and the pool goes on. Ray is started locally (bound to 127.0.0.1, dashboard off) unless `address` says to
 join a running cluster (`auto`, `HOST:PORT`, `ray://HOST:PORT`); an already initialized Ray
 (a test fixture, an application) is used as it is.
+
+Ray is imported inside the functions that start or talk to it: `--local` runs and the
+in-process paths never load it (it takes seconds).
 """
 
 from __future__ import annotations
