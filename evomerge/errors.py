@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import sys
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 
 class EvomergeError(Exception):
@@ -55,7 +56,8 @@ def schema_error(
     prefix: str = "",
     skip: tuple[str, ...] = (),
     valid_fields: Callable[[str], list[str]] | None = None,
-    keys: bool = False,
+    model: type | None = None,
+    specific: bool = False,
 ) -> ConfigError:
     """A pydantic ValidationError as one line naming the file and the field.
 
@@ -65,11 +67,11 @@ def schema_error(
     (`valid_fields(parent field)`), a validator may name its own field as "stages[0].x: message",
     and pydantic's "Input should be X" reads "must be X, got VALUE".
 
-    keys=True reads the model as a free-form mapping (an evaluator spec): its field is a dotted
-    key path (`tasks.0.metric`), an unknown field is an "unknown key", the most specific error
-    is reported (inside a union member, an unknown key wins over "not a string"), and a value no
-    member of a union takes lists the members ("expected one of: list[str], dict; got int").
-    Otherwise the first error is reported.
+    The valid fields come from `valid_fields(parent field)`, or else from the pydantic `model`
+    that was validated (followed along the error's location). specific=True (specs made of
+    nested unions, such as evaluator specs) reports the most specific error instead of the first
+    (inside a union member, an unknown field wins over "not a string") and a value no member of a
+    union takes lists the members ("expected one of: list[str], dict; got int").
     """
     errors = exc.errors()
 
@@ -81,21 +83,18 @@ def schema_error(
             (tags if isinstance(p, str) and (p in skip or _TAG.match(p)) else keep).append(p)
         return keep, tags
 
-    err = min(errors, key=lambda e: (e["type"].endswith("_type"), -len(e["loc"]))) if keys else errors[0]
+    err = min(errors, key=lambda e: (e["type"].endswith("_type"), -len(e["loc"]))) if specific else errors[0]
     loc, _ = split(err)
-    if keys:
-        field = prefix + ".".join(str(p) for p in loc)
-    else:
-        field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    field = prefix + ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
     message = pydantic_message(err)
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = field.rsplit(".", 1)[0] if "." in field else ""
-        valid = valid_fields(parent) if valid_fields else []
-        message = "unknown key" if keys else f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
+        valid = valid_fields(parent) if valid_fields else fields_at(model, err["loc"][:-1]) if model else []
+        message = f"unknown field; valid: {', '.join(valid)}" if valid else "unknown field"
     elif kind == "missing":
         message = "missing (required)"
-    elif keys and kind.endswith("_type"):
+    elif specific and kind.endswith("_type"):
         tags = [t for e in errors if split(e)[0] == loc and e["type"].endswith("_type") for t in split(e)[1]]
         if len(tags) > 1:
             message = f"expected one of: {', '.join(dict.fromkeys(tags))}; got {type(err.get('input')).__name__}"
@@ -103,6 +102,40 @@ def schema_error(
     if located:
         field, message = located.group(1), located.group(2)
     return ConfigError(message, file=file, field=field.rstrip(".") or None)
+
+
+def fields_at(model: type, loc: tuple | list) -> list[str]:
+    """The fields of the pydantic model found at `loc` (a pydantic error location, union tags
+    included) inside `model`: [] where no single model is found there."""
+    types: list[Any] = [model]
+    for part in loc:
+        found: list[Any] = []
+        for t in _members(types):
+            fields = getattr(t, "model_fields", None)
+            args = get_args(t)
+            if fields is not None:
+                if part in fields:
+                    found.append(fields[part].annotation)
+                elif part == getattr(t, "__name__", None):  # a union member's tag
+                    found.append(t)
+            elif isinstance(part, int) and get_origin(t) in (list, tuple, set, Sequence) and args:
+                found.append(args[0])
+            elif isinstance(part, str) and get_origin(t) in (dict, Mapping) and len(args) == 2:
+                found.append(args[1])
+        types = found
+    models = [t for t in _members(types) if getattr(t, "model_fields", None) is not None]
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _members(types: list[Any]) -> list[Any]:
+    """The types with unions and Annotated unpacked (X | Y | None -> X, Y, None)."""
+    out: list[Any] = []
+    for t in types:
+        if get_origin(t) in (Union, UnionType, Annotated):
+            out += _members(list(get_args(t)[:1] if get_origin(t) is Annotated else get_args(t)))
+        else:
+            out.append(t)
+    return out
 
 
 def pydantic_message(err: dict) -> str:

@@ -121,7 +121,7 @@ def test_build_errors(tmp_path: Path):
         ({"kind": "python", "callable": "math:sqrt"}, "objectives", "required"),
         ({"kind": "classification", "splits": {"search": "test", "holdout": "test"}}, "splits", "same split"),
         ({"tasks": ["zoo_add"]}, "kind", "missing; valid"),
-        ({"kind": "lm_eval", "tasks": [{"task": "zoo_add", "metrc": "acc"}]}, "tasks.0.metrc", "unknown key"),
+        ({"kind": "lm_eval", "tasks": [{"task": "zoo_add", "metrc": "acc"}]}, "tasks[0].metrc", "unknown field; valid: task, metric"),
         ({"kind": "lm_eval", "tasks": ["zoo_add"], "objectives": {"a": 5}}, "objectives.a", "expected one of: list"),
     ]
     for spec, field, pattern in cases:

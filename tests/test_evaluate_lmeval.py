@@ -281,7 +281,7 @@ def test_configuration_errors_are_one_line(local_tasks):
         (_spec(["evo_missing"], include_path=inc), "cannot be loaded"),
         (_spec(["zoo_add"], objectives={"x": ["zoo_sort"]}), "'zoo_sort' is not one of the evaluator's tasks"),
         (_spec(["zoo_add"], batch_size=0), "greater than 0"),
-        (_spec(["zoo_add"], colour="red"), "unknown key"),
+        (_spec(["zoo_add"], colour="red"), "unknown field; valid: kind, .*tasks"),
         ({"kind": "lm_evl", "tasks": ["zoo_add"]}, "valid: lm_eval, classification, python"),
     ]
     for spec, pattern in cases:

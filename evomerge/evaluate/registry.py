@@ -11,6 +11,7 @@ checking a spec of another kind never imports lm-eval or torch). A new kind is o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def _validated(ref: str | Path | Mapping, overrides: Mapping | None) -> tuple[Sp
     try:
         return ev_cls.spec_model.model_validate(data), ev_cls, file, base_dir
     except ValidationError as err:
-        error = schema_error(err, file=file, keys=True)
+        error = schema_error(err, file=file, model=ev_cls.spec_model, specific=True)
         if overrides and error.field and _overridden(error.field, overrides):
             # the user's override is at fault, not the evaluator file: name the override
             raise ConfigError(error.message, field=f"evaluator_overrides.{error.field}") from None
@@ -102,9 +103,9 @@ def _validated(ref: str | Path | Mapping, overrides: Mapping | None) -> tuple[Sp
 
 
 def _overridden(field: str, overrides: Mapping) -> bool:
-    """True when the dotted `field` (e.g. "subsample.size", "tasks.0.task") is set by `overrides`."""
+    """True when `field` (e.g. "subsample.size", "tasks[0].task") is set by `overrides`."""
     node: Any = overrides
-    for part in field.split("."):
+    for part in re.findall(r"[^.\[\]]+", field):
         if isinstance(node, Mapping) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
