@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
+from evomerge.fidelity import check_fidelity
 from evomerge.merge.specs import METHOD_SPECS
 from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
@@ -99,6 +100,7 @@ class StageSpec(_Strict):
     optimizer: OptimizerSpec
     budget: BudgetSpec
     holdout_top_k: int = Field(3, ge=0)
+    fidelity: str | dict[str, Any] = "full"  # evomerge/fidelity (checked by check_experiment)
 
     @field_validator("name")
     @classmethod
@@ -380,6 +382,8 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
         if isinstance(spec, PSSpec) and METHOD_SPECS[spec.method].requires_base and not exp.stage_base(stage):
             field = f"{where}.base" if stage.models is not None else "models.base"
             raise ConfigError(f"the stage's space merges with '{spec.method}', which needs a base model", file=file, field=field)
+    for i, stage in enumerate(exp.stages):
+        check_fidelity(stage.fidelity, file=file, where=f"stages[{i}].fidelity")
     for i, baseline in enumerate(exp.baselines):
         field = f"baselines[{i}].recipe"
         try:

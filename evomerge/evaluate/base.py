@@ -65,6 +65,10 @@ class Evaluator(ABC):
     #: reports per-sample scores with their document ids: True always, False never, None when
     #: it depends on the spec (a python function may or may not)
     PER_SAMPLE: ClassVar[bool | None] = None
+    #: scores exactly the documents a `Subset(positions=...)` names and has `objective_weights`
+    #: (objective -> task -> weight), so a fidelity strategy (`evomerge.fidelity`) can score a
+    #: candidate on a few documents and combine the parts
+    SELECTS_DOCUMENTS: ClassVar[bool] = False
 
     def __init__(self, spec: SpecModel, *, file: str | None = None, base_dir: Path | None = None) -> None:
         self.spec = spec

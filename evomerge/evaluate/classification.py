@@ -54,6 +54,7 @@ class ClassificationEvaluator(Evaluator):
     spec_model = ClassificationSpec
     SHARDABLE = True
     PER_SAMPLE = True
+    SELECTS_DOCUMENTS = True
     spec: ClassificationSpec
 
     def __init__(self, spec: ClassificationSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
@@ -77,6 +78,10 @@ class ClassificationEvaluator(Evaluator):
 
     def objective_directions(self) -> dict[str, bool]:
         return {self.spec.objective: True}
+
+    @property
+    def objective_weights(self) -> dict[str, dict[str, float]]:
+        return {self.spec.objective: {self.spec.task: 1.0}}
 
     def _indices(self, split: Split, subset: Subset | None, shard: tuple[int, int] | None) -> np.ndarray:
         n = len(self.data[split][1])

@@ -140,6 +140,7 @@ class LmEvalEvaluator(Evaluator):
     spec_model = LmEvalSpec
     SHARDABLE = True
     PER_SAMPLE = True
+    SELECTS_DOCUMENTS = True
     spec: LmEvalSpec
 
     def __init__(self, spec: LmEvalSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
@@ -408,7 +409,7 @@ class LmEvalEvaluator(Evaluator):
             agg = self.tasks[name].task.aggregation()[self.tasks[name].metric]
             task_scores[name] = float(agg(values)) if values else math.nan
         return EvalResult(
-            objectives=weighted_objectives(self.objective_weights, task_scores, partial=shard is not None),
+            objectives=weighted_objectives(self.objective_weights, task_scores, partial=shard is not None or (subset is not None and subset.positions is not None)),
             higher_is_better=self.objective_directions(),
             per_sample=per_sample,
             doc_ids={name: [d.id for d in docs] for name, docs in selection.items()},

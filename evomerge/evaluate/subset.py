@@ -11,6 +11,9 @@ two integers, so it crosses Ray and the ledger as it is:
   same for the whole run. Without a subset the evaluator uses ``Subset(seed=its own seed,
   generation=0)``.
 - ``limit: N`` instead takes the first N documents of the split (lm-eval's ``--limit``).
+- ``positions`` (set by a fidelity strategy, `evomerge.fidelity`) keeps only these positions of
+  each task's selection above (per task; a task it does not name scores no document), so a
+  candidate can be scored on a few documents and later on more, never on one twice.
 
 Selections are sorted by document index, so a subset is scored in split order, and the
 same (seed, generation) gives the same documents in any process.
@@ -30,6 +33,13 @@ class Subset:
 
     seed: int = 0
     generation: int = 0
+    positions: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+
+    def picked(self, key: str) -> tuple[int, ...] | None:
+        """The positions kept of task `key` (None: every document of the selection)."""
+        if self.positions is None:
+            return None
+        return dict(self.positions).get(key, ())
 
 
 def select(
@@ -47,6 +57,12 @@ def select(
     first documents; `size` draws a seeded sample (after `limit`, if both are set).
     """
     idx = np.arange(n_docs if limit is None else min(limit, n_docs))
+    chosen = _sample(idx, key=key, size=size, per_generation=per_generation, subset=subset)
+    picked = subset.picked(key) if subset is not None else None
+    return chosen if picked is None else chosen[np.asarray(picked, dtype=np.int64)]
+
+
+def _sample(idx: np.ndarray, *, key: str, size: int | None, per_generation: bool, subset: Subset | None) -> np.ndarray:
     if size is None or size >= len(idx):
         return idx
     subset = subset or Subset()
