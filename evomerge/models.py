@@ -2,7 +2,8 @@
 
 A Hugging Face config (one with `model_type`) builds the transformers class its `architectures`
 names, else `AutoModelForCausalLM`. Any other config names its kind in `architecture`, looked
-up in a table: `register_model_kind(name, loader)` adds one, `loader` being a function
+up in a table: `register_model_kind(name, loader)` adds one (a plugin does it, as the zoo does
+for its digits MLP in `evomerge/zoo/kinds.py`), `loader` being a function
 `config -> torch.nn.Module` or a lazy ``"package.module:attr"`` string imported on first use
 (so the core imports no model code it does not build), and `load_hint` tells a model card's
 reader how to load a saved directory of the kind.
@@ -27,6 +28,7 @@ ModelLoader = Callable[[Mapping[str, Any]], "torch.nn.Module"]
 HF_LOAD_HINT = "`transformers.AutoModel.from_pretrained(DIR)`"
 _KINDS: dict[str, ModelLoader | str] = {}
 _LOAD_HINTS: dict[str, str] = {}
+_IMPORTED: dict[str, ModelLoader] = {}  # lazy "module:attr" -> what it names
 
 
 def register_model_kind(name: str, loader: ModelLoader | str, *, load_hint: str | None = None, replace: bool = False) -> None:
@@ -47,24 +49,26 @@ def register_model_kind(name: str, loader: ModelLoader | str, *, load_hint: str 
         _LOAD_HINTS[name] = load_hint
 
 
-register_model_kind(  # the zoo's digits classifiers
-    "DigitsMLP",
-    "evomerge.zoo.digits:DigitsMLP.from_config",
-    load_hint="`evomerge.zoo.digits.DigitsMLP.from_pretrained(DIR)` (a plain torch MLP, not a transformers model)",
-)
-
-
 def model_kinds() -> list[str]:
     """The registered `architecture` names (Hugging Face configs are always accepted besides)."""
     return list(_KINDS)
 
 
+def _known(name: str) -> bool:
+    """Whether `name` is a registered kind, after the plugins (the zoo's kinds among them,
+    `evomerge.plugins`) are loaded when it is not."""
+    if name not in _KINDS:
+        load_plugins()
+    return name in _KINDS
+
+
 def _loader(name: str) -> ModelLoader:
     loader = _KINDS[name]
-    if isinstance(loader, str):
-        module, _, attr = loader.partition(":")
-        loader = reduce(getattr, attr.split("."), importlib.import_module(module))
-        _KINDS[name] = loader
+    if isinstance(loader, str):  # imported once; the table keeps the string (registering it again is no change)
+        if loader not in _IMPORTED:
+            module, _, attr = loader.partition(":")
+            _IMPORTED[loader] = reduce(getattr, attr.split("."), importlib.import_module(module))
+        return _IMPORTED[loader]
     return loader
 
 
@@ -74,9 +78,7 @@ def registered_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
     if config.get("model_type") is not None or config.get("architecture") is None:
         return None
     name = config["architecture"]
-    if name not in _KINDS:
-        load_plugins()  # a plugin module (EVOMERGE_PLUGINS, entry points) may register it
-    if name not in _KINDS:
+    if not _known(name):
         raise ValueError(f"unknown architecture '{name}' in config.json; valid: {', '.join(_KINDS)} or a Hugging Face config")
     return _loader(name)(config)
 
@@ -84,7 +86,7 @@ def registered_model(config: Mapping[str, Any]) -> torch.nn.Module | None:
 def load_hint(config: Mapping[str, Any]) -> str:
     """How a user loads a saved model directory with this config (for its model card)."""
     name = config.get("architecture")
-    if name in _KINDS:
+    if config.get("model_type") is None and isinstance(name, str) and _known(name):
         return _LOAD_HINTS.get(name, f"the loader registered for model kind '{name}' (evomerge.models)")
     return HF_LOAD_HINT
 

@@ -1,9 +1,10 @@
 """Plugins: modules that register merge methods, optimizers, evaluator kinds or model kinds
-from outside evomerge. A registry imports them when it is asked for a name it does not know:
-the modules named in the environment variable `EVOMERGE_PLUGINS` (comma-separated module names
-or `.py` file paths; set it for Ray workers too), then the entry points of the groups
-`evomerge.plugins` and `evomerge.methods` (a package declares
-`[project.entry-points."evomerge.plugins"] name = "package.module"`).
+from outside the core. A registry loads them when it is asked for a name it does not know:
+evomerge's own plugins (`BUILTIN_PLUGINS`: the zoo's model kinds), the modules named in the
+environment variable `EVOMERGE_PLUGINS` (comma-separated module names or `.py` file paths; set it
+for Ray workers too), then the entry points of the groups `evomerge.plugins` and
+`evomerge.methods` (a package declares `[project.entry-points."evomerge.plugins"] name =
+"package.module"`).
 """
 
 from __future__ import annotations
@@ -17,17 +18,25 @@ from pathlib import Path
 from typing import Any
 
 PLUGINS_ENV = "EVOMERGE_PLUGINS"
+# Registering functions ("module:function") of the parts of evomerge the core does not import;
+# called on every load (registering the same entries again is no change), so a registry's table
+# that was replaced (a test's copy) is filled again.
+BUILTIN_PLUGINS = ("evomerge.zoo.kinds:register",)
 ENTRY_POINT_GROUPS = ("evomerge.plugins", "evomerge.methods")
 _plugins_loaded: set[str] = set()
 
 
 def load_plugins() -> None:
-    """Import the plugin modules not imported yet: those of ``EVOMERGE_PLUGINS`` (module names or
-    ``.py`` paths, comma-separated), then the entry points of ``ENTRY_POINT_GROUPS``. A plugin that
-    fails to import is a ValueError naming it."""
+    """Register evomerge's own plugins (`BUILTIN_PLUGINS`), then import the plugin modules not
+    imported yet: those of ``EVOMERGE_PLUGINS`` (module names or ``.py`` paths, comma-separated),
+    then the entry points of ``ENTRY_POINT_GROUPS``. A plugin that fails to import is a
+    ValueError naming it."""
     # importlib.metadata only when a name is not known (importing it and scanning cost time)
     from importlib.metadata import entry_points
 
+    for ref in BUILTIN_PLUGINS:
+        module, _, function = ref.partition(":")
+        getattr(importlib.import_module(module), function)()
     for ref in filter(None, (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(","))):
         _import_plugin(ref, lambda ref=ref: _import_module(ref))
     for group in ENTRY_POINT_GROUPS:

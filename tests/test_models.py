@@ -52,6 +52,19 @@ def test_the_core_imports_no_zoo_code() -> None:
     assert out.strip() == "[]"
 
 
+def test_the_zoo_registers_its_own_model_kind() -> None:
+    """The core's table holds no zoo entry; the zoo's plugin (evomerge/zoo/kinds.py) adds DigitsMLP
+    when a config names a kind the core does not know."""
+    code = (
+        "from evomerge import models\n"
+        "before = models.model_kinds()\n"
+        "model = models.build_model({'architecture': 'DigitsMLP', 'sizes': [4, 2]})\n"
+        "print(before, type(model).__module__, 'DigitsMLP' in models.model_kinds())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] evomerge.zoo.digits True"
+
+
 def test_the_classification_evaluator_takes_its_data_from_its_spec() -> None:
     """No zoo default in the core: the digits data is named by evaluators/digits.yaml."""
     from evomerge.errors import ConfigError
