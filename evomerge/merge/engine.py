@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, SourceError
+from evomerge.merge.device import DeviceSources, as_device
 from evomerge.merge.methods import MergeContext, Workspace, accepts_out, get_method
 from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge, task_size
@@ -25,7 +26,7 @@ from evomerge.merge.sparsify import OneShotSparsifier, Sparsifier
 from evomerge.recipe import Recipe
 
 __all__ = [
-    "TORCH_DTYPES", "MergePlan", "TensorRef", "TensorTask", "iter_merged", "load_into_model", "materialize",
+    "TORCH_DTYPES", "DeviceSources", "MergePlan", "TensorRef", "TensorTask", "iter_merged", "load_into_model", "materialize",
     "merge_into", "plan_merge", "prepare_masks", "run_task", "single_threaded_torch",
 ]
 
@@ -42,13 +43,15 @@ def run_task(
     sparsifier: Sparsifier,
     out: torch.Tensor | None = None,
     workspace: Workspace | None = None,
+    staging: DeviceSources | None = None,
 ) -> torch.Tensor:
     """The merged tensor of one task. With ``out``, a method that can (see
     `evomerge.merge.methods.usable_out`) writes the result into it and ``out`` comes back;
     otherwise a new tensor does, which the caller copies where it belongs. ``workspace``: chunk
-    buffers shared with the plan's other tasks."""
+    buffers shared with the plan's other tasks. ``staging``: the sources on the device to merge
+    on (default: where the pool holds them, the CPU)."""
 
-    base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier, workspace)
+    base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier, workspace, staging)
     method = get_method(plan.method.name)
     kwargs = {}
     if out is not None and accepts_out(method) and plan.out_dtype in (None, out.dtype):
@@ -63,10 +66,12 @@ def run_task(
 
 
 def _task_inputs(
-    task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier, workspace: Workspace | None = None
+    task: TensorTask, plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier, workspace: Workspace | None = None,
+    staging: DeviceSources | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], MergeContext]:
     def load(ref: TensorRef) -> torch.Tensor:
-        tensor = pool.get(ref.model).get(ref.name)
+        source = pool.get(ref.model)
+        tensor = staging.get(source, ref.name) if staging is not None else source.get(ref.name)
         return tensor if plan.compute_dtype is None else tensor.to(plan.compute_dtype)
 
     base = load(task.base) if task.base else None
@@ -76,7 +81,7 @@ def _task_inputs(
     return base, tensors, ctx
 
 
-def prepare_masks(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier) -> None:
+def prepare_masks(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier, staging: DeviceSources | None = None) -> None:
     """Build every mask the plan's merge will ask for, without merging, and drop them.
 
     With a caching sparsifier (`CachedSparsifier`) the rank tables of the plan's sources are then
@@ -90,7 +95,7 @@ def prepare_masks(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier) -> 
         return
     with single_threaded_torch():
         for task in plan.tasks:
-            base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier)
+            base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier, staging=staging)
             try:
                 prepare(base, tensors, task.model_params, task.params, ctx)
             except ValueError as exc:
@@ -116,7 +121,8 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def iter_merged(
-    plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None = None, *, workers: int | None = None
+    plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None = None, *, workers: int | None = None,
+    device: torch.device | str | None = None, staging: DeviceSources | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every output tensor, in plan order.
 
@@ -124,14 +130,20 @@ def iter_merged(
     parallelism torch was given, e.g. 1 in a Ray worker), each running torch single-threaded;
     see `evomerge.merge.pipeline` for how many merged tensors wait to be consumed. Results do
     not depend on ``workers`` (random masks are keyed by tensor name, not by order).
+
+    ``device``: where to merge (default the CPU; the results are on it). ``staging``: the
+    sources on that device (`DeviceSources`, e.g. a worker's, which keeps them there within its
+    budget); default: each source tensor copied there per use. An accelerator merges with one
+    thread (its kernels queue on one stream anyway).
     """
     sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
+    staging = _staging(as_device(staging.device if staging is not None else device), staging)
     workspace = Workspace()  # chunk buffers allocated once per thread, freed with the iterator
 
     def run(task: TensorTask) -> torch.Tensor:
-        return run_task(task, plan, pool, sparsifier, workspace=workspace)
+        return run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
 
-    with _in_plan_order(plan, pool, run, workers) as results:
+    with _in_plan_order(plan, pool, run, 1 if staging is not None else workers) as results:
         for task, tensor in results:
             yield task.name, tensor
 
@@ -152,6 +164,14 @@ def _in_plan_order(
             results.close()
 
 
+def _staging(device: torch.device, staging: DeviceSources | None) -> DeviceSources | None:
+    """What serves the sources on ``device``: None on the CPU (the pool itself), else
+    ``staging`` or a `DeviceSources` that keeps nothing (each tensor copied per use)."""
+    if device.type == "cpu":
+        return None
+    return staging if staging is not None else DeviceSources(device, budget_bytes=0)
+
+
 def merge_into(
     plan: MergePlan,
     pool: SourcePool,
@@ -159,6 +179,7 @@ def merge_into(
     sparsifier: Sparsifier | None = None,
     *,
     workers: int | None = None,
+    staging: DeviceSources | None = None,
 ) -> Iterator[str]:
     """Write every output tensor of ``plan`` into ``targets[name]``; yield the names in plan order
     as they are written.
@@ -169,26 +190,31 @@ def merge_into(
     (contiguous target of the result's dtype and device), else into a new tensor that is copied
     there and freed. Targets that share memory (tied embeddings) are written in plan order, the
     last one wins, as with copying `iter_merged`'s results. Threads as in `iter_merged`.
+
+    The merge runs on the targets' device (a GPU worker's skeleton: on its GPU), with the
+    sources from ``staging`` when given (see `iter_merged`).
     """
     missing = [task.name for task in plan.tasks if task.name not in targets]
     if missing:
         raise SourceError(f"the target has no tensor '{missing[0]}'; its architecture differs from the merge")
     sparsifier = sparsifier if sparsifier is not None else OneShotSparsifier()
+    device = next((targets[task.name].device for task in plan.tasks), torch.device("cpu"))
+    staging = _staging(device, staging)
     shared = _overlapping({task.name: targets[task.name] for task in plan.tasks})
     workspace = Workspace()  # chunk buffers allocated once per thread, freed at the end
 
     def write(task: TensorTask) -> torch.Tensor | None:
         """Merged into its target (None), or the result to copy in plan order (shared targets)."""
         if task.name in shared:
-            return run_task(task, plan, pool, sparsifier, workspace=workspace)
+            return run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
         target = targets[task.name]
-        merged = run_task(task, plan, pool, sparsifier, out=target, workspace=workspace)
+        merged = run_task(task, plan, pool, sparsifier, out=target, workspace=workspace, staging=staging)
         if merged.data_ptr() != target.data_ptr():  # not written in place
             with torch.no_grad():  # a worker thread does not inherit the caller's grad mode
                 target.copy_(merged)
         return None
 
-    with _in_plan_order(plan, pool, write, workers) as results:
+    with _in_plan_order(plan, pool, write, 1 if staging is not None else workers) as results:
         for task, merged in results:
             if merged is not None:
                 with torch.no_grad():
@@ -219,11 +245,11 @@ def _overlapping(tensors: Mapping[str, torch.Tensor]) -> set[str]:
 
 
 def materialize(
-    recipe: Recipe, pool: SourcePool, sparsifier: Sparsifier | None = None
+    recipe: Recipe, pool: SourcePool, sparsifier: Sparsifier | None = None, *, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The merged state dict, in memory."""
+    """The merged state dict, in memory (on ``device``, merged there; default the CPU)."""
     plan = plan_merge(recipe, pool)
-    return dict(iter_merged(plan, pool, sparsifier))
+    return dict(iter_merged(plan, pool, sparsifier, device=device))
 
 
 def load_into_model(

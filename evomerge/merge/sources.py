@@ -207,6 +207,14 @@ class SourcePool:
             self._sources[ref] = source
         return source
 
+    def resident_bytes(self) -> int:
+        """Bytes of the tensors the opened sources keep in memory (each stored tensor once)."""
+        seen: dict[int, int] = {}
+        for source in self._sources.values():
+            for tensor in [*source._cache.values(), *(source._pickled or {}).values()]:
+                seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return sum(seen.values())
+
     def open_all(self, named: Iterable[tuple[str | None, str]]) -> list[Source]:
         """Open every `(field, reference)` now, so a missing or damaged model is refused before
         any work; the refusal names the field (the setting or option the reference came from)."""

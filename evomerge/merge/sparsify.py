@@ -19,19 +19,24 @@ Conventions (shared by both sparsifiers, so their masks are identical):
 Two implementations of the :class:`Sparsifier` protocol:
 
 - :class:`OneShotSparsifier` keeps nothing between calls: for "the k largest" it finds the
-  k-th magnitude by an O(N) selection (a sample brackets the threshold, an exact
-  ``kthvalue`` runs on the few elements inside the bracket); DELLA's row ranks are sorted.
-  This is for a single merge to disk.
+  k-th magnitude by an O(N) selection (16-bit deltas: a histogram of their 2^15 possible
+  magnitudes; others: a sample brackets the threshold, an exact ``kthvalue`` runs on the
+  few elements inside the bracket); DELLA's row ranks are sorted. This is for a single
+  merge to disk.
 - :class:`CachedSparsifier` is for search, where the same sources are merged thousands of
-  times with new densities. Per source key it computes once the magnitudes sorted (one radix
-  sort), and the row ranks, and per noise id the noise; a candidate's magnitude threshold is
-  then a lookup (plus one O(N) pass over that tensor only when the threshold value is tied),
-  and its mask O(N) elementwise work. **Memory is the price**: 4 bytes per element per
-  source for the sorted magnitudes (TIES, breadcrumbs), 4 more for row ranks (DELLA), and 4
-  per element per model and seed for noise (DARE, DELLA). For three 134M-param fine-tunes
-  that is about 1.6 GB for TIES. Deltas are *not* cached: recomputing ``model - base`` per
-  chunk costs ~0.25 ns/element, caching it would cost another 4 bytes per element per
-  source. Noise is kept for the ``noise_seeds`` most recent seeds only.
+  times with new densities. Per source key it computes once a magnitude table (16-bit
+  deltas: the cumulative histogram, 128 KiB per tensor; others: the magnitudes sorted, 4
+  bytes per element), and the row ranks, and per noise id the noise; a candidate's
+  magnitude threshold is then a lookup (plus one O(N) pass over that tensor only when the
+  threshold value is tied), and its mask O(N) elementwise work. Memory is bounded by its
+  budget (``budget_bytes``): row ranks (DELLA) and noise (DARE, DELLA) cost 4 bytes per
+  element per source (noise per seed, kept for the ``noise_seeds`` most recent seeds), and
+  what does not fit is computed per candidate as the one-shot sparsifier does, with the same
+  result. Deltas are *not* cached: recomputing ``model - base`` per chunk costs
+  ~0.25 ns/element, caching it would cost another 2-4 bytes per element per source.
+
+Everything runs on the delta's device (CPU or an accelerator); noise is always drawn by a
+CPU generator and then moved, so masks are identical on every device.
 
 Masks are :class:`Mask` objects evaluated per flat chunk ``[start, stop)`` so that the merge
 kernel can work on cache-sized pieces. ``keep`` returns 0/1 tensors (comparisons written as
@@ -69,11 +74,15 @@ def noise_seed(seed: int, tensor_name: str, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def make_noise(noise_id: NoiseId, numel: int) -> Tensor:
-    """Uniform [0, 1) float32 noise of ``numel`` elements for ``noise_id`` (flat)."""
+def make_noise(noise_id: NoiseId, numel: int, device: torch.device | str | None = None) -> Tensor:
+    """Uniform [0, 1) float32 noise of ``numel`` elements for ``noise_id`` (flat), on ``device``.
+
+    Always drawn by a CPU generator and then moved, so the draws are the same on every device.
+    """
     gen = torch.Generator(device="cpu")
     gen.manual_seed(noise_seed(*noise_id))
-    return torch.rand(numel, generator=gen, dtype=torch.float32)
+    noise = torch.rand(numel, generator=gen, dtype=torch.float32)
+    return noise if device is None or torch.device(device).type == "cpu" else noise.to(device)
 
 
 def fresh(delta: DeltaFn) -> bool:
@@ -108,6 +117,8 @@ def sorted_magnitudes(delta: Tensor, *, owned: bool = False) -> Tensor:
     the caller gives up, whose memory becomes the table (float32: no second full-size buffer).
     """
     absd = _abs_f32(delta, owned)
+    if absd.device.type != "cpu":  # a selection on an accelerator: its own sort
+        return torch.sort(absd).values
     if not owned and absd.data_ptr() == delta.data_ptr():  # never sort the caller's tensor
         absd = absd.clone()
     absd.numpy().sort(kind="quicksort")
@@ -122,8 +133,9 @@ def row_ranks(delta: Tensor, *, owned: bool = False) -> Tensor:
     cols = absd.shape[1]
     idx_dtype = _index_dtype(cols)
     order = torch.sort(absd.view(torch.int32), dim=1, stable=True).indices
-    ranks = torch.empty((rows, cols), dtype=idx_dtype)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=idx_dtype).expand(rows, cols).contiguous())
+    ranks = torch.empty((rows, cols), dtype=idx_dtype, device=absd.device)
+    arange = torch.arange(cols, dtype=idx_dtype, device=absd.device)
+    ranks.scatter_(1, order, arange.expand(rows, cols).contiguous())
     return ranks.view(-1)
 
 
@@ -143,13 +155,13 @@ class Mask:
     none_kept: bool = False
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], Tensor] = {}
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
-    def _buf(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
-        buf = self._bufs.get((name, dtype))
+    def _buf(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self._bufs.get((name, dtype, device))
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype)
-            self._bufs[(name, dtype)] = buf
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._bufs[(name, dtype, device)] = buf
         return buf[:n]
 
     def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -163,9 +175,9 @@ class Mask:
         """The whole mask at once (tests, small tensors): float32 0/1 of delta's shape."""
         flat = delta.reshape(-1)
         if self.all_kept:
-            return torch.ones(flat.numel(), dtype=torch.float32).view(delta.shape)
+            return torch.ones(flat.numel(), dtype=torch.float32, device=delta.device).view(delta.shape)
         if self.none_kept:
-            return torch.zeros(flat.numel(), dtype=torch.float32).view(delta.shape)
+            return torch.zeros(flat.numel(), dtype=torch.float32, device=delta.device).view(delta.shape)
         return self.keep(0, flat.numel(), flat).to(torch.float32).clone().view(delta.shape)
 
 
@@ -174,7 +186,7 @@ def share_scratch(masks: Iterable[Mask | None], scratch: dict | None = None) -> 
     one set of scratch buffers: a mask's chunk buffer is used up before the next mask runs, so
     N models cost one chunk buffer, not N. ``scratch``: that set (e.g. one thread's, kept
     across the tensors of a merge); default a new one."""
-    shared: dict[tuple[str, torch.dtype], Tensor] = {} if scratch is None else scratch
+    shared: dict[tuple[str, torch.dtype, torch.device], Tensor] = {} if scratch is None else scratch
     for mask in masks:
         if mask is not None:
             mask._bufs = shared
@@ -329,7 +341,7 @@ class ThresholdBandMask(Mask):
         self.hi, self.lo = hi, lo
 
     def _top(self, top: _Top, start: int, stop: int, absd: Tensor, name: str) -> Tensor:
-        out = self._buf(name, stop - start, torch.float32)
+        out = self._buf(name, stop - start, torch.float32, absd.device)
         torch.sub(absd, top.thr, out=out).sign_()
         if stop <= top.cut:  # every tie in this chunk is kept: |d| >= thr
             out.add_(1).clamp_(0, 1)
@@ -342,7 +354,7 @@ class ThresholdBandMask(Mask):
         return out
 
     def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
-        absd = self._buf("abs", stop - start, torch.float32)
+        absd = self._buf("abs", stop - start, torch.float32, delta.device)
         if delta.dtype == torch.float32:
             torch.abs(delta, out=absd)
         else:
@@ -367,12 +379,13 @@ class ThresholdBandMask(Mask):
             if top.ties is not None:
                 if start < top.cut:
                     ties = top.ties
-                    a, b = (int(i) for i in torch.searchsorted(ties, torch.tensor([start, stop], dtype=ties.dtype)))
+                    bounds = torch.tensor([start, stop], dtype=ties.dtype, device=ties.device)
+                    a, b = (int(i) for i in torch.searchsorted(ties, bounds))
                     idx = ties[a:b] - start
             elif top.seen < top.need:  # keep the first ties of this pass, in index order
                 n = stop - start  # |d| == thr in scratch buffers (shared, see `share_scratch`)
-                absd = torch.abs(delta, out=self._buf("tie_abs", n, delta.dtype))
-                tied = torch.eq(absd, top.thr, out=self._buf("tie_eq", n, torch.bool))
+                absd = torch.abs(delta, out=self._buf("tie_abs", n, delta.dtype, delta.device))
+                tied = torch.eq(absd, top.thr, out=self._buf("tie_eq", n, torch.bool, delta.device))
                 idx = torch.nonzero(tied).view(-1)[: top.need - top.seen]
                 top.seen += idx.numel()
         if idx is None or idx.numel() == 0:
@@ -386,7 +399,7 @@ class ThresholdBandMask(Mask):
             return super().apply_(start, stop, delta)
         if self.lo is None:
             return self._shrink(self.hi, start, stop, delta, delta)
-        top = self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype))
+        top = self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype, delta.device))
         return self._shrink(self.hi, start, stop, delta, delta).sub_(top)
 
 class NoiseMask(Mask):
@@ -397,7 +410,7 @@ class NoiseMask(Mask):
         self.noise, self.p = noise, p
 
     def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
-        out = self._buf("m", stop - start, torch.float32)
+        out = self._buf("m", stop - start, torch.float32, delta.device)
         torch.sub(self.noise[start:stop], self.p, out=out).neg_().sign_().clamp_(0, 1)
         return out
 
@@ -415,7 +428,7 @@ class DellaMask(Mask):
             self.low = density
 
     def keep(self, start: int, stop: int, delta: Tensor) -> Tensor:
-        out = self._buf("m", stop - start, torch.float32)
+        out = self._buf("m", stop - start, torch.float32, delta.device)
         torch.mul(self.ranks[start:stop], self.step, out=out)
         out.add_(self.low).sub_(self.noise[start:stop]).sign_().clamp_(0, 1)
         return out
@@ -444,8 +457,9 @@ class Sparsifier(Protocol):
         """Keep magnitude ranks in ``[lo, hi)`` (``lo=0, hi=k``: the k largest |delta|)."""
         ...
 
-    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
-        """Keep each element independently with probability ``p`` (DARE)."""
+    def random(self, noise_id: NoiseId, numel: int, p: float, device: torch.device | None = None) -> Mask:
+        """Keep each element independently with probability ``p`` (DARE); the mask lives on
+        ``device`` (default the CPU), its noise drawn as on the CPU."""
         ...
 
     def della(
@@ -460,16 +474,16 @@ class _NoiseAndRanks:
     """`random` and `della` masks from two steps the sparsifiers do differently: a tensor's noise
     and its per-row magnitude ranks."""
 
-    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:  # pragma: no cover - interface
+    def noise(self, noise_id: NoiseId, numel: int, device: torch.device | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def random(self, noise_id: NoiseId, numel: int, p: float) -> Mask:
+    def random(self, noise_id: NoiseId, numel: int, p: float, device: torch.device | None = None) -> Mask:
         if (trivial := _trivial(p)) is not None:
             return trivial
-        return NoiseMask(self.noise(noise_id, numel), p)
+        return NoiseMask(self.noise(noise_id, numel, device), p)
 
     def della(
         self, key: Hashable, delta: DeltaFn, shape: tuple[int, ...], noise_id: NoiseId,
@@ -480,48 +494,128 @@ class _NoiseAndRanks:
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
         ranks = self._della_ranks(key, delta)
-        return DellaMask(ranks, self.noise(noise_id, ranks.numel()), cols, density, epsilon)
+        return DellaMask(ranks, self.noise(noise_id, ranks.numel(), ranks.device), cols, density, epsilon)
+
+
+def one_shot_magnitude(delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
+    """Keep magnitude ranks ``[lo, hi)`` by an O(N) selection over ``delta()``, keeping nothing.
+    16-bit deltas: a histogram of their 2^15 magnitudes gives the exact thresholds; others: a
+    sample brackets each threshold and ``kthvalue`` resolves it inside the bracket."""
+    band = _band(numel, lo, hi)
+    if isinstance(band, Mask):
+        return band
+    lo, hi = band
+    d = delta()
+    if d.dtype in _KEY_FORMATS:
+        cum = magnitude_counts(d)
+        absd: list[Tensor] = []
+
+        def absd_fn() -> Tensor:
+            if not absd:
+                absd.append(_abs_f32(d))
+            return absd[0]
+
+        top_hi = counts_top(cum, hi, absd_fn, d.dtype) if hi < numel else _Top(-1.0, numel)
+        top_lo = counts_top(cum, lo, absd_fn, d.dtype) if lo > 0 else None
+        return ThresholdBandMask(top_hi, top_lo)
+    absf = _abs_f32(d, fresh(delta))
+    top_hi = select_top(absf, hi) if hi < numel else _Top(-1.0, numel)
+    top_lo = select_top(absf, lo) if lo > 0 else None
+    return ThresholdBandMask(top_hi, top_lo)
+
+
+# 16-bit float formats whose magnitudes are 15-bit keys: a histogram of 2^15 counts ranks them
+_KEY_FORMATS = (torch.bfloat16, torch.float16)
+_KEYS = 1 << 15
+_COUNT_CHUNK = 1 << 22
+
+
+def magnitude_counts(delta: Tensor) -> Tensor:
+    """For a 16-bit ``delta``: ``cum[v]`` = how many elements have ``|delta|`` with bit pattern
+    ``<= v`` (2^15 entries; the magnitudes of a 16-bit float order like their bit patterns).
+    One O(N) pass in chunks; int32 counts below 2^31 elements, else int64."""
+    flat = delta.reshape(-1).view(torch.int16)
+    counts = torch.zeros(_KEYS, dtype=torch.int64, device=flat.device)
+    for s in range(0, flat.numel(), _COUNT_CHUNK):
+        keys = flat[s:s + _COUNT_CHUNK].to(torch.int32).bitwise_and_(_KEYS - 1)
+        counts += torch.bincount(keys, minlength=_KEYS)
+    return counts.cumsum_(0).to(_index_dtype(flat.numel()))
+
+
+def counts_top(cum: Tensor, k: int, absd_fn: Callable[[], Tensor], dtype: torch.dtype) -> _Top:
+    """Like :func:`lookup_top` from :func:`magnitude_counts` of a ``dtype`` delta: exact."""
+    n = int(cum[-1])
+    target = torch.tensor([n - k], dtype=cum.dtype, device=cum.device)
+    v = int(torch.searchsorted(cum, target, right=True))  # first key with more than n - k at or below
+    n_gt = n - int(cum[v])
+    n_ge = n - (int(cum[v - 1]) if v > 0 else 0)
+    thr_t = torch.tensor([v], dtype=torch.int16).view(dtype).float()[0]
+    return _top_from_counts(absd_fn, thr_t, k, n_gt, n_ge, n, resolve=False)
+
+
+def _delta_dtype(delta: DeltaFn) -> torch.dtype:
+    """The dtype ``delta()`` returns: declared (``delta.dtype``), else from a call."""
+    dtype = getattr(delta, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else delta().dtype
 
 
 class OneShotSparsifier(_NoiseAndRanks):
     """Computes every mask from scratch and keeps nothing (a single merge to disk)."""
 
     def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
-        band = _band(numel, lo, hi)
-        if isinstance(band, Mask):
-            return band
-        lo, hi = band
-        absd = _abs_f32(delta(), fresh(delta))
-        top_hi = select_top(absd, hi) if hi < numel else _Top(-1.0, numel)
-        top_lo = select_top(absd, lo) if lo > 0 else None
-        return ThresholdBandMask(top_hi, top_lo)
+        return one_shot_magnitude(delta, numel, lo, hi)
 
-    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:
-        return make_noise(noise_id, numel)
+    def noise(self, noise_id: NoiseId, numel: int, device: torch.device | None = None) -> Tensor:
+        return make_noise(noise_id, numel, device)
 
     def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
         return row_ranks(delta(), owned=fresh(delta))
 
 
 class CachedSparsifier(_NoiseAndRanks):
-    """Precomputes sorted magnitudes, row ranks and noise once per key; a candidate's mask is
-    then a threshold lookup and O(N) elementwise work, sort-free.
+    """Precomputes magnitude tables, row ranks and noise once per key, within a memory budget;
+    a candidate's mask is then a threshold lookup and O(N) elementwise work, sort-free.
 
-    ``rank_computations`` (sorted magnitudes) / ``row_rank_computations`` / ``noise_generations``
+    Magnitude tables: for 16-bit deltas, the cumulative histogram of their 2^15 magnitudes
+    (`magnitude_counts`: 128 KiB per tensor, whatever its size, and exact); for others, the
+    magnitudes sorted (4 bytes per element). ``budget_bytes`` (None: no limit) bounds what the
+    tables, row ranks and noise hold together: a table that would not fit is not kept, and
+    that tensor's mask comes from a one-shot selection (`one_shot_magnitude`), with the same
+    result. ``fallbacks`` counts those.
+
+    ``rank_computations`` (magnitude tables) / ``row_rank_computations`` / ``noise_generations``
     count the expensive steps (tests check that a second candidate triggers none). ``nbytes()``
     says how much memory the cache holds; ``clear()`` drops it. Thread-safe: the expensive
     steps run outside the lock, so threads merging different tensors do not wait on each other.
     """
 
-    def __init__(self, noise_seeds: int = 2):
+    def __init__(self, noise_seeds: int = 2, budget_bytes: int | None = None):
         self.noise_seeds = max(1, noise_seeds)
-        self._ranks: dict[Hashable, Tensor] = {}  # sorted |delta| (ascending) per source key
+        self.budget_bytes = budget_bytes
+        self._ranks: dict[Hashable, Tensor] = {}  # magnitude tables per source key
         self._row_ranks: dict[Hashable, Tensor] = {}
         self._noise: OrderedDict[int, dict[NoiseId, Tensor]] = OrderedDict()
         self._lock = threading.Lock()
+        self._reserved = 0  # bytes promised to tables kept (or being made)
         self.rank_computations = 0
         self.row_rank_computations = 0
         self.noise_generations = 0
+        self.fallbacks = 0
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the budget (then they are counted as held); call locked."""
+        if self.budget_bytes is not None and self._reserved + nbytes > self.budget_bytes:
+            self.fallbacks += 1
+            return False
+        self._reserved += nbytes
+        return True
+
+    def _budgeted(self, store: dict, key: Hashable, nbytes: int, make: Callable[[], Tensor], counter: str) -> Tensor | None:
+        """The cached table of ``key``, made now when it fits the budget; None when it does not."""
+        with self._lock:
+            if store.get(key) is None and not self._reserve(nbytes):
+                return None
+        return self._cached(store, key, make, counter)
 
     def _cached(self, store: dict, key: Hashable, make: Callable[[], Tensor], counter: str) -> Tensor:
         with self._lock:
@@ -537,33 +631,45 @@ class CachedSparsifier(_NoiseAndRanks):
             setattr(self, counter, getattr(self, counter) + 1)
         return value
 
-    def noise(self, noise_id: NoiseId, numel: int) -> Tensor:
+    def noise(self, noise_id: NoiseId, numel: int, device: torch.device | None = None) -> Tensor:
         seed = noise_id[0]
         with self._lock:
             by_id = self._noise.get(seed)
             if by_id is None:
                 by_id = self._noise[seed] = {}
                 while len(self._noise) > self.noise_seeds:
-                    self._noise.popitem(last=False)
+                    _, dropped = self._noise.popitem(last=False)
+                    self._reserved -= sum(_nbytes(t) for t in dropped.values())
             else:
                 self._noise.move_to_end(seed)
             hit = by_id.get(noise_id)
-        if hit is not None and hit.numel() == numel:
-            return hit
-        hit = make_noise(noise_id, numel)
-        with self._lock:
-            by_id[noise_id] = hit
-            self.noise_generations += 1
-        return hit
+            if hit is not None and hit.numel() == numel and _on(hit, device):
+                return hit
+            keep = self._reserve(4 * numel)
+        made = make_noise(noise_id, numel, device)
+        if keep:
+            with self._lock:
+                old = by_id.get(noise_id)
+                by_id[noise_id] = made
+                self._reserved -= _nbytes(old) if old is not None else 0
+                self.noise_generations += 1
+        return made
 
     def magnitude(self, key: Hashable, delta: DeltaFn, numel: int, lo: int, hi: int) -> Mask:
         band = _band(numel, lo, hi)
         if isinstance(band, Mask):
             return band
         lo, hi = band
-        ascending = self._cached(
-            self._ranks, key, lambda: sorted_magnitudes(delta(), owned=fresh(delta)), "rank_computations"
-        )
+        dtype = _delta_dtype(delta)
+        counted = dtype in _KEY_FORMATS and numel * 4 > _KEYS * _index_dtype(numel).itemsize
+        if counted:  # a histogram: smaller than sorted magnitudes, and as exact
+            table = self._budgeted(self._ranks, (key, _KEY_FORMATS.index(dtype)), _KEYS * _index_dtype(numel).itemsize,
+                                   lambda: magnitude_counts(delta()), "rank_computations")
+        else:
+            table = self._budgeted(self._ranks, key, 4 * numel,
+                                   lambda: sorted_magnitudes(delta(), owned=fresh(delta)), "rank_computations")
+        if table is None:
+            return one_shot_magnitude(delta, numel, lo, hi)
         absd: list[Tensor] = []
 
         def absd_fn() -> Tensor:  # only needed to place ties at a threshold; computed at most once
@@ -571,20 +677,26 @@ class CachedSparsifier(_NoiseAndRanks):
                 absd.append(_abs_f32(delta(), fresh(delta)))
             return absd[0]
 
-        top_hi = lookup_top(ascending, hi, absd_fn) if hi < numel else _Top(-1.0, numel)
-        top_lo = lookup_top(ascending, lo, absd_fn) if lo > 0 else None
+        if counted:
+            top_hi = counts_top(table, hi, absd_fn, dtype) if hi < numel else _Top(-1.0, numel)
+            top_lo = counts_top(table, lo, absd_fn, dtype) if lo > 0 else None
+        else:
+            top_hi = lookup_top(table, hi, absd_fn) if hi < numel else _Top(-1.0, numel)
+            top_lo = lookup_top(table, lo, absd_fn) if lo > 0 else None
         return ThresholdBandMask(top_hi, top_lo)
 
     def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
-        return self._cached(
-            self._row_ranks, key, lambda: row_ranks(delta(), owned=fresh(delta)), "row_rank_computations"
-        )
+        numel = getattr(delta, "numel", None)
+        numel = numel if isinstance(numel, int) else delta().numel()
+        ranks = self._budgeted(self._row_ranks, key, numel * _index_dtype(numel).itemsize,
+                               lambda: row_ranks(delta(), owned=fresh(delta)), "row_rank_computations")
+        return ranks if ranks is not None else row_ranks(delta(), owned=fresh(delta))
 
     def nbytes(self) -> int:
         with self._lock:
-            total = sum(t.numel() * t.element_size() for t in self._ranks.values())
-            total += sum(t.numel() * t.element_size() for t in self._row_ranks.values())
-            total += sum(t.numel() * t.element_size() for d in self._noise.values() for t in d.values())
+            total = sum(_nbytes(t) for t in self._ranks.values())
+            total += sum(_nbytes(t) for t in self._row_ranks.values())
+            total += sum(_nbytes(t) for d in self._noise.values() for t in d.values())
         return total
 
     def clear(self) -> None:
@@ -592,3 +704,13 @@ class CachedSparsifier(_NoiseAndRanks):
             self._ranks.clear()
             self._row_ranks.clear()
             self._noise.clear()
+            self._reserved = 0
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _on(t: Tensor, device: torch.device | None) -> bool:
+    want = torch.device("cpu") if device is None else torch.device(device)
+    return t.device.type == want.type and (want.index is None or t.device.index == want.index)

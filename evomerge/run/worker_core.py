@@ -38,6 +38,7 @@ import torch
 from evomerge.evaluate import build_evaluator
 from evomerge.evaluate.base import evaluator_directions
 from evomerge.evaluate.result import EvalResult
+from evomerge.merge.device import DeviceSources
 from evomerge.merge.engine import TORCH_DTYPES, MergePlan, merge_into, plan_merge, prepare_masks
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.sparsify import CachedSparsifier
@@ -67,6 +68,13 @@ class WorkerCore:
     recipe's `out_dtype`/`dtype`, else float32). device: default `cuda` when available.
     tensors: optional ref -> {tensor name -> tensor} to use instead of reading the files.
     sparsifier: a `CachedSparsifier` (or subclass) to use; default a private one.
+    cache_budget: bytes the default sparsifier's tables may hold (None: no limit; beyond it a
+    tensor's mask is computed per candidate, with the same result).
+    gpu_budget: on an accelerator, bytes of source tensors kept on it (None: all of them);
+    the rest are streamed per tensor from host memory for each merge.
+
+    The merge runs on ``device``, straight into the skeleton (`merge_into` merges where its
+    targets are): on a GPU the sources go there (`DeviceSources`) and the kernels run there.
     """
 
     def __init__(
@@ -79,13 +87,16 @@ class WorkerCore:
         *,
         tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
         sparsifier: CachedSparsifier | None = None,
+        cache_budget: int | None = None,
+        gpu_budget: int | None = None,
     ):
         if dtype is not None and dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {sorted(TORCH_DTYPES)}")
         self.dtype = dtype
         self.device = device or default_device()
         self.pool = SourcePool(allow_pickle=allow_pickle, resident=True)
-        self.sparsifier = sparsifier if sparsifier is not None else CachedSparsifier()
+        self.sparsifier = sparsifier if sparsifier is not None else CachedSparsifier(budget_bytes=cache_budget)
+        self.staging = DeviceSources(self.device, gpu_budget) if torch.device(self.device).type != "cpu" else None
         self.evaluator = evaluator_or_factory(evaluator_spec)
         self._directions = evaluator_directions(self.evaluator)
         self._model: torch.nn.Module | None = None
@@ -149,7 +160,7 @@ class WorkerCore:
         written: set[int] = set()
         # each tensor is merged straight into the skeleton's parameter: no full-size temporary
         # (merge_into refuses a plan with a tensor the skeleton lacks before writing any)
-        for name in merge_into(plan, self.pool, params, self.sparsifier):
+        for name in merge_into(plan, self.pool, params, self.sparsifier, staging=self.staging):
             written.add(params[name].data_ptr())
         if self.models_built != built:  # a fresh skeleton: nothing may stay uninitialized
             params = dict(model.named_parameters())
@@ -192,6 +203,17 @@ class WorkerCore:
         tensors = {t.data_ptr(): t for t in [*self._model.parameters(), *self._model.buffers()]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes each part of this worker holds: ``sources`` (resident source tensors in host
+        memory, shared ones included), ``sources_on_device`` (kept on its accelerator),
+        ``caches`` (the sparsifier's tables and noise), ``skeleton`` (the resident model)."""
+        return {
+            "sources": self.pool.resident_bytes(),
+            "sources_on_device": self.staging.nbytes() if self.staging is not None else 0,
+            "caches": self.sparsifier.nbytes(),
+            "skeleton": self.model_bytes(),
+        }
+
     # ---- internals ----------------------------------------------------------------------------
     def _prepare_tables(self, plan: MergePlan) -> None:
         """The first time a method meets a set of sources, build its rank tables before the merge
@@ -202,7 +224,7 @@ class WorkerCore:
             frozenset((ref.model, task.base.model if task.base else None) for task in plan.tasks for ref in task.inputs),
         )
         if key not in self._prepared:
-            prepare_masks(plan, self.pool, self.sparsifier)
+            prepare_masks(plan, self.pool, self.sparsifier, self.staging)
             self._prepared.add(key)
 
     def _warm_up(self) -> None:

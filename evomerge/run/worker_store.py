@@ -77,6 +77,7 @@ class NodeSharedSparsifier(CachedSparsifier):
     store: the node's store actor; identity: maps a source ref to what it stands for (its
     directory), so that a ref re-pointed by `add_source` never finds another model's ranks.
     release: called after each table is computed (gives the sort's freed heap back).
+    budget_bytes: what this worker's tables may hold, as for `CachedSparsifier`.
     """
 
     def __init__(
@@ -86,8 +87,9 @@ class NodeSharedSparsifier(CachedSparsifier):
         noise_seeds: int = 2,
         release: Callable[[], None] = lambda: None,
         refresh_s: float = 0.1,
+        budget_bytes: int | None = None,
     ):
-        super().__init__(noise_seeds)
+        super().__init__(noise_seeds, budget_bytes)
         self._release = release
         self._store = store
         self._identity = identity

@@ -298,6 +298,8 @@ class _WorkerActor:
 
 # ---- the pool -----------------------------------------------------------------------------------------
 
+            "memory_parts": self.core.memory_parts() if self.core else {},  # bytes: sources, caches, skeleton
+            "cache_fallbacks": self.core.sparsifier.fallbacks if self.core else 0,  # tensors beyond the cache budget
 
 @dataclass
 class _Running:

@@ -19,6 +19,13 @@ from evomerge.merge.specs import (
 )
 
 CHUNK = 1 << 16  # elements per chunk: 256 KiB per fp32 buffer (as fast as 512 KiB, half the scratch)
+# On an accelerator every chunk is a few kernel launches: chunks as large as the biggest tensors
+DEVICE_CHUNK = 1 << 24
+
+
+def chunk_for(device: torch.device) -> int:
+    """Elements per chunk of a kernel running on ``device``."""
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 # ---- contract --------------------------------------------------------------------------------
 
@@ -42,15 +49,17 @@ class Workspace:
         with self._lock:
             return self._sets.setdefault(ident, {})
 
-    def buffers(self, count: int, size: int, dtype: torch.dtype) -> list[Tensor]:
-        """``count`` distinct flat buffers of ``size`` elements for this thread."""
+    def buffers(self, count: int, size: int, dtype: torch.dtype, device: torch.device | None = None) -> list[Tensor]:
+        """``count`` distinct flat buffers of ``size`` elements for this thread, on ``device``
+        (default the CPU)."""
         mine = self._mine()
-        block = mine.get(dtype)
+        slot = (dtype, torch.device("cpu") if device is None else torch.device(device))
+        block = mine.get(slot)
         if block is None or block.shape[0] < count or block.shape[1] < size:
             rows = max(count, block.shape[0] if block is not None else 0)
             cols = max(size, block.shape[1] if block is not None else 0)
-            mine[dtype] = None  # free the old block first
-            block = mine[dtype] = torch.empty((rows, cols), dtype=dtype)
+            mine[slot] = None  # free the old block first
+            block = mine[slot] = torch.empty((rows, cols), dtype=dtype, device=slot[1])
         return [block[i, :size] for i in range(count)]
 
     def mask_scratch(self) -> dict:
@@ -67,10 +76,12 @@ class Workspace:
         return total
 
 
-def scratch_buffers(workspace: Workspace | None, count: int, size: int, dtype: torch.dtype) -> list[Tensor]:
+def scratch_buffers(
+    workspace: Workspace | None, count: int, size: int, dtype: torch.dtype, device: torch.device | None = None
+) -> list[Tensor]:
     if workspace is not None:
-        return workspace.buffers(count, size, dtype)
-    return [torch.empty(size, dtype=dtype) for _ in range(count)]
+        return workspace.buffers(count, size, dtype, device)
+    return [torch.empty(size, dtype=dtype, device=device) for _ in range(count)]
 
 
 @dataclass

@@ -47,7 +47,7 @@ class Linear(BoundMethod):
         if acc_dtype == work and usable_out(out, first.shape, acc_dtype, inputs):
             acc = out.zero_()
         else:
-            acc = torch.zeros(first.shape, dtype=acc_dtype)
+            acc = torch.zeros(first.shape, dtype=acc_dtype, device=first.device)
         for t, wi in zip(inputs, w.tolist(), strict=True):
             acc.add_(t.to(acc_dtype), alpha=wi)
         if normalize:

@@ -16,6 +16,7 @@ from evomerge.merge.methods.base import (
     Workspace,
     as_float,
     check_shapes,
+    chunk_for,
     flat,
     scratch_buffers,
     usable_out,
@@ -38,6 +39,7 @@ class _Delta:
 
     def __init__(self, t: Tensor, base: Tensor, dtype: torch.dtype):
         self.t, self.base, self.dtype = t, base, dtype
+        self.numel = t.numel()
 
     def __call__(self) -> Tensor:
         return self.t.to(self.dtype) - self.base.to(self.dtype)
@@ -88,7 +90,7 @@ class TaskArithmeticFamily(BoundMethod):
             return sp.magnitude(key, delta, n, hi - target, hi)
         noise_id = (int(ctx.seed), ctx.tensor_name, i)
         if self.sparsify == "random":
-            return sp.random(noise_id, n, density)
+            return sp.random(noise_id, n, density, device=t.device)
         if self.sparsify == "della":
             eps = as_float(self._model_value(values, _EPSILON, i), "epsilon")
             return sp.della(key, delta, tuple(t.shape), noise_id, density, eps)
@@ -133,7 +135,7 @@ def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], 
     """mergekit's L1 rescale: |delta|_1 / |kept delta|_1 per model (None: leave as is)."""
     n = bf.numel()
     factors: list[float | None] = []
-    (buf,) = scratch_buffers(workspace, 1, min(chunk, n), dtype)
+    (buf,) = scratch_buffers(workspace, 1, min(chunk, n), dtype, bf.device)
     for tf, mask in zip(flats, masks, strict=True):
         if mask is None or mask.all_kept or mask.none_kept:
             factors.append(None)
@@ -186,8 +188,10 @@ def task_arithmetic_kernel(
     shape = base.shape
     bf = flat(base, dtype)
     n = bf.numel()
+    if chunk == CHUNK:  # the default: the device's
+        chunk = chunk_for(base.device)
     if out is None:
-        result = torch.empty(shape, dtype=dtype)
+        result = torch.empty(shape, dtype=dtype, device=base.device)
     elif usable_out(out, shape, dtype, [base, *tensors]):
         result = out
     else:
@@ -239,7 +243,7 @@ def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, d
     if not live:
         out.copy_(bf)
         return
-    (d,) = scratch_buffers(workspace, 1, min(chunk, n), dtype)
+    (d,) = scratch_buffers(workspace, 1, min(chunk, n), dtype, bf.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         bb, a, dd = bf[s:e], out[s:e], d[: e - s]
@@ -261,7 +265,7 @@ def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float,
         return
     c = min(chunk, n)
     # wsg and wabs only count the weights with normalize
-    dabs, d, sg, *wbufs = scratch_buffers(workspace, 5 if normalize else 3, c, dtype)
+    dabs, d, sg, *wbufs = scratch_buffers(workspace, 5 if normalize else 3, c, dtype, bf.device)
     tiny = torch.finfo(dtype).tiny
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
@@ -305,8 +309,8 @@ def _ties_exact(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float
     n = bf.numel()
     c = min(chunk, n)
     nm = len(live)
-    D = torch.empty((max(nm, 1), c), dtype=dtype)
-    W = torch.tensor([w for _, w, _, _ in live] or [0.0], dtype=dtype).view(-1, 1)
+    D = torch.empty((max(nm, 1), c), dtype=dtype, device=bf.device)
+    W = torch.tensor([w for _, w, _, _ in live] or [0.0], dtype=dtype, device=bf.device).view(-1, 1)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         k = e - s
