@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
+from threadpoolctl import threadpool_limits
 
 STATE_VERSION = 1
 
@@ -248,7 +249,10 @@ def fit(
         )
         return float(value), np.concatenate([g_theta.ravel(), g_b, g_alpha])
 
-    res = minimize(objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": c.max_iter, "gtol": 1e-7})
+    # One BLAS thread: the problem is small, and a threaded BLAS on busy cores makes each L-BFGS
+    # step ten times slower.
+    with threadpool_limits(1, user_api="blas"):
+        res = minimize(objective, x0, jac=True, method="L-BFGS-B", options={"maxiter": c.max_iter, "gtol": 1e-7})
     x = res.x
     theta = x[: n * n_groups].reshape(n, n_groups)
     b = x[n * n_groups : n * n_groups + n_items]

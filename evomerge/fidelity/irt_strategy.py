@@ -1,0 +1,176 @@
+"""`irt`: candidates scored on a few anchor documents, their full-set fitness estimated by IRT.
+
+Phases (the model itself is `evomerge.fidelity.irt`):
+
+1. Warm-up: the first `warmup` candidates of the stage are scored on every search document.
+   With the baselines' search rows (`observe`) they are the training models of the first fit.
+2. Fit: once the warm-up's last candidate is told, a 2PL model is fitted on every row the
+   strategy has (seeded by the stage seed and the fit's number) and `anchors` documents are
+   chosen from it, split across the primary objective's tasks by their weights.
+3. Every later candidate is scored on the anchors only and told its gp-IRT estimate of each
+   task's mean over the full search set (marked as an estimate in the ledger). Every
+   `full_every`-th candidate after the warm-up (0: none) is still scored in full, so refits
+   learn the documents outside the anchors on the models the search now produces.
+4. Refits every `refit_every` told candidates, on all rows (anchor-only rows count for the
+   anchors and for the distribution of abilities, which moves as the search improves); anchors
+   are chosen again from each fit.
+
+A candidate's documents are decided when it is asked, from the fit of that moment, and kept in
+its note; its estimate comes from the fit of the moment it is told (in ask order). The rows, the
+fit and the counters are the strategy's state, saved with every checkpoint, so a resumed run
+fits, chooses and estimates exactly as an uninterrupted one.
+
+Documents are positions in each task's search selection (`fidelity.base`): with a per-generation
+`subsample` the same position is a different document each generation, so the model would mix
+documents; use `limit` or a fixed subsample with `irt`.
+
+For an optimizer that needs common documents (M2N2, `StageInfo.needs_core`) every candidate is
+also scored on `core()`: a seeded sample of `anchors` documents fixed for the whole stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from evomerge.fidelity import irt
+from evomerge.fidelity.base import (
+    Member,
+    Positions,
+    StageInfo,
+    Strategy,
+    StrategyOptions,
+    permutation,
+    prefix,
+)
+
+
+class IrtOptions(StrategyOptions):
+    anchors: int = Field(24, ge=1)  # anchor documents per candidate, over all tasks
+    warmup: int = Field(10, ge=1)  # candidates scored in full before the first fit
+    refit_every: int = Field(50, ge=1)  # told candidates between refits
+    full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
+    estimator: Literal["gp_irt", "p_irt"] = "gp_irt"
+
+
+class IrtStrategy(Strategy):
+    name = "irt"
+    Options = IrtOptions
+
+    def __init__(self, options: IrtOptions, info: StageInfo) -> None:
+        super().__init__(options, info)
+        self.tasks = list(info.n_docs)
+        self.offsets = dict(zip(self.tasks, np.cumsum([0] + [info.n_docs[t] for t in self.tasks[:-1]]).tolist(), strict=True))
+        self.rows: list[dict[str, dict[int, float]]] = []  # training rows: task -> position -> score
+        self.opened = 0  # candidates opened (asked) so far in the stage
+        self.told_count = 0
+        self.fits = 0
+        self.model: irt.IrtModel | None = None
+
+    # ------------------------------------------------------------------ documents
+    def open(self, member: Member) -> None:
+        if "full" not in member.note:
+            k = self.opened - self.options.warmup
+            every = self.options.full_every
+            member.note["full"] = self.model is None or (every > 0 and k >= 0 and k % every == every - 1)
+            member.note["anchors"] = None if member.note["full"] else self._anchor_positions()
+            self.opened += 1
+        if member.note["full"]:
+            member.want = self.all_documents()
+            return
+        want = {t: np.asarray(p, dtype=np.int64) for t, p in member.note["anchors"].items()}
+        if self.info.needs_core:
+            core = self.core()
+            want = {t: np.union1d(want.get(t, np.zeros(0, dtype=np.int64)), core[t]) for t in core}
+        member.want = want
+
+    def _anchor_positions(self) -> dict[str, list[int]]:
+        assert self.model is not None
+        out: dict[str, list[int]] = {t: [] for t in self.tasks}
+        for j in self.model.anchors.tolist():
+            task, pos = self._item(j)
+            out[task].append(pos)
+        return out
+
+    def _item(self, j: int) -> tuple[str, int]:
+        for t in reversed(self.tasks):
+            if j >= self.offsets[t]:
+                return t, j - self.offsets[t]
+        raise IndexError(j)
+
+    def core(self) -> Positions:
+        sizes = self.info.n_docs
+        counts = irt.allocate(self.options.anchors, self._task_weights(), sizes)
+        return prefix({t: permutation(self.info, t, salt="irt-core") for t in sizes}, counts)
+
+    def _task_weights(self) -> dict[str, float]:
+        primary = self.info.weights.get(self.info.primary, {})
+        return {t: float(primary.get(t, 0.0)) for t in self.tasks}
+
+    # ------------------------------------------------------------------ estimates
+    def estimate(self, member: Member) -> dict[str, float]:
+        if self.model is None or member.is_full(self.info) or member.error is not None:
+            return super().estimate(member)
+        observed = {self.offsets[t] + int(p): float(v) for t, got in member.scores.items() for p, v in got.items()}
+        est = self.model.estimate(observed)
+        return self.info.objectives({t: est[t][self.options.estimator] for t in self.tasks})
+
+    # ------------------------------------------------------------------ learning
+    def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:
+        self.rows.append(_row(scores))
+
+    def told(self, member: Member, fitness: float | None) -> None:
+        if member.error is None and member.scores:
+            self.rows.append(_row(member.scores))
+        self.told_count += 1
+        o = self.options
+        if self.model is None:
+            due = self.told_count >= o.warmup
+        else:
+            due = (self.told_count - o.warmup) % o.refit_every == 0
+        if due:
+            self._fit()
+
+    def _fit(self) -> None:
+        matrix = np.full((len(self.rows), self.info.total), np.nan)
+        for i, row in enumerate(self.rows):
+            for t, got in row.items():
+                for p, v in got.items():
+                    matrix[i, self.offsets[t] + p] = v
+        keep = ~np.isnan(matrix).all(axis=1)
+        matrix = matrix[keep]
+        if len(matrix) < 2 or np.isnan(matrix).all(axis=0).any():
+            return  # not every document has a score yet (e.g. failed warm-up candidates)
+        groups = [t for t in self.tasks for _ in range(self.info.n_docs[t])]
+        seed = [self.info.seed & 0xFFFFFFFF, self.fits]
+        seed_int = int(np.random.default_rng(seed).integers(2**31))
+        model = irt.fit(matrix, groups, seed=seed_int)
+        counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
+        self.model = irt.choose_anchors(model, counts, seed=seed_int, responses=matrix)
+        self.fits += 1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [{t: [[int(p), float(v)] for p, v in sorted(got.items())] for t, got in row.items()} for row in self.rows],
+            "opened": self.opened,
+            "told": self.told_count,
+            "fits": self.fits,
+            "model": None if self.model is None else self.model.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rows = [{t: {int(p): float(v) for p, v in pairs} for t, pairs in row.items()} for row in state.get("rows", [])]
+        self.opened = int(state.get("opened", 0))
+        self.told_count = int(state.get("told", 0))
+        self.fits = int(state.get("fits", 0))
+        model = state.get("model")
+        self.model = None if model is None else irt.IrtModel.from_state(model)
+
+
+def _row(scores: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+    return {t: {int(p): float(v) for p, v in got.items() if math.isfinite(float(v))} for t, got in scores.items()}
