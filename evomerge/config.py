@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
 from evomerge.fidelity import check_fidelity
+from evomerge.memory import MemorySpec, NodeMemory, WorkerMemory
 from evomerge.merge.specs import METHOD_SPECS
 from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
@@ -145,6 +146,7 @@ class Experiment(_Strict):
     models: ModelsSpec
     stages: list[StageSpec] = Field(min_length=1)
     ray: RaySpec = Field(default_factory=RaySpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)  # evomerge/memory.py
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     allow_pickle: bool = False
@@ -283,6 +285,7 @@ def _valid_fields(parent: str) -> list[str]:
         "budget": BudgetSpec,
         "ray": RaySpec,
         "baselines": BaselineSpec,
+        "memory": MemorySpec, "node": NodeMemory, "worker": WorkerMemory,
     }.get(leaf)
     return list(model.model_fields) if model else []
 

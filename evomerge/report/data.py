@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.memory import memory_lines
 from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
 from evomerge.resources import read_yaml
@@ -138,6 +139,7 @@ class RunView:
     budget: int | None
     base: str | None = None
     notes: list[str] = field(default_factory=list)
+    memory: list[str] = field(default_factory=list)  # the memory budget and holdings (memory_lines)
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def build_view(
         budget=_budget(status.get("budget")),
         base=_base_of(status, experiment),
         notes=notes,
+        memory=memory_lines(status.get("memory")),
     )
 
 

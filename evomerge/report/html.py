@@ -88,6 +88,9 @@ def render_page(view: RunView, sections: Sequence[Section]) -> str:
             )
     parts.append("<h2>Sources, baselines and best candidates</h2>")
     parts.append(_results_table(view))
+    if view.memory:
+        parts.append("<h2>Memory</h2>")
+        parts.append(f"<pre>{_e(chr(10).join(view.memory))}</pre>")
     if view.best_scores:
         parts.append("<h2>Exported best: scores.json</h2>")
         parts.append(f"<pre>{_e(_json(view.best_scores))}</pre>")

@@ -32,6 +32,7 @@ from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset
 from evomerge.faults import os_fault
 from evomerge.fsutil import atomic_write_text
+from evomerge.memory import MemoryBudget, record_memory, run_memory
 from evomerge.merge.sources import SourcePool
 from evomerge.models import registered_model
 from evomerge.progress import Progress
@@ -92,6 +93,7 @@ class Run:
         self._pool_sources: dict[str, str] = {}
         self._rebuild_caps: dict[str, int] = {}  # finished stages being rebuilt: search rows to replay
         self._rebuild_reasons: dict[str, str] = {}
+        self.memory: MemoryBudget | None = None  # the `memory:` budget, resolved by validate()
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self) -> list[StagePlan]:
@@ -132,6 +134,8 @@ class Run:
         for i in range(len(exp.baselines)):
             recipe = self._baseline_recipe(i)
             self._check_recipe(recipe, check_pool, f"baselines[{i}].recipe")
+        opened = [ref for _, ref in refs if not ref.startswith(("stage:", "archive:"))]
+        self.memory = run_memory(exp, self.sources, opened, local=self.local, file=self.file)
         return plans
 
     def plan(self, index: int, pool: SourcePool, *, checking: bool = False) -> StagePlan:
@@ -338,6 +342,7 @@ class Run:
 
     def shutdown(self) -> None:
         if self._pool is not None:
+            record_memory(self.run_dir, self.memory, self._pool)  # the workers' peaks, while they are idle
             self._pool.shutdown()
             self._pool = self._pool_key = None
 
@@ -464,9 +469,10 @@ class Run:
             self._pool_sources.update(sources)
             return self._pool
         self.shutdown()
-        pool = make_pool(self.exp, local=self.local, evaluator=evaluator)
+        pool = make_pool(self.exp, local=self.local, evaluator=evaluator, memory=self.memory)
         pool.start(sources, plan.evaluator_spec, allow_pickle=self.exp.allow_pickle, dtype=self.exp.dtype)
         self._pool, self._pool_key, self._pool_sources = pool, key, dict(sources)
+        record_memory(self.run_dir, self.memory, pool)  # the budget and what the sources take
         return pool
 
     def _score_baselines(self, plan: StagePlan, pool: WorkerPool, ledger: Ledger, opt: Any) -> None:
@@ -501,17 +507,18 @@ class Run:
             )  # fmt: skip
 
 
-def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None) -> WorkerPool:
-    """The worker pool the experiment's `ray:` section asks for (`workers: 0` or --local: in-process)."""
+def make_pool(exp: Experiment, *, local: bool, evaluator: Any = None, memory: MemoryBudget | None = None) -> WorkerPool:
+    """The worker pool the experiment's `ray:` section asks for (`workers: 0` or --local: in-process),
+    within the `memory` budget (`evomerge.memory`; None: no budget)."""
     device = None if exp.device == "auto" else exp.device
     if local or exp.ray.workers == 0:
         from evomerge.run.local import LocalWorkerPool  # imports torch
 
         threads = max(1, round(exp.ray.num_cpus_per_worker)) if exp.ray.num_cpus_per_worker else None
-        return LocalWorkerPool(evaluator=evaluator, device=device, threads=threads)
+        return LocalWorkerPool(evaluator=evaluator, device=device, threads=threads, memory=memory)
     from evomerge.run.workers import RayWorkerPool  # Ray: only for a run on Ray workers
 
-    return RayWorkerPool.from_config(exp.ray.model_dump(), device=device)
+    return RayWorkerPool.from_config(exp.ray.model_dump(), device=device, memory=memory)
 
 
 # ---- entry points ------------------------------------------------------------------------------

@@ -19,16 +19,19 @@ from collections import deque
 from typing import Any
 
 from evomerge.evaluate.result import EvalResult
+from evomerge.memory import held_report, worker_budget
 from evomerge.run.jobs import Job, JobOutcome
-from evomerge.run.worker_core import WorkerCore
+from evomerge.run.worker_core import WorkerCore, default_device
+from evomerge.run.worker_memory import private_memory
 
 
 class LocalWorkerPool:
     """One in-process worker. `evaluator`: an already built evaluator to use instead of building
     one from the spec given to `start` (the driver built it to validate the experiment)."""
 
-    def __init__(self, *, evaluator: Any | None = None, device: str | None = None, threads: int | None = None):
+    def __init__(self, *, evaluator: Any | None = None, device: str | None = None, threads: int | None = None, memory: Any = None):
         self._evaluator = evaluator
+        self._memory = memory  # the run's evomerge.memory.MemoryBudget (None: no budget)
         self._device = device
         self._threads = threads
         self._saved_threads: int | None = None
@@ -43,7 +46,8 @@ class LocalWorkerPool:
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(max(1, int(self._threads)))
         spec: Any = (lambda: self._evaluator) if self._evaluator is not None else evaluator
-        self._core = WorkerCore(dict(sources), spec, allow_pickle, dtype, self._device)
+        budget = worker_budget(self._memory, self._device or default_device())
+        self._core = WorkerCore(dict(sources), spec, allow_pickle, dtype, self._device, **budget)
         directions = getattr(self._core.evaluator, "higher_is_better", None)
         self._directions = dict(directions) if isinstance(directions, dict) else {}
 
@@ -72,6 +76,15 @@ class LocalWorkerPool:
 
     def idle(self) -> int:
         return 0 if self._queue else 1
+
+    def memory_held(self) -> dict[str, Any]:
+        """What each part holds (`evomerge.memory.held_report`): this process is the node and the worker."""
+        core = self._require()
+        parts = core.memory_parts()
+        private, peak = private_memory()
+        worker = {"name": "local-0", "memory_parts": parts, "model_bytes": parts.get("skeleton", 0), "private": private, "private_peak": peak}
+        node = {"node": "local", "sources": parts.get("sources", 0), "tables": parts.get("caches", 0)}
+        return held_report([node], [worker])
 
     def shutdown(self) -> None:
         self._queue.clear()

@@ -9,7 +9,8 @@ experiment, so they are refused with a one-line error naming the field. What may
   finished run, raising it reopens that stage and its search goes on from where it stopped (the
   final checkpoint keeps its optimizer), then its holdout top-k and the run's best are redone;
 - a stage's `holdout_top_k`, for a stage not yet finished (or the reopened last stage);
-- `ray.*` (workers, CPUs/GPUs per worker, address): how the rest is evaluated, not what.
+- `ray.*` (workers, CPUs/GPUs per worker, address) and `memory.*` (the budgets): how the rest
+  is evaluated, not what.
 
 The changed experiment replaces `experiment.yaml` (written atomically) and each accepted change
 is appended to `resume.log` in the run directory.
@@ -25,7 +26,7 @@ from evomerge.config import Experiment, apply_sets, parse_experiment, parse_sets
 from evomerge.errors import ConfigError
 from evomerge.run.rundir import RunDir, experiment_data
 
-SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*"
+SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*, memory.*"
 
 
 def _diff(old: Any, new: Any, path: tuple = ()) -> list[tuple]:
@@ -48,7 +49,7 @@ def field_name(path: tuple) -> str:
 
 
 def _settable(path: tuple) -> bool:
-    if path[:1] == ("ray",):
+    if path[:1] in (("ray",), ("memory",)):
         return True
     return len(path) >= 3 and path[0] == "stages" and isinstance(path[1], int) and path[2] in ("budget", "holdout_top_k")
 

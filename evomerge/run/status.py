@@ -15,7 +15,9 @@ that lost rows its checkpoint counts) is refused with one line (`check_run_dir`)
     and the last row), elapsed_seconds,
     stages: [{name, space_kind, evaluations, budget, best{...}, objectives [{name,
     higher_is_better}], failures, finished, stop_reason}],
-    baselines: [{name, search, holdout, recipe_hash}], sources: [{ref, path}]
+    baselines: [{name, search, holdout, recipe_hash}], sources: [{ref, path}],
+    memory (memory.json: the `memory:` budget and what the node and each worker hold, see
+    `evomerge.memory`; None before a pool started)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evomerge.memory import memory_lines, read_memory_report
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import RunDir, lock_holder
@@ -126,6 +129,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "stages": stages,
         "baselines": [{"name": k, **v} for k, v in baselines.items()],
         "sources": sources,
+        "memory": read_memory_report(run_dir),
     }
 
 
@@ -165,6 +169,7 @@ def format_status(status: dict[str, Any]) -> str:
 
     for b in status["baselines"]:
         lines.append(f"  baseline {b['name']}: search {objectives(b['search'])}; holdout {objectives(b['holdout'])}")
+    lines += memory_lines(status.get("memory"))
     if status["failures"] and status["last_error"]:
         lines.append(f"last error: {status['last_error']}")
     return "\n".join(lines)

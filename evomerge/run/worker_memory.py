@@ -13,6 +13,8 @@ and importing this module must stay free of torch.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from typing import Any
 
 
@@ -148,12 +150,18 @@ class MemoryMeter:
         }
         self._first_merge_peak = 0
         self._at_eval_start = 0
+        self._job_start: float | None = None
+        self._merge_seconds: deque[float] = deque(maxlen=1000)  # per job: its start to the evaluator's call
 
     def job_starts(self) -> None:
         self._resettable = reset_peak()
         self._at_eval_start = 0
+        self._job_start = time.perf_counter()
 
     def evaluation_starts(self) -> None:
+        if self._job_start is not None:
+            self._merge_seconds.append(time.perf_counter() - self._job_start)
+            self._job_start = None
         now, peak = private_memory()
         self._at_eval_start = now
         self._raise("merge_peak", peak - self.base)
@@ -177,12 +185,14 @@ class MemoryMeter:
 
     def figures(self) -> dict[str, int]:
         """private_base, and over it: merge_peak, resident, evaluate_peak, eval_working_set,
-        after_job (after the last job), first_job_merge_peak, jobs_metered."""
+        after_job (after the last job), first_job_merge_peak, jobs_metered; merge_seconds: per
+        job (the last 1000), wall seconds from its start to the evaluator's call."""
         return {
             "private_base": self.base,
             **self._maxima,
             "first_job_merge_peak": self._first_merge_peak,
             "jobs_metered": self.jobs,
+            "merge_seconds": list(self._merge_seconds),
         }
 
 

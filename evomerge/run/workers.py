@@ -203,16 +203,21 @@ class _WorkerActor:
     def where(self) -> tuple[str, int]:
         return self.node_id, os.getpid()
 
-    def setup(self, store, sources: dict[str, str], evaluator, allow_pickle: bool, dtype, device) -> dict:
-        """Build the WorkerCore; returns the evaluator's objective directions (maybe empty)."""
-        from evomerge.run.worker_core import WorkerCore
+    def setup(self, store, sources: dict[str, str], evaluator, allow_pickle: bool, dtype, device, memory=None) -> dict:
+        """Build the WorkerCore; returns the evaluator's objective directions (maybe empty).
+        memory: the run's `MemoryBudget` (None: no budget)."""
+        from evomerge.memory import worker_budget
+        from evomerge.run.worker_core import WorkerCore, default_device
         from evomerge.run.worker_store import NodeSharedSparsifier
 
         try:
             tensors = {ref: self._fetch(store, ref, path) for ref, path in sources.items()}
-            sparsifier = NodeSharedSparsifier(store, self._identity, release=release_free_memory)
+            budget = worker_budget(memory, device or default_device())
+            sparsifier = NodeSharedSparsifier(
+                store, self._identity, release=release_free_memory, budget_bytes=budget.get("cache_budget")
+            )
             self.core = WorkerCore(
-                sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier
+                sources, evaluator, allow_pickle, dtype, device, tensors=tensors, sparsifier=sparsifier, **budget
             )
             self.core.evaluator = MeteredEvaluator(self.core.evaluator, self._meter)
             # workers start merging at different tensors: their first jobs share rank tables
@@ -293,13 +298,13 @@ class _WorkerActor:
             "sparsifier_shared_hits": getattr(self.core.sparsifier, "shared_hits", 0) if self.core else 0,
             # rank tables this worker still reads from its own copy, not the node's (0 once settled)
             "sparsifier_own_tables": getattr(self.core.sparsifier, "own_tables", 0) if self.core else 0,
+            "memory_parts": self.core.memory_parts() if self.core else {},  # bytes: sources, caches, skeleton
+            "cache_fallbacks": self.core.sparsifier.fallbacks if self.core else 0,  # tensors beyond the cache budget
         }
 
 
 # ---- the pool -----------------------------------------------------------------------------------------
 
-            "memory_parts": self.core.memory_parts() if self.core else {},  # bytes: sources, caches, skeleton
-            "cache_fallbacks": self.core.sparsifier.fallbacks if self.core else 0,  # tensors beyond the cache budget
 
 @dataclass
 class _Running:
@@ -344,6 +349,7 @@ class RayWorkerPool:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     device: str | None = None
     start_timeout: float = _START_TIMEOUT_S
+    memory: Any = None  # the run's evomerge.memory.MemoryBudget: object store size, worker budgets
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -381,7 +387,8 @@ class RayWorkerPool:
         local_cpus = self.num_cpus
         if local_cpus is None:
             local_cpus = max(1, int(round(self.workers * self.num_cpus_per_worker)))
-        self._owns_ray = init_ray(self.address, num_cpus=local_cpus)
+        store_bytes = self.memory.object_store if self.memory is not None else None
+        self._owns_ray = init_ray(self.address, num_cpus=local_cpus, object_store_memory=store_bytes)
         self._sources = {ref: str(path) for ref, path in sources.items()}
         self._evaluator = evaluator
         self._allow_pickle = allow_pickle
@@ -486,6 +493,21 @@ class RayWorkerPool:
 
         return ray.get([s.actor.stats.remote() for s in self._slots])
 
+    def memory_held(self) -> dict[str, Any]:
+        """What each part holds (`evomerge.memory.held_report`): per node the store's sources and
+        shared caches, per worker its own accounting (call it while the workers are idle: a
+        busy actor answers after its jobs)."""
+        import ray
+
+        from evomerge.memory import held_report
+
+        held = ray.get([s.nbytes.remote() for s in self._stores.values()])
+        nodes = [{"node": node[:8], **found} for node, found in zip(self._stores, held, strict=True)]
+        total = ray.cluster_resources().get("object_store_memory")
+        free = ray.available_resources().get("object_store_memory")
+        used = None if total is None or free is None else int(total - free)
+        return held_report(nodes, self.worker_stats(), object_store_used=used)
+
     def actors(self) -> list[Any]:
         return [s.actor for s in self._slots]
 
@@ -554,7 +576,8 @@ class RayWorkerPool:
         slot.node_id, slot.pid = where
         slot.ready = None
         slot.pending_run = slot.actor.setup.remote(
-            self._store(slot.node_id), dict(self._sources), self._evaluator, self._allow_pickle, self._dtype, self.device
+            self._store(slot.node_id), dict(self._sources), self._evaluator, self._allow_pickle, self._dtype, self.device,
+            self.memory,
         )
 
     def _store(self, node_id: str):
