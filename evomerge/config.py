@@ -46,6 +46,7 @@ from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
 from evomerge.resources import find_yaml, read_yaml
 from evomerge.spaces.config import PSSpec, load_space_spec
+from evomerge.tracking import TrackingSpec, check_tracking
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -152,6 +153,7 @@ class Experiment(_Strict):
     allow_pickle: bool = False
     trust_remote_code: bool = False
     output_dir: str = "runs"
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # evomerge/tracking
     baselines: list[BaselineSpec] = Field(default_factory=list)
 
     @field_validator("name")
@@ -370,6 +372,7 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
     parameter names and values) and each evaluator's spec (kind and schema). One line naming the
     file and the field for the first problem."""
     base_dir = Path(file).resolve().parent if file else Path.cwd()
+    check_tracking(exp.tracking, file=file)
     for i, stage in enumerate(exp.stages):
         where = f"stages[{i}]"
         try:

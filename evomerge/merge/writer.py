@@ -57,6 +57,7 @@ def write_model(
     progress: Callable[[int, int], None] | None = None,
     engine: str = "auto",
     force: bool = False,
+    card: Callable[[Recipe, dict[str, str]], str] | None = None,
     card_extra: str = "",
 ) -> Path:
     """Merge and write; returns the model directory. Raises before writing anything if the
@@ -65,7 +66,8 @@ def write_model(
 
     ``engine``: "torch", "numpy" (`evomerge.merge.fast`; ValueError when it does not cover the
     plan) or "auto" (numpy where it covers the plan, else torch; both give the same tensors).
-    ``card_extra`` is appended to the model card.
+    ``card``: the model card from the recipe and its sources' content hashes (default
+    `model_card`); ``card_extra`` is appended to it.
     """
     out_dir = Path(out_dir).resolve()
     check_target(out_dir, force)
@@ -81,7 +83,7 @@ def write_model(
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
-        (tmp / "README.md").write_text(model_card(recipe, hashes, scores) + card_extra)
+        (tmp / "README.md").write_text((card(recipe, hashes) if card else model_card(recipe, hashes, scores)) + card_extra)
     return out_dir
 
 

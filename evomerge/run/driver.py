@@ -39,7 +39,7 @@ from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.resources import find_yaml
 from evomerge.run.checkpoint import CheckpointPacer, load_checkpoint, save_checkpoint
-from evomerge.run.export import write_best, write_best_model
+from evomerge.run.export import run_files, write_best, write_best_model
 from evomerge.run.integrity import check_ledger, find_gap
 from evomerge.run.jobs import WorkerPool
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger, LedgerRow
@@ -66,6 +66,7 @@ from evomerge.run.stages import (
     uses_subsamples,
 )
 from evomerge.spaces import build_space
+from evomerge.tracking import open_tracking
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -238,6 +239,7 @@ class Run:
     def _execute(self, rebuild: bool = False) -> Best | None:
         ckpt = self._readable_checkpoint() if rebuild else load_checkpoint(self.run_dir)
         ledger = Ledger.open(self.run_dir / LEDGER_FILE)
+        tracking = open_tracking(self.exp, self.run_dir, ledger)  # fed by the ledger, on a thread of its own
         try:
             ckpt = self.rebuild_state(ledger, ckpt) if rebuild else (ckpt or {})
             state = {
@@ -257,9 +259,11 @@ class Run:
             best = run_best(self.exp.stages, ledger)
             if best is not None:
                 write_best(self.run_dir, best, self.sources)
+            tracking.finish(run_files(self.run_dir, best))
             self._save(ledger, {**state, "stage": None, "finished": True, "ledger_seq": ledger.last_seq()})
             return best
         finally:
+            tracking.close()
             ledger.close()
             self.shutdown()
 

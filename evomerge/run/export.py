@@ -20,6 +20,8 @@ with a model card saying so, and `best/recipe.yaml` is a passthrough of `best/mo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from evomerge.merge.writer import write_model
 from evomerge.modeldir import check_target
 from evomerge.models import load_hint
 from evomerge.recipe import Recipe
+from evomerge.run.card import hub_card, read_references, search_summary
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import Ledger
 from evomerge.run.rundir import (
@@ -72,6 +75,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: boo
     exp, _ = check_run_dir(run_dir)  # a damaged run, or a ledger that lost rows, is refused
     with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
         best = run_best(exp.stages, ledger)
+        search = search_summary(exp, ledger)
     if best is None:
         raise ConfigError("the run has no successful evaluation yet; nothing to export", file=str(run_dir))
     pool = run_sources(run_dir, exp.allow_pickle)
@@ -82,7 +86,8 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: boo
     recipe = write_best(run_dir, best, pool)
     model_dir = None
     if out is not None:
-        model_dir = write_best_model(best, pool, out, recipe=recipe, card_extra=selection_note(best), force=force)
+        card = partial(hub_card, best=best, exp=exp, search=search, written=read_references(run_dir))
+        model_dir = write_best_model(best, pool, out, recipe=recipe, card=card, card_extra=selection_note(best), force=force)
     return RunDir(run_dir).best / "recipe.yaml", model_dir
 
 
@@ -156,12 +161,20 @@ def best_tensors(best: Best, pool: SourcePool) -> tuple[Path, dict[str, Any]] | 
 
 
 def write_best_model(
-    best: Best, pool: SourcePool, out: str | Path, *, recipe: Recipe | None = None, card_extra: str = "", force: bool = False
+    best: Best,
+    pool: SourcePool,
+    out: str | Path,
+    *,
+    recipe: Recipe | None = None,
+    card: Callable[[Recipe, dict[str, str]], str] | None = None,
+    card_extra: str = "",
+    force: bool = False,
 ) -> Path:
     """The best's model as a directory: the merge written by the engine (of `recipe`, default
     the best's own), or for a weights-space best its evolved tensors beside the template's
     config.json; the README (model card) says which, with the scores and, in `card_extra`, how
-    the best was chosen. An existing `out` is treated as `evomerge.modeldir` says (`force`)."""
+    the best was chosen (`card`: the merge's card from its recipe and source hashes, default
+    the engine's). An existing `out` is treated as `evomerge.modeldir` says (`force`)."""
     weights = best_tensors(best, pool)
     if weights is not None:
         from evomerge.run.weights import write_weights_model  # imports torch
@@ -169,7 +182,7 @@ def write_best_model(
         template_dir, tensors = weights
         return write_weights_model(tensors, template_dir, out, weights_card(best, template_dir) + card_extra, force=force)
     recipe = recipe or Recipe.from_string(best.recipe_yaml)
-    return write_model(recipe, pool, out, scores=_flat_scores(best), card_extra=card_extra, force=force)
+    return write_model(recipe, pool, out, scores=_flat_scores(best), card=card, card_extra=card_extra, force=force)
 
 
 def weights_card(best: Best, template_dir: Path) -> str:
@@ -244,3 +257,28 @@ def write_best(run_dir: Path, best: Best, pool: SourcePool) -> Recipe:
     atomic_write_text(RunDir(run_dir).best / "recipe.yaml", recipe.to_yaml())
     write_json(RunDir(run_dir).best / "scores.json", best.scores())
     return recipe
+
+
+def run_files(run_dir: str | Path, best: Best | None) -> Callable[[], dict[str, str]] | None:
+    """What a tracker logs when a run ends (`evomerge.tracking`): the best's `recipe.yaml` (as
+    written to `best/`) and `README.md`, the model card `export --out` writes. A function (made
+    on the tracking thread: it hashes the sources); None without a best."""
+    if best is None:
+        return None
+    run_dir = Path(run_dir)
+
+    def files() -> dict[str, str]:
+        folder = RunDir(run_dir).best
+        recipe = Recipe.from_yaml(folder / "recipe.yaml")
+        refs = recipe.model_refs()
+        if len(refs) == 1 and Path(refs[0]).resolve() == (folder / "model").resolve():  # a weights-space best: its card is written
+            return {"recipe.yaml": recipe.to_yaml(), "README.md": (folder / "model" / "README.md").read_text()}
+        exp = read_experiment(run_dir)
+        with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+            search = search_summary(exp, ledger)
+        pool = SourcePool(allow_pickle=exp.allow_pickle)
+        hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
+        card = hub_card(recipe.with_evomerge(source_hashes=hashes), hashes, best=best, exp=exp, search=search, written=read_references(run_dir))
+        return {"recipe.yaml": recipe.to_yaml(), "README.md": card + selection_note(best)}
+
+    return files

@@ -173,6 +173,7 @@ class Ledger:
         self._counts: dict[str, dict[str, int]] | None = None  # stage -> split -> rows (kept up to date)
         self._gaps: list[int] | None = None  # missing seqs new rows take (fill_gaps), smallest first
         self.cursor = 0  # the last seq written or replayed (module docstring)
+        self.observer: Any = None  # called with each row after it is written (evomerge.tracking)
 
     @classmethod
     def open(cls, path: str | Path, *, readonly: bool = False) -> Ledger:
@@ -257,6 +258,8 @@ class Ledger:
             splits = self._counts.setdefault(row.stage, {})
             splits[row.split] = splits.get(row.split, 0) + 1
         self.passed(row.seq)
+        if self.observer is not None:
+            self.observer(row)
         return row
 
     def passed(self, seq: int) -> None:
