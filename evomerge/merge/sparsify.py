@@ -233,12 +233,31 @@ class _Top:
         self.thr, self.n, self.need, self.ties, self.absd_fn = thr, n, need, ties, absd_fn
         self.seen = 0  # ties met so far in the current ascending pass (chunked application)
         self.next_start = 0
-        # hardshrink keeps |d| > lam: with every tie kept, lam is the float32 just below thr
-        if need is None and thr >= 0:
-            t = torch.tensor(thr, dtype=torch.float32)
-            self.lam = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=torch.float32)))
-        else:
-            self.lam = thr
+        self._below: dict[torch.dtype, float] = {}
+        # hardshrink keeps |d| > lam: with every tie kept, lam is just below thr (`below`)
+        self.lam = self.below(torch.float32) if need is None and thr >= 0 else thr
+
+    def below(self, dtype: torch.dtype) -> float:
+        """The largest ``dtype`` value under ``thr`` (a magnitude of a ``dtype`` delta):
+        hardshrink by it keeps ``|d| >= thr`` in a chunk of that dtype (hardshrink compares in
+        the chunk's dtype, so a float32 just below a 16-bit ``thr`` would round up to it)."""
+        lam = self._below.get(dtype)
+        if lam is None:
+            if self.thr <= 0:
+                lam = -1.0
+            elif dtype in _KEY_FORMATS:
+                bits = torch.tensor([self.thr], dtype=dtype).view(torch.int16) - 1
+                lam = float(bits.view(dtype)[0])
+            else:
+                t = torch.tensor(self.thr, dtype=torch.float32)
+                lam = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=torch.float32)))
+            self._below[dtype] = lam
+        return lam
+
+    def lam_for(self, dtype: torch.dtype) -> float:
+        """hardshrink's lambda for a ``dtype`` chunk: keeps ``|d| >= thr`` when every tie is kept,
+        else ``|d| > thr``."""
+        return self.below(dtype) if self.need is None and self.thr >= 0 else self.thr
 
     def tie_positions(self) -> Tensor:
         if self.ties is None:
@@ -367,7 +386,8 @@ class ThresholdBandMask(Mask):
     def _shrink(self, top: _Top, start: int, stop: int, delta: Tensor, out: Tensor) -> Tensor:
         """``out`` = delta where kept by ``top`` else 0 (``out`` may be ``delta``): one fused
         hardshrink, plus putting back the kept elements equal to the threshold."""
-        if top.lam < 0:  # everything is kept
+        lam = top.lam_for(delta.dtype)
+        if lam < 0:  # everything is kept
             return out if out is delta else out.copy_(delta)
         idx = None
         if top.need is not None:
@@ -383,15 +403,27 @@ class ThresholdBandMask(Mask):
                     a, b = (int(i) for i in torch.searchsorted(ties, bounds))
                     idx = ties[a:b] - start
             elif top.seen < top.need:  # keep the first ties of this pass, in index order
-                n = stop - start  # |d| == thr in scratch buffers (shared, see `share_scratch`)
-                absd = torch.abs(delta, out=self._buf("tie_abs", n, delta.dtype, delta.device))
-                tied = torch.eq(absd, top.thr, out=self._buf("tie_eq", n, torch.bool, delta.device))
+                tied = self._tied(delta, top.thr)
+                count = int(torch.count_nonzero(tied))
+                if top.seen + count <= top.need:  # every tie in this chunk is kept: |d| >= thr
+                    top.seen += count
+                    return torch.hardshrink(delta, top.below(delta.dtype), out=out)
                 idx = torch.nonzero(tied).view(-1)[: top.need - top.seen]
                 top.seen += idx.numel()
         if idx is None or idx.numel() == 0:
-            return torch.hardshrink(delta, top.lam, out=out)
+            return torch.hardshrink(delta, lam, out=out)
         values = delta.index_select(0, idx)
-        return torch.hardshrink(delta, top.lam, out=out).index_copy_(0, idx, values)
+        return torch.hardshrink(delta, lam, out=out).index_copy_(0, idx, values)
+
+    def _tied(self, delta: Tensor, thr: float) -> Tensor:
+        """Where ``|delta| == thr`` in a float32/float16/bfloat16 chunk, compared as bit patterns
+        without the sign (faster than a float comparison), in scratch buffers (see `share_scratch`)."""
+        n = delta.numel()
+        bits = torch.int16 if delta.element_size() == 2 else torch.int32
+        key = int(torch.tensor([thr], dtype=delta.dtype).view(bits)[0])
+        sign_off = (1 << (8 * delta.element_size() - 1)) - 1
+        keys = torch.bitwise_and(delta.view(bits), sign_off, out=self._buf("tie_key", n, bits, delta.device))
+        return torch.eq(keys, key, out=self._buf("tie_eq", n, torch.bool, delta.device))
 
     def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
         # The thresholds are float32 magnitudes: exact for fp32/fp16/bf16 chunks only.
@@ -661,9 +693,10 @@ class CachedSparsifier(_NoiseAndRanks):
             return band
         lo, hi = band
         dtype = _delta_dtype(delta)
+        key = (key, str(dtype))  # a delta formed in another dtype ranks differently
         counted = dtype in _KEY_FORMATS and numel * 4 > _KEYS * _index_dtype(numel).itemsize
         if counted:  # a histogram: smaller than sorted magnitudes, and as exact
-            table = self._budgeted(self._ranks, (key, _KEY_FORMATS.index(dtype)), _KEYS * _index_dtype(numel).itemsize,
+            table = self._budgeted(self._ranks, key, _KEYS * _index_dtype(numel).itemsize,
                                    lambda: magnitude_counts(delta()), "rank_computations")
         else:
             table = self._budgeted(self._ranks, key, 4 * numel,
@@ -688,6 +721,7 @@ class CachedSparsifier(_NoiseAndRanks):
     def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
         numel = getattr(delta, "numel", None)
         numel = numel if isinstance(numel, int) else delta().numel()
+        key = (key, str(_delta_dtype(delta)))
         ranks = self._budgeted(self._row_ranks, key, numel * _index_dtype(numel).itemsize,
                                lambda: row_ranks(delta(), owned=fresh(delta)), "row_rank_computations")
         return ranks if ranks is not None else row_ranks(delta(), owned=fresh(delta))

@@ -236,12 +236,34 @@ def _masked_delta(d: Tensor, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | N
     return d
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """What a kernel accumulates ``dtype`` inputs in: float32 for 16-bit floats (their deltas and
+    masks stay in their own dtype, so the kept elements are the reference's), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _weighted_delta(D: Tensor, dh: Tensor | None, tf: Tensor, bb: Tensor, s: int, e: int, m: Mask | None,
+                    f: float | None, w: float) -> Tensor:
+    """``D`` = w * rescale * kept delta of one chunk. Without ``dh`` (float32/float64 inputs) in
+    the inputs' dtype with mergekit's roundings; with it (16-bit inputs) the kept delta is
+    formed in ``dh`` (the input dtype) and scaled once in ``D``'s float32."""
+    if dh is None:
+        return _masked_delta(D, tf, bb, s, e, m, f).mul_(w)
+    _masked_delta(dh, tf, bb, s, e, m, None)
+    return D.copy_(dh).mul_(w if f is None else w * f)
+
+
 def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, dtype: torch.dtype,
                 workspace: Workspace | None = None) -> None:
-    """out = bf + alpha * sum_j w_j * kept delta_j; each chunk accumulates in out's own chunk."""
+    """out = bf + alpha * sum_j w_j * kept delta_j; each chunk accumulates in out's own chunk
+    (16-bit inputs: in a float32 chunk, rounded to out's dtype once)."""
     n = bf.numel()
     if not live:
         out.copy_(bf)
+        return
+    acc = _accumulator(dtype)
+    if acc != dtype:
+        _linear_sum_half(bf, live, out, alpha, chunk, dtype, workspace)
         return
     (d,) = scratch_buffers(workspace, 1, min(chunk, n), dtype, bf.device)
     for s in range(0, n, chunk):
@@ -256,6 +278,35 @@ def _linear_sum(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, d
         torch.add(bb, a, alpha=alpha, out=a)
 
 
+def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: int, dtype: torch.dtype,
+                     workspace: Workspace | None) -> None:
+    """`_linear_sum` for 16-bit inputs, accumulated in float32. Without masks or rescaling
+    (task_arithmetic) it reads each input once: ``(1 - alpha sum w) base + sum alpha w_j x_j``."""
+    n = bf.numel()
+    c = min(chunk, n)
+    (a,) = scratch_buffers(workspace, 1, c, torch.float32, bf.device)
+    plain = all(m is None and f is None for _, _, m, f in live)
+    (dh,) = [None] if plain else scratch_buffers(workspace, 1, c, dtype, bf.device)
+    keep_base = 1.0 - alpha * sum(w for _, w, _, _ in live)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        bb, aa = bf[s:e], a[: e - s]
+        if plain:
+            aa.copy_(bb).mul_(keep_base)
+            for tf, w, _, _ in live:
+                aa.add_(tf[s:e], alpha=alpha * w)  # float32 += 16-bit: computed in float32
+            out[s:e].copy_(aa)
+            continue
+        dd = dh[: e - s]
+        for j, (tf, w, m, f) in enumerate(live):
+            if j == 0:
+                _weighted_delta(aa, dd, tf, bb, s, e, m, f, w)
+            else:
+                _masked_delta(dd, tf, bb, s, e, m, None)
+                aa.add_(dd, alpha=w if f is None else w * f)
+        torch.add(bb, aa, alpha=alpha, out=out[s:e])
+
+
 def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
                dtype: torch.dtype, workspace: Workspace | None = None) -> None:
     """The sum S of a chunk accumulates in out's own chunk (overwritten by the result last)."""
@@ -264,17 +315,20 @@ def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float,
         out.copy_(bf)
         return
     c = min(chunk, n)
+    acc = _accumulator(dtype)  # 16-bit inputs: sums in float32 chunks, S too (not in out)
     # wsg and wabs only count the weights with normalize
-    dabs, d, sg, *wbufs = scratch_buffers(workspace, 5 if normalize else 3, c, dtype, bf.device)
-    tiny = torch.finfo(dtype).tiny
+    dabs, d, sg, *wbufs = scratch_buffers(workspace, (5 if normalize else 3) + (acc != dtype), c, acc, bf.device)
+    (dh,) = scratch_buffers(workspace, 1, c, dtype, bf.device) if acc != dtype else [None]
+    tiny = torch.finfo(acc).tiny
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         k = e - s
         bb = bf[s:e]
-        S_, da, dd, sg_ = out[s:e], dabs[:k], d[:k], sg[:k]
+        S_, da, dd, sg_ = (wbufs[-1][:k] if acc != dtype else out[s:e]), dabs[:k], d[:k], sg[:k]
         ws, wa = (wbufs[0][:k], wbufs[1][:k]) if normalize else (None, None)
         for j, (tf, w, m, f) in enumerate(live):
-            _masked_delta(dd, tf, bb, s, e, m, f).mul_(w)  # D_j = w_j * kept delta_j, rounded as mergekit
+            # D_j = w_j * kept delta_j (rounded as mergekit in the inputs' dtype; see _weighted_delta)
+            _weighted_delta(dd, dh[:k] if dh is not None else None, tf, bb, s, e, m, f, w)
             if j == 0:
                 S_.copy_(dd)
             else:
