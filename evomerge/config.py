@@ -41,11 +41,10 @@ from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
 from evomerge.fidelity import check_fidelity
 from evomerge.memory import MemorySpec, NodeMemory, WorkerMemory
-from evomerge.merge.specs import METHOD_SPECS
 from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
 from evomerge.resources import find_yaml, read_yaml
-from evomerge.spaces.config import PSSpec, load_space_spec
+from evomerge.spaces.config import load_space_spec
 from evomerge.tracking import TrackingSpec, check_tracking
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -385,9 +384,9 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
             spec, _ = load_space_spec(_absolute_yaml(stage.space, base_dir), stage.space_overrides or None)
         except EvomergeError as exc:
             raise _space_error(exc, i, file) from None
-        if isinstance(spec, PSSpec) and METHOD_SPECS[spec.method].requires_base and not exp.stage_base(stage):
+        if (needs_base := spec.base_needed()) and not exp.stage_base(stage):
             field = f"{where}.base" if stage.models is not None else "models.base"
-            raise ConfigError(f"the stage's space merges with '{spec.method}', which needs a base model", file=file, field=field)
+            raise ConfigError(f"the stage's space {needs_base}", file=file, field=field)
     for i, stage in enumerate(exp.stages):
         check_fidelity(stage.fidelity, file=file, where=f"stages[{i}].fidelity")
     for i, baseline in enumerate(exp.baselines):

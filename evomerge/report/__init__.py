@@ -32,6 +32,7 @@ from evomerge.report.data import (
 from evomerge.report.html import Image, Section, render_page
 from evomerge.run.integrity import check_run_files
 from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, REPORT_DIR
+from evomerge.spaces.config import find_space
 
 __all__ = ["NotARunError", "write_report", "render_report"]
 
@@ -92,14 +93,16 @@ def render_report(view: RunView, out_dir: Path) -> Path:
     dfs = Section("Best data-flow (DFS) layer paths", [], [])
     for stage in view.stages:
         best = stage.best()
-        if best is None or stage.kind not in ("ps", "dfs"):
+        space = find_space(stage.kind)
+        shows = space.RECIPE_VIEW if space is not None else None
+        if best is None or shows is None:
             continue
         recipe = parse_recipe(best.recipe_yaml)
         if recipe is None:
-            (ps if stage.kind == "ps" else dfs).notes.append(f"stage {stage.name}: the best candidate's recipe could not be read")
+            (ps if shows == "parameters" else dfs).notes.append(f"stage {stage.name}: the best candidate's recipe could not be read")
             continue
         label = f"stage {stage.name}, candidate {best.candidate_id}, fitness {best.fitness:.4f}"
-        if stage.kind == "ps":
+        if shows == "parameters":
             grids = ps_parameter_grids(recipe)
             file = save(f"ps_{slugs[stage.name]}.png", plots.param_heatmap(grids, f"{recipe.merge_method}: {label}"))
             names = ", ".join(g.name for g in grids) or "none"

@@ -25,8 +25,7 @@ from evomerge.recipe import Recipe, evaluate_setting
 from evomerge.resources import read_yaml
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import EXPERIMENT_FILE, LEDGER_FILE, is_run_dir
-
-SPACE_KINDS = ("ps", "dfs", "weights", "m2n2")
+from evomerge.spaces.config import space_kind_of
 
 
 class NotARunError(EvomergeError):
@@ -46,7 +45,7 @@ class StageView:
     """One stage of a run: its search evaluations (in ledger order) and holdout scores."""
 
     name: str
-    kind: str  # one of SPACE_KINDS, or "unknown"
+    kind: str  # the space's kind (with no space: the optimizer's name), or "unknown"
     search: list[Any]  # LedgerRow, ordered by seq
     holdout: list[Any]
     directions: dict[str, bool]  # objective name -> higher_is_better, in declared order
@@ -207,8 +206,7 @@ def build_view(
         )
         multi = facts.get("multi_objective")
         stage.multi = bool(multi) if isinstance(multi, bool) else len(stage.directions) >= 2
-        kind = facts.get("space_kind")
-        stage.kind = kind if kind in SPACE_KINDS else infer_kind(stage)
+        stage.kind = str(facts.get("space_kind") or infer_kind(stage))
         stages.append(stage)
 
     best_yaml = _read_text(run_dir / "best" / "recipe.yaml")
@@ -245,10 +243,10 @@ def experiment_stage_facts(experiment: Mapping[str, Any]) -> dict[str, dict[str,
         space = stage.get("space")
         if "space" in stage and space is None and isinstance(optimizer, Mapping):  # the optimizer's candidates carry recipes
             facts["space_kind"] = str(optimizer.get("name"))
-        elif isinstance(space, Mapping) and space.get("kind") in SPACE_KINDS:
-            facts["space_kind"] = space["kind"]
-        elif isinstance(space, str) and space.split("/")[-1].startswith(("ps_", "dfs", "weights")):
-            facts["space_kind"] = space.split("/")[-1].split("_")[0].split(".")[0]
+        elif isinstance(space, str | Mapping):
+            overrides = stage.get("space_overrides")
+            if kind := space_kind_of(space, overrides if isinstance(overrides, Mapping) else None):
+                facts["space_kind"] = kind
         facts["budget"] = stage.get("budget")
         if isinstance(optimizer, Mapping):
             facts["multi_objective"] = bool(optimizer.get("multi_objective", False))

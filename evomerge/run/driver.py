@@ -165,7 +165,7 @@ class Run:
                 make_stage_optimizer(plan, seed=exp.seed + index, run_dir=None, pool=pool, port=port)
             except EvomergeError as exc:
                 raise exc.located(file=self.file) from None
-            if space is not None and space.kind == "weights":
+            if plan.raw_tensors:
                 self._check_template(models[0], pool, f"{where}.space")
             elif space is not None:
                 self._check_recipe(space.decode(space.x0), pool, f"{where}.space")
@@ -195,7 +195,7 @@ class Run:
             raise ConfigError(f"the recipe does not fit its models: {exc.message}", file=self.file, field=field) from None
 
     def _check_template(self, ref: str, pool: SourcePool, field: str) -> None:
-        """A weights space's template must be a model the workers can build: a Hugging Face
+        """A raw-tensors space's template must be a model the workers can build: a Hugging Face
         config or a registered model kind (`evomerge.models`)."""
         config = pool.get(ref).config
         if config.get("model_type") is None:

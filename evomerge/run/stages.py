@@ -55,7 +55,7 @@ class StagePlan:
     models: list[str]
     base: str | None
     space: Any | None  # SearchSpace; None for M2N2 model mode
-    space_kind: str  # "ps" | "dfs" | "weights" | "m2n2"
+    space_kind: str  # the space's kind; with no space, the optimizer's name
     evaluator_spec: dict
     directions: dict[str, bool]
     optimizer_name: str
@@ -67,6 +67,11 @@ class StagePlan:
     @property
     def budget(self) -> int | None:
         return self.budget_evaluations
+
+    @property
+    def raw_tensors(self) -> bool:
+        """Whether the space decodes to raw tensors of the first model (`SearchSpace.RAW_TENSORS`)."""
+        return self.space is not None and self.space.RAW_TENSORS
 
 
 class RunArchive:
@@ -117,8 +122,8 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
         )
     if run_dir is not None and optimizer.keeps_run_files(options):
         options.setdefault("run_dir", str(run_dir / "stages" / plan.name))
-    if plan.space_kind == "weights" and options.get("initial_models") is not None and optimizer.searches_space(options):
-        from evomerge.run.weights import encode_model  # imports torch: only for a weights space
+    if plan.raw_tensors and options.get("initial_models") is not None and optimizer.searches_space(options):
+        from evomerge.run.weights import encode_model  # imports torch: only for raw tensors
 
         field = f"stages[{plan.index}].optimizer.initial_models"
         refs = options.pop("initial_models")
@@ -150,14 +155,14 @@ def make_stage_optimizer(plan: StagePlan, *, seed: int, run_dir: Path | None, po
 def decode_candidate(plan: StagePlan, cand: Candidate) -> Payload:
     if cand.recipe is not None:
         return cand.recipe
-    if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_payload  # imports torch: only for a weights space
+    if plan.raw_tensors:
+        from evomerge.run.weights import weights_payload  # imports torch: only for raw tensors
 
         return weights_payload(plan.space, cand.genome, plan.models[0])
     recipe = plan.space.decode(cand.genome)
     if not isinstance(recipe, Recipe):
         raise ConfigError(
-            f"the {plan.space_kind} space decodes to raw weights, not a merge recipe; run it with its own evaluator loop",
+            f"the {plan.space_kind} space decodes to {type(recipe).__name__}, not a merge recipe, and does not declare RAW_TENSORS",
             field=f"stages[{plan.index}].space",
         )
     return recipe
@@ -166,8 +171,8 @@ def decode_candidate(plan: StagePlan, cand: Candidate) -> Payload:
 def row_payload(plan: StagePlan, row: LedgerRow) -> Payload | None:
     """What a ledger row scored, ready to evaluate again (a weights row: its tensors rebuilt from
     its genome, None when the ledger did not keep it)."""
-    if plan.space_kind == "weights":
-        from evomerge.run.weights import weights_payload  # imports torch: only for a weights space
+    if plan.raw_tensors:
+        from evomerge.run.weights import weights_payload  # imports torch: only for raw tensors
 
         return None if row.genome is None else weights_payload(plan.space, row.genome, plan.models[0])
     return Recipe.from_string(row.recipe_yaml)

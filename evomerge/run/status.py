@@ -30,19 +30,13 @@ from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
 from evomerge.run.rundir import RunDir, lock_holder
 from evomerge.run.stages import Best, run_best, stage_best
-from evomerge.spaces.config import load_space_spec
+from evomerge.spaces.config import space_kind_of
 
 
 def _space_kind(stage: Any) -> str:
     if stage.space is None:  # the optimizer's candidates carry recipes (m2n2 model mode)
         return stage.optimizer.name
-    if isinstance(stage.space, dict):
-        return str(stage.space.get("kind", "?"))
-    try:
-        spec, _ = load_space_spec(stage.space, stage.space_overrides or None)
-        return spec.kind
-    except Exception:
-        return "?"
+    return space_kind_of(stage.space, stage.space_overrides) or "?"
 
 
 def _best(best: Best | None) -> dict[str, Any]:

@@ -1,12 +1,56 @@
-"""The SearchSpace kind: a genome (a real vector inside bounds) <-> a merge recipe."""
+"""The SearchSpace contract: a genome (a real vector inside bounds) <-> a merge recipe (or raw
+tensors), the schema of a space file (`SpaceSpec`), and the capabilities a kind declares, which
+the run, the report and validation read instead of its name."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
+
+if TYPE_CHECKING:
+    from evomerge.merge.sources import SourcePool
+
+
+class SpaceSpec(BaseModel):
+    """Base of every space file's schema: `kind` (a `Literal` of the kind's name in a subclass),
+    no unknown field, every number finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    kind: str
+
+    def check(self, *, file: str | None = None) -> None:
+        """Checks beyond the schema that need no model (a PS space: its method's parameters)."""
+
+    def base_needed(self) -> str | None:
+        """Why a stage searching this space needs a base model (None: it needs none)."""
+        return None
+
+
+class GeneRange(BaseModel):
+    """Bounds of one searched parameter and where the search starts (default: the middle)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    low: float
+    high: float
+    init: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GeneRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.init is not None and not self.low <= self.init <= self.high:
+            raise ValueError(f"init ({self.init}) must lie in [{self.low}, {self.high}]")
+        return self
+
+    @property
+    def start(self) -> float:
+        return self.init if self.init is not None else (self.low + self.high) / 2
 
 
 @dataclass(frozen=True)
@@ -25,9 +69,25 @@ class SearchSpace(ABC):
 
     `bounds` are real bounds for the optimizer (shape (dim, 2)); `decode` never clamps silently:
     a genome outside the bounds is an error of the caller.
+
+    A kind declares its name (`kind`), its file schema (`spec_model`), `build` (a space from its
+    spec and the stage's models) and its capabilities:
+    RAW_TENSORS: `decode` gives the raw tensors of the stage's first model (the template), not a
+        recipe: candidates travel as tensors, the template must be a buildable model, and
+        pre-trained models can be encoded as initial genomes (`initial_models`).
+    RECIPE_VIEW: what a report draws of a stage's best recipe: "parameters" (merge parameters per
+        model and layer group), "layer_path" (the DFS layer path), or None.
     """
 
-    kind: str = ""
+    kind: ClassVar[str] = ""
+    spec_model: ClassVar[type[SpaceSpec]] = SpaceSpec
+    RAW_TENSORS: ClassVar[bool] = False
+    RECIPE_VIEW: ClassVar[Literal["parameters", "layer_path"] | None] = None
+
+    @classmethod
+    @abstractmethod
+    def build(cls, spec: Any, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> SearchSpace:
+        """The space of `spec` over the stage's `models` (and `base`), whose sources `pool` opens."""
 
     def __init__(self, genes: list[Gene]):
         self.genes = genes

@@ -22,17 +22,37 @@ A so that mergekit (and evomerge) take A's embeddings and head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.merge.hfconfig import architectures_of
-from evomerge.recipe import EvomergeBlock, InputSlice, OutputSlice, Recipe
-from evomerge.spaces.base import Gene, SearchSpace
-from evomerge.spaces.config import DFSSpec
+from evomerge.merge.layout import layer_count
+from evomerge.merge.sources import SourcePool
+from evomerge.recipe import DTYPES, EvomergeBlock, InputSlice, OutputSlice, Recipe
+from evomerge.spaces.base import Gene, GeneRange, SearchSpace, SpaceSpec
 
 DFS_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+class DFSSpec(SpaceSpec):
+    kind: Literal["dfs"]
+    repeats: int = Field(1, ge=1)
+    scales: Literal["matrix", "per_slot"] = "per_slot"
+    scale_range: GeneRange = GeneRange(low=0.5, high=2.0, init=1.0)
+    pin_ends: bool = False
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> DFSSpec:
+        if self.scale_range.low <= 0:
+            raise ValueError(
+                f"scale_range.low: input scales must be > 0 (the exported path divides by their product), got {self.scale_range.low}"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,13 @@ class Step:
 
 class DataFlowSpace(SearchSpace):
     kind = "dfs"
+    spec_model = DFSSpec
+    RECIPE_VIEW = "layer_path"
+
+    @classmethod
+    def build(cls, spec: DFSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> DataFlowSpace:
+        """Model A is the first of `models` (embeddings, head, and the model the search starts from)."""
+        return cls(spec, [SourceModel(m, layer_count(pool.get(m).config) or 0, pool.get(m).config) for m in models], file=file)
 
     def __init__(self, spec: DFSSpec, sources: list[SourceModel], file: str | None = None):
         _check_sources(sources, file)

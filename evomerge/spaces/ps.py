@@ -12,21 +12,98 @@ as gradient lists whose anchors are the groups.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.specs import get_spec
-from evomerge.recipe import EvomergeBlock, InputModel, InputSlice, OutputSlice, Recipe
-from evomerge.spaces.base import Gene, SearchSpace
-from evomerge.spaces.config import PSSpec, check_ps_spec
+from evomerge.merge.layout import layer_count
+from evomerge.merge.sources import SourcePool
+from evomerge.merge.specs import METHOD_SPECS, find_spec, get_spec, unknown_method
+from evomerge.recipe import (
+    DTYPES,
+    EvomergeBlock,
+    InputModel,
+    InputSlice,
+    OutputSlice,
+    Recipe,
+    check_setting,
+)
+from evomerge.spaces.base import Gene, GeneRange, SearchSpace, SpaceSpec
 
 REST = "*"
 
 
+class PSSpec(SpaceSpec):
+    kind: Literal["ps"]
+    method: str
+    genes: dict[str, GeneRange] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    layer_groups: int = Field(1, ge=1)
+    smooth: bool = False
+    filters: list[str] = Field(default_factory=list)
+    normalize: bool | None = None
+    allow_negative_weights: bool = False
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _smooth_needs_anchors(self) -> PSSpec:
+        if self.smooth and self.layer_groups < 2:
+            raise ValueError("smooth: true needs layer_groups >= 2 (the gradient's anchor points)")
+        return self
+
+    def check(self, *, file: str | None = None) -> None:
+        check_ps_spec(self, file=file)
+
+    def base_needed(self) -> str | None:
+        method = METHOD_SPECS.get(self.method)
+        return f"merges with '{self.method}', which needs a base model" if method is not None and method.requires_base else None
+
+
+def check_ps_spec(spec: PSSpec, *, file: str | None = None) -> None:
+    """A PS space against its method's declared parameters (`evomerge.merge.specs`): genes are
+    numeric parameters that have an effect, with bounds valid for the parameter (density in
+    [0, 1], t in [0, 1], every bound finite); fixed values are valid settings. Needs no model."""
+    try:
+        method = find_spec(spec.method)
+    except ValueError as exc:  # a plugin that fails to import
+        raise ConfigError(str(exc), file=file, field="method") from None
+    if method is None:
+        raise ConfigError(unknown_method(spec.method), file=file, field="method")
+    valid = ", ".join(sorted(p.name for p in (*method.model_params, *method.global_params)))
+    for name, rng in spec.genes.items():
+        param = method.param(name)
+        field = f"genes.{name}"
+        if param is None:
+            raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {valid}", file=file, field=field)
+        if param.kind != "number":
+            raise ConfigError(f"{name} is {param.valid}, not a number to search; set it under fixed:", file=file, field=field)
+        if param.inert:
+            raise ConfigError(f"{name} has no effect in method '{method.name}' ({param.doc}); search another parameter", file=file, field=field)
+        ends = {"low": rng.low, "high": rng.high}
+        if name == "weight" and spec.allow_negative_weights and rng.low >= 0:
+            ends["low"] = -rng.high  # what the space searches (see ParameterSpace)
+        for end, value in ends.items():
+            if problem := param.problem(value):
+                raise ConfigError(f"the bounds must be valid values: {problem}", file=file, field=f"{field}.{end}")
+    for name, value in spec.fixed.items():
+        param = method.param(name)
+        if param is None:
+            raise ConfigError(f"method '{method.name}' has no parameter '{name}'; valid: {valid}", file=file, field=f"fixed.{name}")
+        check_setting(value, param, file=file, field=f"fixed.{name}")
+
+
 class ParameterSpace(SearchSpace):
     kind = "ps"
+    spec_model = PSSpec
+    RECIPE_VIEW = "parameters"
+
+    @classmethod
+    def build(cls, spec: PSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> ParameterSpace:
+        counts = {layer_count(pool.get(m).config) for m in [*models, *([base] if base else [])]}
+        return cls(spec, base=base, models=models, layer_count=counts.pop() if len(counts) == 1 else None, file=file)
 
     def __init__(self, spec: PSSpec, *, base: str | None, models: list[str], layer_count: int | None, file: str | None = None):
         check_ps_spec(spec, file=file)  # method, parameters, bounds (checked on loading too; a spec may be built in code)

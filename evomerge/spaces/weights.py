@@ -1,21 +1,44 @@
 """Weights space: the raw parameters of a small model as one flat genome (evolution from
-scratch, e.g. the digits MLP of the M2N2 experiments). Decodes to a state dict, not a recipe."""
+scratch, e.g. the digits MLP of the M2N2 experiments). Decodes to a state dict, not a recipe.
+
+torch is imported where tensors are made: reading or checking a weights space file (validation,
+reports) needs none of its import time."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+from pydantic import Field
 
-from evomerge.spaces.base import Gene, SearchSpace
-from evomerge.spaces.config import WeightsSpec
+from evomerge.merge.sources import SourcePool
+from evomerge.spaces.base import Gene, SearchSpace, SpaceSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+class WeightsSpec(SpaceSpec):
+    kind: Literal["weights"]
+    bound: float | None = Field(None, gt=0)
+    init: Literal["model", "zeros"] = "model"
 
 
 class WeightsSpace(SearchSpace):
     kind = "weights"
+    spec_model = WeightsSpec
+    RAW_TENSORS = True
+
+    @classmethod
+    def build(cls, spec: WeightsSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> WeightsSpace:
+        """The first of `models` is the template whose parameters the genome holds."""
+        source = pool.get(models[0])
+        return cls(spec, {name: source.get(name) for name in source.names})
 
     def __init__(self, spec: WeightsSpec, template: dict[str, torch.Tensor]):
+        import torch
+
         self.spec = spec
         self.names = list(template)
         self.shapes = [tuple(template[n].shape) for n in self.names]
@@ -45,6 +68,8 @@ class WeightsSpace(SearchSpace):
         return self._init.copy()
 
     def decode(self, genome: np.ndarray) -> dict[str, torch.Tensor]:
+        import torch
+
         genome = self.check_genome(genome)
         out, offset = {}, 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.merge.engine import load_into_model
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.specs import get_spec
 from evomerge.recipe import Recipe
 from evomerge.zoo import build_zoo, read_manifest
 from evomerge.zoo.build import holdout_accuracy
@@ -56,7 +57,7 @@ def merge_recipe(
         "models": models,
         "dtype": "float32",
     }
-    if method.startswith("dare"):
+    if get_spec(method).random:
         data["evomerge"] = {"seed": seed}
     return Recipe.parse(data)
 
