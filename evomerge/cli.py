@@ -200,8 +200,22 @@ def status(run_dir: Path, as_json: bool) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Also write the merged model here (outside RUN_DIR).")
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
-def export(run_dir: Path, out_dir: Path | None, force: bool) -> None:
-    """Write RUN_DIR/best/recipe.yaml (a mergekit config) and, with --out, the merged model."""
+@click.option("--push-to-hub", "repo", default=None, metavar="REPO",
+              help="Upload the exported model to this Hugging Face Hub repo (user-or-org/name; created when missing); "
+              "without --out it is exported to a temporary directory.")  # fmt: skip
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
+def export(run_dir: Path, out_dir: Path | None, force: bool, repo: str | None, private: bool) -> None:
+    """Write RUN_DIR/best/recipe.yaml (a mergekit config) and, with --out, the merged model;
+    --push-to-hub uploads the model to the Hugging Face Hub."""
+    if private and repo is None:
+        raise EvomergeError("give --private with --push-to-hub REPO", field="--private")
+    if repo is not None:
+        from evomerge.run.hub import push_run
+
+        pushed = push_run(run_dir, repo, out=out_dir, private=private, force=force, echo=click.echo)
+        click.echo(f"recipe: {pushed.recipe}" + (f"\nmodel: {pushed.model}" if pushed.model else ""))
+        click.echo(f"pushed: {pushed.url}")
+        return
     from evomerge.run.export import export_run
 
     recipe_path, model_dir = export_run(run_dir, out_dir, force=force)

@@ -38,6 +38,7 @@ from evomerge.models import registered_model
 from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.resources import find_yaml
+from evomerge.run.card import record_references, written_references
 from evomerge.run.checkpoint import CheckpointPacer, load_checkpoint, save_checkpoint
 from evomerge.run.export import run_files, write_best, write_best_model
 from evomerge.run.integrity import check_ledger, find_gap
@@ -539,7 +540,8 @@ def start_run(
 ) -> Run:
     """Validate an experiment, create its run directory and run it."""
     file = str(find_yaml("experiments", experiment))
-    exp = resolve_experiment(load_experiment(file, sets), file=file)
+    written = load_experiment(file, sets)
+    exp = resolve_experiment(written, file=file)
     run_dir = Path(out) if out is not None else Path(exp.output_dir) / exp.name
     if (run_dir / EXPERIMENT_FILE).exists() or (run_dir / LEDGER_FILE).exists():
         raise ConfigError(f"already holds a run; continue it with `evomerge resume {run_dir}` or pick another --out", file=str(run_dir))
@@ -552,6 +554,7 @@ def start_run(
     run.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / EXPERIMENT_FILE, exp.to_yaml())
+    record_references(run_dir, written_references(written, exp))  # for the model card
     Ledger.open(run_dir / LEDGER_FILE).close()
     echo(f"run directory: {run_dir}")
     if execute:
