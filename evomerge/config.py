@@ -44,6 +44,7 @@ from evomerge.memory import MemorySpec, NodeMemory, WorkerMemory
 from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
 from evomerge.resources import find_yaml, read_yaml
+from evomerge.run.rundir import RunDir, experiment_data
 from evomerge.spaces.config import load_space_spec
 from evomerge.tracking import TrackingSpec, check_tracking
 
@@ -275,6 +276,11 @@ def parse_experiment(data: dict, *, file: str | None = None) -> Experiment:
         return Experiment.model_validate(data)
     except ValidationError as exc:
         raise schema_error(exc, file=file, valid_fields=_valid_fields) from None
+
+
+def read_experiment(run_dir: str | Path) -> Experiment:
+    """A run's frozen experiment (`experiment.yaml`); a damaged file is one line naming it."""
+    return parse_experiment(experiment_data(run_dir), file=str(RunDir(run_dir).experiment))
 
 
 def _valid_fields(parent: str) -> list[str]:

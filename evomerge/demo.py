@@ -32,7 +32,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
-from evomerge.config import load_experiment
+from evomerge.config import load_experiment, read_experiment
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.writer import write_model
@@ -42,7 +42,7 @@ from evomerge.resources import find_yaml
 from evomerge.run.driver import resume_run, start_run
 from evomerge.run.export import export_run
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
-from evomerge.run.rundir import LEDGER_FILE, is_run_dir, read_experiment
+from evomerge.run.rundir import LEDGER_FILE, is_run_dir
 from evomerge.run.stages import stage_best
 from evomerge.zoo import PRESETS, build_zoo
 from evomerge.zoo.build import holdout_accuracy

@@ -107,10 +107,11 @@ def run_experiment(name: str | Path, run_dir: Path, seed: int, sets: list[str], 
 def run_best(run_dir: Path, stage: str | None = None) -> tuple[Any, float]:
     """The best recipe of a run (of `stage`, default the last stage that has one), made portable
     (run-internal refs replaced by directories), and its search fitness."""
+    from evomerge.config import read_experiment
     from evomerge.recipe import Recipe
     from evomerge.run.export import portable_recipe, run_sources
     from evomerge.run.ledger import Ledger
-    from evomerge.run.rundir import LEDGER_FILE, read_experiment
+    from evomerge.run.rundir import LEDGER_FILE
     from evomerge.run.stages import stage_best
 
     exp = read_experiment(run_dir)

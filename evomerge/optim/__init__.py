@@ -60,11 +60,17 @@ def valid_options(name: str) -> list[str]:
 
 def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The optimizer's options with their defaults, checked without building it (unknown
-    optimizers and options, wrong types, out-of-range values: a one-line ConfigError whose field
-    is `optimizer` or `optimizer.OPTION`)."""
+    optimizers and options, wrong types, out-of-range values, a Pareto search by an optimizer of
+    one objective: a one-line ConfigError whose field is `optimizer` or `optimizer.OPTION`)."""
     cls = optimizer_class(name)
     try:
-        return cls.check_options(options)
+        checked = cls.check_options(options)
+        if checked["multi_objective"] and not cls.MULTI_OBJECTIVE:
+            raise ConfigError(
+                f"optimizer '{name}' optimizes one objective; for a Pareto search use {', '.join(pareto_optimizers())}",
+                field="multi_objective",
+            )
+        return checked
     except ConfigError as exc:
         exc.field = f"optimizer.{exc.field}" if exc.field else "optimizer"
         raise

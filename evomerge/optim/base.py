@@ -151,13 +151,6 @@ class Optimizer(ABC):
         self.rng = np.random.default_rng(self.seed)
         opts = self.check_options(options)
         self.options = opts
-        if opts["multi_objective"] and not self.MULTI_OBJECTIVE:
-            from evomerge.optim import pareto_optimizers  # the registry imports this module
-
-            raise ConfigError(
-                f"optimizer '{self.name}' optimizes one objective; for a Pareto search use {', '.join(pareto_optimizers())}",
-                field="multi_objective",
-            )
         self.objectives = Objectives.build(objectives, opts["objective"], opts["multi_objective"])
         self.max_evals = None if opts["max_evals"] is None else int(opts["max_evals"])
         self.max_seconds = None if opts["max_seconds"] is None else float(opts["max_seconds"])

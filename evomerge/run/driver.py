@@ -22,6 +22,7 @@ from evomerge.config import (
     StageSpec,
     check_experiment,
     load_experiment,
+    read_experiment,
     resolve_experiment,
 )
 from evomerge.errors import ConfigError, EvomergeError
@@ -51,7 +52,6 @@ from evomerge.run.rundir import (
     RunDir,
     acquire_lock,
     lock_holder,
-    read_experiment,
     require_run_dir,
 )
 from evomerge.run.scheduler import RunStopped, Scheduler

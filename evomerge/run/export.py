@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from evomerge.config import read_experiment
 from evomerge.errors import ConfigError
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
@@ -42,7 +43,6 @@ from evomerge.run.rundir import (
     STAGES_DIR,
     RunDir,
     is_run_dir,
-    read_experiment,
 )
 from evomerge.run.stages import Best, run_best, write_json
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomerge.config import Experiment
+from evomerge.config import Experiment, read_experiment
 from evomerge.errors import ConfigError
 from evomerge.run.checkpoint import load_checkpoint
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
@@ -26,7 +26,6 @@ from evomerge.run.rundir import (
     RunDir,
     experiment_data,
     lock_holder,
-    read_experiment,
     require_run_dir,
 )
 

@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from evomerge.config import Experiment, parse_experiment
 from evomerge.errors import ConfigError
 from evomerge.faults import os_fault
 from evomerge.resources import read_yaml
@@ -76,11 +75,6 @@ def require_run_dir(run_dir: str | Path) -> Path:
             raise ConfigError("is a directory, not a file of the run; restore the file from a copy", file=str(odd[0]))
         raise ConfigError(f"not a run directory (it needs {EXPERIMENT_FILE} and {LEDGER_FILE})", file=str(run_dir))
     return run_dir
-
-
-def read_experiment(run_dir: str | Path) -> Experiment:
-    """The run's frozen experiment; a damaged file is one line naming it."""
-    return parse_experiment(experiment_data(run_dir), file=str(RunDir(run_dir).experiment))
 
 
 def experiment_data(run_dir: str | Path) -> dict[str, Any]:
