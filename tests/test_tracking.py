@@ -58,6 +58,7 @@ def mlflow_read(run_dir: Path) -> dict:
     return {
         "status": found.info.status,
         "params": found.data.params,
+        "tags": found.data.tags,
         "fitness": [m.value for m in client.get_metric_history(state["run_id"], "ps/search/fitness")],
         "best": [m.value for m in client.get_metric_history(state["run_id"], "ps/search/best_fitness")],
         "artifacts": {a.path for a in client.list_artifacts(state["run_id"])},
@@ -79,46 +80,60 @@ def tensorboard_read(run_dir: Path) -> dict:
 
 
 def wandb_read(run_dir: Path) -> dict:
-    """The history rows of the offline run's transaction log (.wandb), and its files."""
+    """The history rows of the offline run's transaction logs (.wandb; one per session of the
+    run, oldest first), its config and its files."""
     datastore = pytest.importorskip("wandb.sdk.internal.datastore", reason="wandb >= 0.30 has no Python reader of .wandb files")
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = glob.glob(str(run_dir / "tracking" / "wandb" / "offline-run-*" / "run-*.wandb"))
-    store = datastore.DataStore()
-    store.open_for_scan(path)
-    history, config = [], {}
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-        elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-    files = {Path(f).name for f in glob.glob(str(Path(path).parent / "files" / "*"))}
-    return {"history": history, "config": config, "files": files}
+    paths = sorted(glob.glob(str(run_dir / "tracking" / "wandb" / "offline-run-*" / "run-*.wandb")))
+    history, config, files, ids = [], {}, set(), set()
+    for path in paths:
+        store = datastore.DataStore()
+        store.open_for_scan(path)
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            elif kind == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+            elif kind == "run":
+                ids.add(record.run.run_id)
+        files |= {Path(f).name for f in glob.glob(str(Path(path).parent / "files" / "*"))}
+    return {"history": history, "config": config, "files": files, "ids": ids, "sessions": len(paths)}
 
 
 def test_each_tracker_holds_every_evaluation_and_the_ledgers_best(llama_family: dict[str, Path], tmp_path: Path) -> None:
-    exp = small(llama_family, tracking={"mlflow": {}, "tensorboard": None, "wandb": {"project": "evomerge-test"}})
+    """A run with MLflow and W&B, resumed with a raised budget and TensorBoard added: MLflow and
+    W&B carry on in the same run, TensorBoard starts at the resumed rows with the best so far."""
+    exp = small(llama_family, tracking={"mlflow": {}, "wandb": {"project": "evomerge-test"}})
+    exp["stages"][0]["budget"] = {"evaluations": 3}
     run_dir, out = run(tmp_path, exp, "tracked")
     assert "warning" not in out
+    first = len(rows(run_dir))
+    code, out = cli("resume", run_dir, "--local", "--set", "stages.ps.budget.evaluations=6", "--set", "tracking.tensorboard=true")
+    assert code == 0 and "warning" not in out, out
     search, best = ledger_facts(run_dir)
     fitness = [r.fitness for r in search]
+    assert len(search) == 6
 
     ml = mlflow_read(run_dir)
     assert ml["status"] == "FINISHED"
     assert ml["fitness"] == pytest.approx(fitness) and max(ml["best"]) == pytest.approx(best) and ml["best"][-1] == pytest.approx(best)
-    assert ml["params"]["stages.ps.optimizer.name"] == "cmaes" and ml["params"]["stages.ps.budget.evaluations"] == "6"
+    assert ml["params"]["stages.ps.optimizer.name"] == "cmaes" and ml["params"]["stages.ps.budget.evaluations"] == "3"
+    assert ml["tags"]["changed.stages.ps.budget.evaluations"] == "6"  # MLflow keeps a parameter's first value
     assert ml["artifacts"] == {"README.md", "recipe.yaml"}
     assert "base_model:" in Path(ml["card"]).read_text()
 
+    resumed = [r for r in search if r.seq > first]
     tb = tensorboard_read(run_dir)
-    assert tb["steps"] == [r.seq for r in search]  # one point per evaluation, at its ledger seq
-    assert tb["fitness"] == pytest.approx(fitness, rel=1e-6) and tb["best"][-1] == pytest.approx(best, rel=1e-6)
+    assert tb["steps"] == [r.seq for r in resumed]  # one point per evaluation, at its ledger seq
+    assert tb["fitness"] == pytest.approx([r.fitness for r in resumed], rel=1e-6) and tb["best"][-1] == pytest.approx(best, rel=1e-6)
     assert {"params/text_summary", "artifacts/README.md/text_summary", "artifacts/recipe.yaml/text_summary"} <= tb["texts"]
 
     wb = wandb_read(run_dir)
+    assert wb["sessions"] == 2 and len(wb["ids"]) == 1  # the resumed session logs to the same W&B run
     logged = [h for h in wb["history"] if "ps/search/fitness" in h]
     assert [h["seq"] for h in logged] == [r.seq for r in search]
     assert [h["ps/search/fitness"] for h in logged] == pytest.approx(fitness)

@@ -10,7 +10,8 @@ experiment, so they are refused with a one-line error naming the field. What may
   final checkpoint keeps its optimizer), then its holdout top-k and the run's best are redone;
 - a stage's `holdout_top_k`, for a stage not yet finished (or the reopened last stage);
 - `ray.*` (workers, CPUs/GPUs per worker, address) and `memory.*` (the budgets): how the rest
-  is evaluated, not what.
+  is evaluated, not what;
+- `tracking.*` (`evomerge.tracking`): where the rest is logged.
 
 The changed experiment replaces `experiment.yaml` (written atomically) and each accepted change
 is appended to `resume.log` in the run directory.
@@ -26,7 +27,7 @@ from evomerge.config import Experiment, apply_sets, parse_experiment, parse_sets
 from evomerge.errors import ConfigError
 from evomerge.run.rundir import RunDir, experiment_data
 
-SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*, memory.*"
+SETTABLE = "stages.NAME.budget.evaluations/seconds, stages.NAME.holdout_top_k, ray.*, memory.*, tracking.*"
 
 
 def _diff(old: Any, new: Any, path: tuple = ()) -> list[tuple]:
@@ -49,7 +50,7 @@ def field_name(path: tuple) -> str:
 
 
 def _settable(path: tuple) -> bool:
-    if path[:1] in (("ray",), ("memory",)):
+    if path[:1] in (("ray",), ("memory",), ("tracking",)):
         return True
     return len(path) >= 3 and path[0] == "stages" and isinstance(path[1], int) and path[2] in ("budget", "holdout_top_k")
 
