@@ -32,10 +32,18 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
@@ -49,6 +57,19 @@ from evomerge.spaces.config import load_space_spec
 from evomerge.tracking import TrackingSpec, check_tracking
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _name_rule(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"a {what} name is letters, digits, '_', '-' or '.'")
+        return value
+
+    return AfterValidator(check)
+
+
+StageName = Annotated[str, _name_rule("stage")]
+RunName = Annotated[str, _name_rule("run")]
 
 
 # Every number finite; a non-finite value in a free-form part (optimizer options, overrides,
@@ -92,7 +113,7 @@ class BudgetSpec(_Strict):
 
 
 class StageSpec(_Strict):
-    name: str
+    name: StageName
     space: str | dict | None = None  # None only for M2N2 in model mode (candidates carry recipes)
     space_overrides: dict[str, Any] = Field(default_factory=dict)
     models: list[str] | None = None
@@ -103,13 +124,6 @@ class StageSpec(_Strict):
     budget: BudgetSpec
     holdout_top_k: int = Field(3, ge=0)
     fidelity: str | dict[str, Any] = "full"  # evomerge/fidelity (checked by check_experiment)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("a stage name is letters, digits, '_', '-' or '.'")
-        return value
 
     @field_validator("optimizer", mode="before")
     @classmethod
@@ -142,7 +156,7 @@ class BaselineSpec(_Strict):
 
 
 class Experiment(_Strict):
-    name: str
+    name: RunName
     seed: int = 0
     models: ModelsSpec
     stages: list[StageSpec] = Field(min_length=1)
@@ -155,13 +169,6 @@ class Experiment(_Strict):
     output_dir: str = "runs"
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # evomerge/tracking
     baselines: list[BaselineSpec] = Field(default_factory=list)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("a run name is letters, digits, '_', '-' or '.'")
-        return value
 
     @model_validator(mode="after")
     def _stages(self) -> Experiment:

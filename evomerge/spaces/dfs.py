@@ -75,11 +75,6 @@ class DataFlowSpace(SearchSpace):
     spec_model = DFSSpec
     RECIPE_VIEW = "layer_path"
 
-    @classmethod
-    def build(cls, spec: DFSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> DataFlowSpace:
-        """Model A is the first of `models` (embeddings, head, and the model the search starts from)."""
-        return cls(spec, [SourceModel(m, layer_count(pool.get(m).config) or 0, pool.get(m).config) for m in models], file=file)
-
     def __init__(self, spec: DFSSpec, sources: list[SourceModel], file: str | None = None):
         _check_sources(sources, file)
         self.spec = spec
@@ -101,6 +96,11 @@ class DataFlowSpace(SearchSpace):
                 for j in range(self.m)
             ]
         super().__init__(genes)
+
+    @classmethod
+    def build(cls, spec: DFSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> DataFlowSpace:
+        """Model A is the first of `models` (embeddings, head, and the model the search starts from)."""
+        return cls(spec, [SourceModel(m, layer_count(pool.get(m).config) or 0, pool.get(m).config) for m in models], file=file)
 
     def _layer_text(self, index: int) -> str:
         ref, layer = self.layer_table[index]

@@ -100,11 +100,6 @@ class ParameterSpace(SearchSpace):
     spec_model = PSSpec
     RECIPE_VIEW = "parameters"
 
-    @classmethod
-    def build(cls, spec: PSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> ParameterSpace:
-        counts = {layer_count(pool.get(m).config) for m in [*models, *([base] if base else [])]}
-        return cls(spec, base=base, models=models, layer_count=counts.pop() if len(counts) == 1 else None, file=file)
-
     def __init__(self, spec: PSSpec, *, base: str | None, models: list[str], layer_count: int | None, file: str | None = None):
         check_ps_spec(spec, file=file)  # method, parameters, bounds (checked on loading too; a spec may be built in code)
         self.spec = spec
@@ -118,6 +113,11 @@ class ParameterSpace(SearchSpace):
         self.model_genes = [name for name in spec.genes if name in model_names]
         self.global_genes = [name for name in spec.genes if name not in model_names]
         super().__init__(self._genes())
+
+    @classmethod
+    def build(cls, spec: PSSpec, *, models: list[str], base: str | None, pool: SourcePool, file: str | None) -> ParameterSpace:
+        counts = {layer_count(pool.get(m).config) for m in [*models, *([base] if base else [])]}
+        return cls(spec, base=base, models=models, layer_count=counts.pop() if len(counts) == 1 else None, file=file)
 
     # ---- validation ---------------------------------------------------------------------
     def _check(self, file: str | None) -> None:
