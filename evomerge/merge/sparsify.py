@@ -526,6 +526,9 @@ class _NoiseAndRanks:
         della_check(density, epsilon)
         _, cols = _rows_cols(tuple(shape))
         ranks = self._della_ranks(key, delta)
+        device = getattr(delta, "device", None)  # where the kernel runs (a shared table may be on the CPU)
+        if device is not None and ranks.device != device:
+            ranks = ranks.to(device)
         return DellaMask(ranks, self.noise(noise_id, ranks.numel(), ranks.device), cols, density, epsilon)
 
 

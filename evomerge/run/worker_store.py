@@ -122,7 +122,7 @@ class NodeSharedSparsifier(CachedSparsifier):
             else:
                 table = make()
                 setattr(self, counter, getattr(self, counter) + 1)
-                ref = ray.put(table.numpy())
+                ref = ray.put(table.cpu().numpy())  # shared from host memory (a GPU worker's too)
                 del table  # the object store's copy replaces ours
                 self._release()  # the sort's temporaries, before the next table's
                 self._own[node_key] = (ref, store, key)

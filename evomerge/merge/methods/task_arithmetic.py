@@ -39,7 +39,7 @@ class _Delta:
 
     def __init__(self, t: Tensor, base: Tensor, dtype: torch.dtype):
         self.t, self.base, self.dtype = t, base, dtype
-        self.numel = t.numel()
+        self.numel, self.device = t.numel(), t.device
 
     def __call__(self) -> Tensor:
         return self.t.to(self.dtype) - self.base.to(self.dtype)
@@ -304,7 +304,7 @@ def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: i
             else:
                 _masked_delta(dd, tf, bb, s, e, m, None)
                 aa.add_(dd, alpha=w if f is None else w * f)
-        torch.add(bb, aa, alpha=alpha, out=out[s:e])
+        out[s:e].copy_(aa.mul_(alpha).add_(bb))
 
 
 def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
@@ -350,11 +350,15 @@ def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float,
         # M = +1 where S >= 0 (also -0.0), else -1; then num' = S + M*sum|D| = 2 * num.
         torch.sign(S_, out=sg_).add_(0.5).sign_()
         da.mul_(sg_).add_(S_)
+        if acc != dtype:  # the base in float32 (ops mixing dtypes are not vectorized), in dd
+            bb = dd.copy_(bb)
         if normalize:
             ws.mul_(sg_).add_(wa).clamp_min_(tiny)  # den' = 2 * den; 0 only where num' is 0
-            torch.addcdiv(bb, da, ws, value=lam, out=out[s:e])
+            torch.addcdiv(bb, da, ws, value=lam, out=da if acc != dtype else out[s:e])
         else:
-            torch.add(bb, da, alpha=lam / 2, out=out[s:e])
+            torch.add(bb, da, alpha=lam / 2, out=da if acc != dtype else out[s:e])
+        if acc != dtype:
+            out[s:e].copy_(da)
 
 
 def _ties_exact(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
