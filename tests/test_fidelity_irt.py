@@ -153,7 +153,7 @@ def test_irt_strategy_warms_up_then_scores_anchors_and_resumes_exactly() -> None
         stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
         directions={"mean_acc": True}, primary="mean_acc", seed=7, top_k=3,
     )  # fmt: skip
-    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15}
+    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None}
     strategy = build_strategy(spec, info)
     for row in y[:5]:  # five baselines, fully scored
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
@@ -176,3 +176,30 @@ def test_irt_strategy_warms_up_then_scores_anchors_and_resumes_exactly() -> None
     estimated = np.array([v for _, _, est, v in log if est])
     expected = truth["p"][5 + 20 : 5 + 65].mean(axis=1)
     assert np.mean(np.abs(estimated - expected)) <= 0.08
+
+
+def test_irt_strategy_scores_a_novel_candidate_in_full_and_refits() -> None:
+    """A candidate whose anchors beat every fully scored model's by more than the margin is scored
+    on every document, told exactly, and refitted on; the others stay on anchors."""
+    from evomerge.fidelity import build_strategy
+    from evomerge.fidelity.base import StageInfo
+
+    n_items = 30
+    y, _, _ = synthetic(40, n_items, seed=4)
+    y[:, :n_items] = 0.0  # nobody answers "add"...
+    y[:, :n_items:7] = 1.0  # ...except a few easy items
+    y[30, :n_items] = 1.0  # until candidate 30 - 4 masters it
+    info = StageInfo(
+        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
+        directions={"mean_acc": True}, primary="mean_acc", seed=0, top_k=3,
+    )  # fmt: skip
+    strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 6}, info)
+    for row in y[:4]:
+        strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
+    log: list = []
+    drive(strategy, y[4:], info, 0, 36, log)
+    full = [cid for cid, n, est, _ in log if n == 2 * n_items]
+    assert full[:6] == list(range(6)) and 26 in full
+    assert not log[26][2] and log[26][3] == pytest.approx(y[30].mean())
+    assert strategy.fits >= 2
+    assert all(n == 8 for cid, n, _, _ in log[6:] if cid not in full)

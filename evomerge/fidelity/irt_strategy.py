@@ -7,13 +7,18 @@ Phases (the model itself is `evomerge.fidelity.irt`):
 2. Fit: once the warm-up's last candidate is told, a 2PL model is fitted on every row the
    strategy has (seeded by the stage seed and the fit's number) and `anchors` documents are
    chosen from it, split across the primary objective's tasks by their weights.
-3. Every later candidate is scored on the anchors only and told its gp-IRT estimate of each
-   task's mean over the full search set (marked as an estimate in the ledger). Every
-   `full_every`-th candidate after the warm-up (0: none) is still scored in full, so refits
-   learn the documents outside the anchors on the models the search now produces.
-4. Refits every `refit_every` told candidates, on all rows (anchor-only rows count for the
-   anchors and for the distribution of abilities, which moves as the search improves); anchors
-   are chosen again from each fit.
+3. Every later candidate is scored on the anchors and told its gp-IRT estimate of each task's
+   mean over the full search set (marked as an estimate in the ledger), unless it is novel:
+   a candidate whose weighted anchor mean on some task exceeds the best of the fully scored
+   models by more than `novelty_margin` has abilities the model has not seen, where a 2PL
+   fitted below them extrapolates badly (the items no training model answers get difficulties
+   the prior alone sets); it is scored on every document instead (the runner scores only the
+   documents it lacks), told exactly, and becomes a training row. As a search improves, the
+   fully scored rows follow it. Every `full_every`-th candidate after the warm-up (0: none) is
+   also scored in full.
+4. Refits: whenever a fully scored candidate is told after the warm-up, and every
+   `refit_every` told candidates (0: only then), on all rows (anchor-only rows count for the
+   anchors and for the distribution of abilities); anchors are chosen again from each fit.
 
 A candidate's documents are decided when it is asked, from the fit of that moment, and kept in
 its note; its estimate comes from the fit of the moment it is told (in ask order). The rows, the
@@ -51,8 +56,9 @@ from evomerge.fidelity.base import (
 
 class IrtOptions(StrategyOptions):
     anchors: int = Field(24, ge=1)  # anchor documents per candidate, over all tasks
-    warmup: int = Field(10, ge=1)  # candidates scored in full before the first fit
-    refit_every: int = Field(50, ge=1)  # told candidates between refits
+    warmup: int = Field(5, ge=1)  # candidates scored in full before the first fit
+    novelty_margin: float | None = Field(0.1, ge=0)  # None: never score a novel candidate in full
+    refit_every: int = Field(0, ge=0)  # told candidates between refits (0: on new full rows only)
     full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
     estimator: Literal["gp_irt", "p_irt"] = "gp_irt"
 
@@ -78,23 +84,54 @@ class IrtStrategy(Strategy):
             every = self.options.full_every
             member.note["full"] = self.model is None or (every > 0 and k >= 0 and k % every == every - 1)
             member.note["anchors"] = None if member.note["full"] else self._anchor_positions()
+            member.note["novel_above"] = None if member.note["full"] else self._novelty_thresholds()
             self.opened += 1
         if member.note["full"]:
             member.want = self.all_documents()
             return
-        want = {t: np.asarray(p, dtype=np.int64) for t, p in member.note["anchors"].items()}
+        if member.note.get("novel"):
+            member.want = self.all_documents()
+            return
+        want = {t: np.asarray([int(p) for p, _ in pairs], dtype=np.int64) for t, pairs in member.note["anchors"].items()}
         if self.info.needs_core:
             core = self.core()
             want = {t: np.union1d(want.get(t, np.zeros(0, dtype=np.int64)), core[t]) for t in core}
         member.want = want
 
-    def _anchor_positions(self) -> dict[str, list[int]]:
+    def _anchor_positions(self) -> dict[str, list[list[float]]]:
+        """task -> [[position, weight], ...] of the current anchors."""
         assert self.model is not None
-        out: dict[str, list[int]] = {t: [] for t in self.tasks}
-        for j in self.model.anchors.tolist():
+        out: dict[str, list[list[float]]] = {t: [] for t in self.tasks}
+        for j, w in zip(self.model.anchors.tolist(), self.model.anchor_weights.tolist(), strict=True):
             task, pos = self._item(j)
-            out[task].append(pos)
+            out[task].append([pos, w])
         return out
+
+    def _novelty_thresholds(self) -> dict[str, float] | None:
+        """task -> the highest weighted anchor mean of a fully scored row, plus the margin."""
+        margin = self.options.novelty_margin
+        if margin is None:
+            return None
+        anchors = self._anchor_positions()
+        best: dict[str, float] = {}
+        for row in self.rows:
+            if any(len(row.get(t, {})) < n for t, n in self.info.n_docs.items()):
+                continue
+            for t, pairs in anchors.items():
+                if pairs:
+                    best[t] = max(best.get(t, -math.inf), _anchor_mean(row[t], pairs))
+        return {t: v + margin for t, v in best.items()}
+
+    def decide(self, members: list[Member]) -> None:
+        for m in members:
+            above = m.note.get("novel_above")
+            if m.error is None and not m.note.get("novel") and above and m.note.get("anchors"):
+                got = m.scores
+                if any(t in above and _anchor_mean(got.get(t, {}), pairs) > above[t] for t, pairs in m.note["anchors"].items() if pairs):
+                    m.note["novel"] = True
+                    m.want = self.all_documents()
+                    continue
+            m.done = True
 
     def _item(self, j: int) -> tuple[str, int]:
         for t in reversed(self.tasks):
@@ -131,7 +168,8 @@ class IrtStrategy(Strategy):
         if self.model is None:
             due = self.told_count >= o.warmup
         else:
-            due = (self.told_count - o.warmup) % o.refit_every == 0
+            full = member.error is None and member.is_full(self.info)
+            due = full or (o.refit_every > 0 and (self.told_count - o.warmup) % o.refit_every == 0)
         if due:
             self._fit()
 
@@ -170,6 +208,14 @@ class IrtStrategy(Strategy):
         self.fits = int(state.get("fits", 0))
         model = state.get("model")
         self.model = None if model is None else irt.IrtModel.from_state(model)
+
+
+def _anchor_mean(scores: Mapping[int, float], pairs: list) -> float:
+    """The weighted mean of `scores` over anchors [[position, weight], ...] (NaN if one is missing)."""
+    total = sum(w for _, w in pairs)
+    if total <= 0 or any(int(p) not in scores for p, _ in pairs):
+        return math.nan
+    return sum(w * scores[int(p)] for p, w in pairs) / total
 
 
 def _row(scores: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
