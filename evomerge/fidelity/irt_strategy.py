@@ -4,6 +4,8 @@ Phases (the model itself is `evomerge.fidelity.irt`):
 
 1. Warm-up: the first `warmup` candidates of the stage are scored on every search document.
    With the baselines' search rows (`observe`) they are the training models of the first fit.
+   Candidates asked before that fit exists (the rest of the first generation) are scored on
+   `core()`, a seeded sample of `anchors` documents, and estimated from it at their tell.
 2. Fit: once the warm-up's last candidate is told, a 2PL model is fitted on every row the
    strategy has (seeded by the stage seed and the fit's number) and `anchors` documents are
    chosen from it, split across the primary objective's tasks by their weights.
@@ -82,9 +84,9 @@ class IrtStrategy(Strategy):
         if "full" not in member.note:
             k = self.opened - self.options.warmup
             every = self.options.full_every
-            member.note["full"] = self.model is None or (every > 0 and k >= 0 and k % every == every - 1)
+            member.note["full"] = k < 0 or (every > 0 and k % every == every - 1)
             member.note["anchors"] = None if member.note["full"] else self._anchor_positions()
-            member.note["novel_above"] = None if member.note["full"] else self._novelty_thresholds()
+            member.note["novel_above"] = None if member.note["full"] or self.model is None else self._novelty_thresholds()
             self.opened += 1
         if member.note["full"]:
             member.want = self.all_documents()
@@ -99,9 +101,13 @@ class IrtStrategy(Strategy):
         member.want = want
 
     def _anchor_positions(self) -> dict[str, list[list[float]]]:
-        """task -> [[position, weight], ...] of the current anchors."""
-        assert self.model is not None
+        """task -> [[position, weight], ...] of the current anchors (before the first fit: the
+        seeded `core()` sample, equally weighted)."""
         out: dict[str, list[list[float]]] = {t: [] for t in self.tasks}
+        if self.model is None:
+            for t, pos in self.core().items():
+                out[t] = [[int(p), 1.0 / len(pos)] for p in pos.tolist()]
+            return out
         for j, w in zip(self.model.anchors.tolist(), self.model.anchor_weights.tolist(), strict=True):
             task, pos = self._item(j)
             out[task].append([pos, w])
