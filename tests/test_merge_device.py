@@ -101,6 +101,26 @@ def test_every_method_on_the_device_path_equals_the_reference(family, method: st
     assert staging.nbytes() == 0  # on the CPU the pool's tensors are used as they are
 
 
+def test_sources_kept_on_the_merge_device_within_a_budget_else_streamed(family) -> None:
+    """"cpu:0" is another device to `DeviceSources` (its tensors are copied there), so the keep /
+    stream bookkeeping a GPU worker uses runs here too."""
+    pool = SourcePool(aliases=family, resident=True)
+    rec = recipe("ties", "bfloat16")
+    expected = materialize(rec, pool)
+    plan = plan_merge(rec, pool)
+    total = sum(pool.get(r).get(n).numel() * 4 for r in family for n in pool.get(r).names)
+    for budget, kept in ((None, total), (total // 3, total // 3), (0, 0)):
+        staging = DeviceSources("cpu:0", budget_bytes=budget)
+        for _ in range(2):  # a second candidate finds what was kept
+            targets = {name: torch.empty_like(t) for name, t in expected.items()}
+            list(merge_into(plan, pool, targets, CachedSparsifier(), staging=staging))
+            assert all(torch.equal(targets[n], t) for n, t in expected.items())
+        assert 0 < staging.nbytes() <= kept or staging.nbytes() == kept == 0
+        assert (staging.streamed > 0) == (budget is not None)
+        source = pool.get("base").get("model.norm.weight")
+        assert staging.get(pool.get("base"), "model.norm.weight").data_ptr() != source.data_ptr()
+
+
 def _within_two_ulp(got: torch.Tensor, exact: torch.Tensor, share: float = 0.02) -> bool:
     """|got - exact| <= 2 ulp of got's dtype at exact, on all but ``share`` of the elements."""
     rounded = exact.to(got.dtype)

@@ -143,7 +143,7 @@ def iter_merged(
     def run(task: TensorTask) -> torch.Tensor:
         return run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
 
-    with _in_plan_order(plan, pool, run, 1 if staging is not None else workers) as results:
+    with _in_plan_order(plan, pool, run, _threads(staging, workers)) as results:
         for task, tensor in results:
             yield task.name, tensor
 
@@ -165,11 +165,16 @@ def _in_plan_order(
 
 
 def _staging(device: torch.device, staging: DeviceSources | None) -> DeviceSources | None:
-    """What serves the sources on ``device``: None on the CPU (the pool itself), else
-    ``staging`` or a `DeviceSources` that keeps nothing (each tensor copied per use)."""
-    if device.type == "cpu":
-        return None
-    return staging if staging is not None else DeviceSources(device, budget_bytes=0)
+    """What serves the sources on ``device``: ``staging`` when given; else on the CPU the
+    pool itself (None), elsewhere a `DeviceSources` that keeps nothing (copies per use)."""
+    if staging is not None or device.type == "cpu":
+        return staging
+    return DeviceSources(device, budget_bytes=0)
+
+
+def _threads(staging: DeviceSources | None, workers: int | None) -> int | None:
+    """An accelerator merges with one thread: its kernels queue on one stream anyway."""
+    return 1 if staging is not None and staging.device.type != "cpu" else workers
 
 
 def merge_into(
@@ -214,7 +219,7 @@ def merge_into(
                 target.copy_(merged)
         return None
 
-    with _in_plan_order(plan, pool, write, 1 if staging is not None else workers) as results:
+    with _in_plan_order(plan, pool, write, _threads(staging, workers)) as results:
         for task, merged in results:
             if merged is not None:
                 with torch.no_grad():
