@@ -206,13 +206,18 @@ class WorkerCore:
     def memory_parts(self) -> dict[str, int]:
         """Bytes each part of this worker holds: ``sources`` (resident source tensors in host
         memory, shared ones included), ``sources_on_device`` (kept on its accelerator),
-        ``caches`` (the sparsifier's tables and noise), ``skeleton`` (the resident model)."""
-        return {
+        ``caches`` (the sparsifier's tables and noise), ``skeleton`` (the resident model); on a
+        CUDA device also ``device_allocated`` (all the memory torch has allocated there)."""
+        parts = {
             "sources": self.pool.resident_bytes(),
             "sources_on_device": self.staging.nbytes() if self.staging is not None else 0,
             "caches": self.sparsifier.nbytes(),
             "skeleton": self.model_bytes(),
         }
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            parts["device_allocated"] = torch.cuda.memory_allocated(device)
+        return parts
 
     # ---- internals ----------------------------------------------------------------------------
     def _prepare_tables(self, plan: MergePlan) -> None:
