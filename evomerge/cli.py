@@ -65,20 +65,18 @@ _FORCE_HELP = (
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
 def merge(recipe: Path, out_dir: Path, allow_pickle: bool, max_shard_size: str, force: bool) -> None:
     """Build the model a mergekit-format RECIPE describes and write it to --out."""
-    from evomerge.merge.sources import SourcePool
-    from evomerge.merge.writer import write_model
+    from evomerge import api
     from evomerge.progress import Progress
     from evomerge.recipe import Recipe
 
-    parsed = Recipe.from_yaml(recipe)
+    Recipe.from_yaml(recipe)  # a bad recipe is named before a bad --max-shard-size
     shard_bytes = parse_size(max_shard_size)
-    pool = SourcePool(allow_pickle=allow_pickle, search_dirs=(recipe.resolve().parent,), pickle_switch="pass --allow-pickle")
     start = time.perf_counter()
-    try:
-        with Progress("merging tensors") as bar:
-            out = write_model(parsed, pool, out_dir, max_shard_bytes=shard_bytes, progress=bar.update, force=force)
-    except EvomergeError as exc:
-        raise exc.located(file=str(recipe)) from None
+    with Progress("merging tensors") as bar:
+        out = api.merge(
+            recipe, out_dir, allow_pickle=allow_pickle, max_shard_bytes=shard_bytes, force=force,
+            progress=bar.update, pickle_switch="pass --allow-pickle",
+        )  # fmt: skip
     click.echo(f"wrote {out} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -157,9 +155,9 @@ def demo(out_dir: Path | None, merge_only: bool) -> None:
 @click.option("--local", is_flag=True, help="Evaluate in this process instead of on Ray workers.")
 def run(experiment: str, out_dir: Path | None, sets: tuple[str, ...], local: bool) -> None:
     """Validate EXPERIMENT (a YAML path or a built-in name) and run it."""
-    from evomerge.run.driver import start_run
+    from evomerge import api
 
-    run_obj = start_run(experiment, out=out_dir, sets=sets, local=local, echo=click.echo)
+    run_obj = api.run(api.Experiment(experiment).with_overrides(*sets), out=out_dir, local=local, echo=click.echo)
     click.echo(f"done: {run_obj.run_dir} (evomerge status {run_obj.run_dir})")
 
 
@@ -174,12 +172,9 @@ def run(experiment: str, out_dir: Path | None, sets: tuple[str, ...], local: boo
               "rows restarts from its seed, surviving rows are told again from the ledger, only missing ones are evaluated.")  # fmt: skip
 def resume(run_dir: Path, sets: tuple[str, ...], local: bool, rebuild: bool) -> None:
     """Carry on the run in RUN_DIR from its last checkpoint (after a stop, a crash or kill -9)."""
-    from evomerge.run.driver import RunInterrupted, resume_run
+    from evomerge import api
 
-    try:
-        resume_run(run_dir, sets=sets, local=local, echo=click.echo, rebuild=rebuild)
-    except KeyboardInterrupt:
-        raise RunInterrupted(run_dir) from None
+    api.resume(run_dir, overrides=sets, local=local, echo=click.echo, rebuild=rebuild)
     click.echo(f"done: {run_dir}")
 
 
@@ -190,9 +185,10 @@ def status(run_dir: Path, as_json: bool) -> None:
     """Stage, evaluations/budget, best search and holdout scores, failures, finished or not."""
     import json
 
-    from evomerge.run.status import format_status, run_status
+    from evomerge import api
+    from evomerge.run.status import format_status
 
-    facts = run_status(run_dir)
+    facts = api.Run(run_dir).status()
     click.echo(json.dumps(facts, indent=2, default=str) if as_json else format_status(facts))
 
 
@@ -209,19 +205,17 @@ def export(run_dir: Path, out_dir: Path | None, force: bool, repo: str | None, p
     --push-to-hub uploads the model to the Hugging Face Hub."""
     if private and repo is None:
         raise EvomergeError("give --private with --push-to-hub REPO", field="--private")
-    if repo is not None:
-        from evomerge.run.hub import push_run
+    from evomerge import api
 
-        pushed = push_run(run_dir, repo, out=out_dir, private=private, force=force, echo=click.echo)
+    if repo is not None:
+        pushed = api.Run(run_dir).push_to_hub(repo, out=out_dir, private=private, force=force, echo=click.echo)
         click.echo(f"recipe: {pushed.recipe}" + (f"\nmodel: {pushed.model}" if pushed.model else ""))
         click.echo(f"pushed: {pushed.url}")
         return
-    from evomerge.run.export import export_run
-
-    recipe_path, model_dir = export_run(run_dir, out_dir, force=force)
-    click.echo(f"recipe: {recipe_path}")
-    if model_dir is not None:
-        click.echo(f"model: {model_dir}")
+    exported = api.Run(run_dir).export(out_dir, force=force)
+    click.echo(f"recipe: {exported.recipe}")
+    if exported.model is not None:
+        click.echo(f"model: {exported.model}")
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -230,9 +224,9 @@ def export(run_dir: Path, out_dir: Path | None, force: bool, repo: str | None, p
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Where to write (default: RUN_DIR/report).")
 def report(run_dir: Path, out_dir: Path | None) -> None:
     """Write plots and an HTML summary of the run in RUN_DIR (finished or not); print the page's path."""
-    from evomerge.report import write_report
+    from evomerge import api
 
-    click.echo(str(write_report(run_dir, out_dir)))
+    click.echo(str(api.Run(run_dir).report(out_dir)))
 
 
 def parse_size(text: str) -> int:

@@ -2,7 +2,8 @@
 
 Spec (YAML, ``kind: python``)::
 
-    callable: mypackage.scoring:score      # or path/to/file.py:score (relative to the YAML)
+    callable: mypackage.scoring:score      # or path/to/file.py:score (relative to the YAML),
+                                           # or a name given to evomerge.register_function
     objectives: {acc: true, loss: false}   # name -> higher is better (first = primary)
     args: {n: 100}                         # extra keyword arguments for the function
 
@@ -23,9 +24,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from evomerge.errors import ConfigError
 from evomerge.evaluate.base import Evaluator, SpecModel, Split, import_callable
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset
+from evomerge.usercode import FUNCTIONS
 
 
 class PythonSpec(SpecModel):
@@ -43,10 +46,20 @@ class PythonEvaluator(Evaluator):
 
     def __init__(self, spec: PythonSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
         super().__init__(spec, file=file, base_dir=base_dir)
-        self.fn = import_callable(spec.callable, file=file, field="callable", base_dir=base_dir)
+        self.fn = FUNCTIONS.get(spec.callable) or self._import(spec.callable, file, base_dir)
         params = inspect.signature(self.fn).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self._extra = {name for name in ("subset", "shard") if takes_any or name in params}
+
+    @staticmethod
+    def _import(ref: str, file: str | None, base_dir: Path | None) -> Any:
+        if ":" not in ref:  # not a path: a name given to `register_function`, in another process
+            raise ConfigError(
+                f"'{ref}' is not 'package.module:function', 'file.py:function' or a function registered in this "
+                "process (evomerge.register_function; register it again before resuming a run that uses it)",
+                file=file, field="callable",
+            )  # fmt: skip
+        return import_callable(ref, file=file, field="callable", base_dir=base_dir)
 
     def objective_directions(self) -> dict[str, bool]:
         return dict(self.spec.objectives)

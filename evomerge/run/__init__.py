@@ -8,3 +8,7 @@ layout, says what is a run and holds the run's lock). The scheduler
 `evomerge.run.workers` on Ray) stage by stage (`evomerge.run.stages`); `evomerge.run.status` and
 `evomerge.run.export` (the best and its model card) read a run directory.
 """
+
+from evomerge.pkgcall import callable_package
+
+callable_package(__name__, "evomerge.api:run")  # `evomerge.run(experiment, ...)`

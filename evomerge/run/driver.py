@@ -68,6 +68,7 @@ from evomerge.run.stages import (
 )
 from evomerge.spaces import build_space
 from evomerge.tracking import open_tracking
+from evomerge.usercode import worker_evaluator
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -475,7 +476,7 @@ class Run:
             return self._pool
         self.shutdown()
         pool = make_pool(self.exp, local=self.local, evaluator=evaluator, memory=self.memory)
-        pool.start(sources, plan.evaluator_spec, allow_pickle=self.exp.allow_pickle, dtype=self.exp.dtype)
+        pool.start(sources, worker_evaluator(plan.evaluator_spec), allow_pickle=self.exp.allow_pickle, dtype=self.exp.dtype)
         self._pool, self._pool_key, self._pool_sources = pool, key, dict(sources)
         record_memory(self.run_dir, self.memory, pool)  # the budget and what the sources take
         return pool
@@ -542,6 +543,23 @@ def start_run(
     file = str(find_yaml("experiments", experiment))
     written = load_experiment(file, sets)
     exp = resolve_experiment(written, file=file)
+    return start_experiment(exp, file=file, written=written, out=out, local=local, echo=echo, execute=execute)
+
+
+def start_experiment(
+    exp: Experiment,
+    *,
+    file: str | None,
+    written: Experiment | None = None,
+    out: str | Path | None = None,
+    local: bool = False,
+    echo: Callable[[str], None] = print,
+    execute: bool = True,
+) -> Run:
+    """`start_run` for an experiment already loaded and resolved (`resolve_experiment`; `file`:
+    the file it came from, None for one built in Python; `written`: the experiment before it
+    was resolved, whose model references the model card names): check the run directory,
+    validate, create the directory and run it."""
     run_dir = Path(out) if out is not None else Path(exp.output_dir) / exp.name
     if (run_dir / EXPERIMENT_FILE).exists() or (run_dir / LEDGER_FILE).exists():
         raise ConfigError(f"already holds a run; continue it with `evomerge resume {run_dir}` or pick another --out", file=str(run_dir))
@@ -554,7 +572,7 @@ def start_run(
     run.validate()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / EXPERIMENT_FILE, exp.to_yaml())
-    record_references(run_dir, written_references(written, exp))  # for the model card
+    record_references(run_dir, written_references(written or exp, exp))  # for the model card
     Ledger.open(run_dir / LEDGER_FILE).close()
     echo(f"run directory: {run_dir}")
     if execute:
