@@ -30,9 +30,7 @@ class MlflowOptions(TrackerOptions):
 
 class MlflowTracker(Tracker):
     Options = MlflowOptions
-    PACKAGE = "mlflow"
-    EXTRA = "mlflow"
-    options: MlflowOptions
+    PACKAGE = EXTRA = "mlflow"  # import name, and pip extra
 
     def start(self, state: dict[str, Any]) -> dict[str, Any]:
         from mlflow.tracking import MlflowClient  # the optional package: only when asked for

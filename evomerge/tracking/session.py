@@ -5,7 +5,9 @@ after each row is written, `observe` puts the row on each tracker's queue (no ot
 scheduler's thread). A tracker's thread starts it, logs the experiment's parameters once, turns
 each row into metrics (`evomerge.tracking.metrics`) and logs them; at the end the driver hands
 over the best's recipe and model card (`finish`) and `close` waits for the queues to drain (at
-most `CLOSE_TIMEOUT_S`). One thread per tracker: a slow one (MLflow creating its database, W&B
+most `CLOSE_TIMEOUT_S`). Opening a session waits until every tracker has started (at most
+`START_WAIT_S`): importing MLflow or W&B and creating MLflow's database take seconds of CPU,
+which would otherwise share the interpreter with the first evaluations of in-process workers. One thread per tracker: a slow one (MLflow creating its database, W&B
 starting its service) holds up no other. A tracker that raises is turned off for the rest of the
 run with one warning line; the search never sees it.
 """
@@ -29,6 +31,7 @@ from evomerge.tracking.base import TrackedRun, Tracker
 from evomerge.tracking.metrics import RowMetrics
 
 CLOSE_TIMEOUT_S = 120.0
+START_WAIT_S = 60.0
 STATE_FILE = "state.json"
 _END = object()
 
@@ -42,6 +45,9 @@ class TrackingSession:
         self._lock = threading.Lock()
         self._status = "killed"
         self._workers = [_Worker(name, tracker, self, params, copy.deepcopy(metrics)) for name, tracker in trackers]
+        deadline = time.monotonic() + START_WAIT_S
+        for worker in self._workers:
+            worker.ready.wait(max(0.0, deadline - time.monotonic()))
 
     @property
     def active(self) -> bool:
@@ -97,14 +103,18 @@ class _Worker:
         self.params = params
         self.metrics = metrics
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.ready = threading.Event()  # started and parameters logged (or failed)
         self.thread = threading.Thread(target=self._work, name=f"evomerge-tracking-{name}", daemon=True)
         self.thread.start()
 
     def _work(self) -> None:
-        state = self._call("start", dict(self.session._state.get(self.name) or {}))
-        if state is not None:
-            self._call_plain(lambda: self.session._keep(self.name, state))
-        self._call("log_params", self.params)
+        try:
+            state = self._call("start", dict(self.session._state.get(self.name) or {}))
+            if state is not None:
+                self._call_plain(lambda: self.session._keep(self.name, state))
+            self._call("log_params", self.params)
+        finally:
+            self.ready.set()
         while True:
             item = self.queue.get()
             if item is _END:

@@ -19,9 +19,7 @@ class TensorBoardOptions(TrackerOptions):
 
 class TensorBoardTracker(Tracker):
     Options = TensorBoardOptions
-    PACKAGE = "tensorboard"
-    EXTRA = "tensorboard"
-    options: TensorBoardOptions
+    PACKAGE = EXTRA = "tensorboard"  # import name, and pip extra
 
     def start(self, state: dict[str, Any]) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package

@@ -25,9 +25,7 @@ class WandbOptions(TrackerOptions):
 
 class WandbTracker(Tracker):
     Options = WandbOptions
-    PACKAGE = "wandb"
-    EXTRA = "wandb"
-    options: WandbOptions
+    PACKAGE = EXTRA = "wandb"  # import name, and pip extra
 
     def start(self, state: dict[str, Any]) -> dict[str, Any]:
         import wandb  # the optional package: only when asked for
