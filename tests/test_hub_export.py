@@ -107,3 +107,17 @@ def test_a_bad_repo_or_no_token_is_refused_before_exporting(finished_run: Path, 
     done = push(finished_run, "--out", out_dir, "--push-to-hub", "someone/merged", HF_HOME=str(tmp_path / "hf-home"))
     assert done.returncode == 2 and done.stderr == "error: --push-to-hub: no Hugging Face token: set HF_TOKEN or run `hf auth login`\n"
     assert not out_dir.exists()
+
+
+def test_a_merged_recipe_card_links_its_sources_as_the_recipe_names_them(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    for name in ("base", "a"):
+        shutil.copytree(llama_family[name], tmp_path / "models" / name)
+    recipe = {"merge_method": "task_arithmetic", "base_model": "models/base", "models": [{"model": "models/a", "parameters": {"weight": 0.5}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, out = cli("merge", tmp_path / "recipe.yaml", "--out", tmp_path / "merged")
+    assert code == 0, out
+    card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert sorted(card.data.base_model) == ["models/a", "models/base"] and card.data.base_model_relation == "merge"
+    assert {"merge", "evomerge"} <= set(card.data.tags)

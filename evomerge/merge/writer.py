@@ -172,9 +172,12 @@ def _copy_tokenizer(recipe: Recipe, plan: MergePlan, pool: SourcePool, out: Path
 
 
 def model_card(recipe: Recipe, hashes: dict[str, str], scores: dict[str, float] | None = None) -> str:
-    """A README for the merged model: how it was made, from what, and how it scored."""
+    """A README for the merged model: how it was made, from what, and how it scored; its front
+    matter is Hugging Face Hub metadata (`base_model`: the recipe's models as it names them)."""
     lines = [
         "---",
+        f"base_model: {json.dumps(list(hashes))}",
+        "base_model_relation: merge",
         "library_name: transformers",
         "tags: [merge, evomerge, mergekit]",
         "---",
