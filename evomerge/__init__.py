@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         register_method,
         register_model_kind,
         register_optimizer,
+        register_space,
         resume,
         run,
     )
@@ -45,6 +46,7 @@ __all__ = [
     "register_method",
     "register_model_kind",
     "register_optimizer",
+    "register_space",
     "resume",
     "run",
 ]

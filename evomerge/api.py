@@ -21,8 +21,8 @@ field and what would be valid, the line the CLI prints; a file fault (disk full,
 ledger) is one too.
 
 Registries: `register_evaluator`, `register_optimizer`, `register_method` / `merge_method`,
-`register_model_kind` and `register_function` (a scoring function for the `python` evaluator
-kind, by name, with no module path) add to evomerge from the user's own code; what is
+`register_space`, `register_model_kind` and `register_function` (a scoring function for the
+`python` evaluator kind, by name, with no module path) add to evomerge from the user's own code; what is
 registered here is also registered in the Ray workers of a run started from this process
 (`evomerge.usercode`).
 
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from evomerge.optim.base import Optimizer
     from evomerge.run.hub import Pushed
     from evomerge.run.stages import Best
+    from evomerge.spaces.base import SearchSpace
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,6 +93,7 @@ class Experiment:
     working directory). A ``callable:`` of an evaluator may be a Python function (registered by
     `register_function`). Immutable: `with_overrides` returns a new one."""
 
+    @_one_line
     def __init__(self, source: str | Path | Mapping[str, Any] | Experiment) -> None:
         if isinstance(source, Experiment):
             self.file, self._data = source.file, copy.deepcopy(source._data)
@@ -137,6 +139,7 @@ class Experiment:
             raise
         return out
 
+    @_one_line
     def config(self) -> ExperimentConfig:
         """The experiment checked against the schema and resolved (paths absolute, each stage's
         search space and evaluator inlined): what a run freezes in its directory."""
@@ -410,6 +413,14 @@ def merge_method(name: str, **declaration: Any) -> Callable[[F], F]:
         return kernel
 
     return decorate
+
+
+def register_space(name: str, target: str | type[SearchSpace], *, replace: bool = False) -> None:
+    """Make `name` a search-space ``kind:`` (an `evomerge.spaces.SearchSpace` subclass with its spec
+    schema, or a lazy ``"package.module:Class"``); see `evomerge.spaces.config`."""
+    from evomerge.spaces.config import register_space as register
+
+    usercode.record(register, name, target, replace=replace)
 
 
 def register_model_kind(name: str, loader: Callable[[Mapping[str, Any]], Any] | str, *, load_hint: str | None = None, replace: bool = False) -> None:

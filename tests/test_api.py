@@ -191,8 +191,9 @@ def test_merge_with_a_method_registered_here(test_zoo: Path, tmp_path: Path) -> 
     torch.testing.assert_close(merged[name], (add[name] + rev[name]) / 2)
 
 
-def test_run_with_an_optimizer_registered_here(test_zoo: Path, tmp_path: Path) -> None:
+def test_run_with_an_optimizer_and_a_space_kind_registered_here(test_zoo: Path, tmp_path: Path) -> None:
     from evomerge.optim.simple import RandomSearch
+    from tests.test_space_kind import MixSpace  # one gene: a linear mix of two models
 
     class CountingRandom(RandomSearch):
         asks = 0
@@ -202,9 +203,22 @@ def test_run_with_an_optimizer_registered_here(test_zoo: Path, tmp_path: Path) -
             return super().ask(n)
 
     em.register_optimizer("api_random", CountingRandom, replace=True)
-    exp = em.Experiment(experiment()).with_overrides({"stages.ps.optimizer": {"name": "api_random"}, "stages.ps.budget.evaluations": 2})
+    em.register_space("test_mix", MixSpace, replace=True)
+    exp = em.Experiment(experiment()).with_overrides(
+        {"stages.ps.optimizer": {"name": "api_random"}, "stages.ps.space": {"kind": "test_mix"}, "stages.ps.budget.evaluations": 2}
+    )
     run = em.run(exp, out=tmp_path / "run", echo=None)
     assert CountingRandom.asks >= 1 and run.status()["evaluations"] == 2
+    assert all(em.Recipe.from_string(text).merge_method == "linear" for text in run.ledger()["recipe_yaml"])
+
+
+def test_import_evomerge_is_cheap() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, evomerge\nprint(sorted(m for m in ('evomerge.api', 'evomerge.config', 'torch', 'pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the API is imported on first use (module __getattr__)
 
 
 # ---- a function defined in a test scores on a Ray worker ---------------------------------------
