@@ -186,3 +186,20 @@ def test_tracking_errors_are_one_line_before_anything_starts(llama_family: dict[
     code, out = cli("run", write_exp(tmp_path / "exp.yaml", small(llama_family, tracking=tracking)), "--out", run_dir, "--local")
     assert code == 2 and out.count("\n") == 1 and message in out, out
     assert not run_dir.exists()
+
+
+def test_tracking_from_the_python_api(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """`evomerge.run(..., tracking=...)` and a `tracking:` key in an experiment dict: the same
+    section, validated the same way (one-line errors)."""
+    import evomerge as em
+
+    exp = small(llama_family)
+    exp["stages"][0]["budget"] = {"evaluations": 3}
+    with pytest.raises(em.ConfigError, match=r"^tracking\.mlfow: unknown tracker 'mlfow'; valid: mlflow, tensorboard, wandb"):
+        em.Experiment({**exp, "tracking": {"mlfow": {}}}).validate()
+    done = em.run(exp, out=tmp_path / "api", local=True, tracking={"tensorboard": {}}, echo=None)
+    ledger = done.ledger()
+    search = ledger[(ledger["stage"] == "ps") & (ledger["split"] == "search")]
+    tb = tensorboard_read(done.run_dir)
+    assert tb["steps"] == list(search["seq"]) and tb["fitness"] == pytest.approx(list(search["fitness"]), rel=1e-6)
+    assert tb["best"][-1] == pytest.approx(done.best().score, rel=1e-6)
