@@ -8,6 +8,7 @@ errors as one-line EvomergeErrors."""
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -28,25 +29,13 @@ def score(model, tokenizer, split):
 
 
 def experiment(evaluator=None, **changes) -> dict:
-    exp = {
-        "name": "api",
-        "seed": 3,
-        "models": {"base": "zoo:test/base", "sources": ["zoo:test/add", "zoo:test/reverse"]},
-        "stages": [
-            {
-                "name": "ps",
-                "space": "ps_ties",
-                # a plain function as the callable: registered by name, no module path written
-                "evaluator": evaluator or {"kind": "python", "callable": score, "objectives": {"acc": True}},
-                "optimizer": {"name": "cmaes", "popsize": 2},
-                "budget": {"evaluations": 4},
-                "holdout_top_k": 1,
-            }
-        ],
-        "ray": {"workers": 0},
-    }
-    exp.update(changes)
-    return exp
+    """One PS stage over two zoo experts; the evaluator a plain function by default (registered by
+    name: no module path written)."""
+    evaluator = evaluator or {"kind": "python", "callable": score, "objectives": {"acc": True}}
+    stage = {"name": "ps", "space": "ps_ties", "evaluator": evaluator, "optimizer": {"name": "cmaes", "popsize": 2}}
+    stage.update(budget={"evaluations": 4}, holdout_top_k=1)
+    models = {"base": "zoo:test/base", "sources": ["zoo:test/add", "zoo:test/reverse"]}
+    return {"name": "api", "seed": 3, "models": models, "stages": [stage], "ray": {"workers": 0}, **changes}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,9 @@ def test_run_status_best_and_ledger(finished: em.Run) -> None:
     with Ledger.open(finished.run_dir / "ledger.sqlite", readonly=True) as ledger:
         rows = ledger.rows()
     df = finished.ledger()
-    names = [f.name for f in dataclasses.fields(LedgerRow)]
+    with sqlite3.connect(finished.run_dir / "ledger.sqlite") as conn:  # the table itself
+        names = [column[1] for column in conn.execute("PRAGMA table_info(evaluations)")]
+    assert names == [f.name for f in dataclasses.fields(LedgerRow)]
     assert list(df.columns) == [n for n in names if n != "per_sample"]
     assert len(df) == len(rows) == 5  # 4 search evaluations + the best's holdout row
     assert df["seq"].tolist() == [r.seq for r in rows] and df["fitness"].tolist() == [r.fitness for r in rows]
