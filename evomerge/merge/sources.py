@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,6 +65,7 @@ class Source:
         self._entries: dict[str, TensorEntry] = {}
         self._files = _weight_files(ref, path, allow_pickle, self._entries, pickle_switch)
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._cache: dict[str, torch.Tensor] = {}
         self._hash: str | None = None
@@ -106,8 +109,10 @@ class Source:
             return cached
         if self._files[name].suffix != ".safetensors":
             tensor = self._load_pickled()[name]
-        else:
+        elif self.resident:  # its own memory, kept for the life of the source
             tensor = self._handle(self._files[name]).get_tensor(name)
+        else:
+            tensor = self._mapped(name)
         if self.resident:
             self._cache[name] = tensor
         return tensor
@@ -148,6 +153,25 @@ class Source:
         if alias is None:
             raise SourceError(f"model '{self.ref}' has no tensor '{name}'")
         return alias
+
+    def _mapped(self, name: str) -> torch.Tensor:
+        """The tensor viewing its bytes in the file's private memory map: no copy, the pages are
+        the page cache's until written (copy-on-write: a write never reaches the file)."""
+        import torch  # only once a tensor is read
+
+        entry = self.entry(name)
+        dtype = getattr(torch, entry.dtype, None)
+        if not isinstance(dtype, torch.dtype) or entry.end == entry.begin:  # an unknown code, or empty
+            return self._handle(self._files[name]).get_tensor(name)
+        mapped = self._maps.get(entry.file)
+        if mapped is None:
+            with open(entry.file, "rb") as handle:
+                mapped = self._maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        count = (entry.end - entry.begin) // dtype.itemsize
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=entry.begin)
+        return flat.view(entry.shape)
 
     def _handle(self, file: Path):
         handle = self._handles.get(file)
