@@ -45,8 +45,10 @@ def test_abilities_and_full_set_scores_of_new_models_from_anchors(fitted) -> Non
     0.5 of the truth (15 items of average discrimination carry about 4 units of Fisher
     information: a posterior SD near 0.45), and each group's full-set mean (the mean of its 80
     items' expected scores) within a mean absolute error of 0.07; the anchors' own weighted mean
-    is worse."""
+    is worse. The new models come from the training population, so anchors are chosen for it
+    (`anchor_focus: mean`)."""
     model, y, groups, _ = fitted
+    model = irt.IrtModel.from_state({**model.state_dict(), "config": {**model.state_dict()["config"], "anchor_focus": "mean"}})
     irt.choose_anchors(model, {"add": 15, "sort": 15}, seed=0, responses=y)
     assert len(model.anchors) == 30 and model.anchor_weights.sum() == pytest.approx(2.0)
     new, _, truth = synthetic(600, 80, seed=0)
@@ -153,7 +155,7 @@ def test_irt_strategy_warms_up_then_scores_anchors_and_resumes_exactly() -> None
         stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
         directions={"mean_acc": True}, primary="mean_acc", seed=7, top_k=3,
     )  # fmt: skip
-    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None}
+    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None, "anchor_focus": "mean"}
     strategy = build_strategy(spec, info)
     for row in y[:5]:  # five baselines, fully scored
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})

@@ -27,11 +27,14 @@ Anchors (per group, counts from `allocate`): tinyBenchmarks' IRT clustering, wit
 embedded as its fitted probability of being answered by each training model (a denoised
 response profile: items close in it behave alike across models, whatever their (a, b)
 parametrisation). k-means (k-means++ start, seeded restarts) gives k clusters; each gives one
-anchor, its item of most expected Fisher information about the ability (a^2 p (1 - p), averaged
-over the training models), weighted by the cluster's share of the group. Clusters keep the
-anchors representative (the anchor mean stays a stratified estimate, and a task whose
-documents are not one-dimensional is still covered); the information pick makes the ability
-estimate sharper than the centroid's item would.
+anchor, its item of most Fisher information a^2 p (1 - p) about the ability at the best training
+model's ability in the group (`anchor_focus: top`; `mean`: averaged over the training models),
+weighted by the cluster's share of the group. Clusters keep the anchors representative (the
+anchor mean stays a stratified estimate, and a task whose documents are not one-dimensional is
+still covered); the information pick makes the ability estimate sharper than the centroid's
+item would, and focusing it on the top keeps anchors from saturating as a search improves
+(anchors informative for the average training model are easy ones, which every good candidate
+answers, and candidates that all answer every anchor all get one estimate).
 
 Estimate of a group's mean score from a candidate's observed items (tinyBenchmarks' p-IRT and
 gp-IRT): theta by MAP from every observed item under the ability prior; p-IRT = (sum of the
@@ -67,6 +70,7 @@ class IrtConfig:
     ability_ridge: float = 0.1  # added to the fitted abilities' covariance for new candidates
     max_iter: int = 500
     kmeans_restarts: int = 4
+    anchor_focus: str = "top"  # where anchors inform most: "top" (best training model) or "mean"
 
 
 @dataclass
@@ -350,8 +354,14 @@ def choose_anchors(model: IrtModel, counts: Mapping[str, int], *, seed: int, res
     if model.abilities is None:
         raise ValueError("choose_anchors needs a fitted model (with its training abilities)")
     profiles = model.probabilities(model.abilities).T  # items x training models
-    # Expected Fisher information of each item about its group's ability, over the training models.
-    info = (model.discrimination[:, None] ** 2 * profiles * (1 - profiles)).mean(axis=1)
+    # Fisher information of each item about its group's ability: at the best training model's
+    # ability in the group ("top": a search ranks candidates near its best) or averaged over
+    # the training models ("mean").
+    if model.config.anchor_focus == "top":
+        p_top = model.probabilities(model.abilities.max(axis=0))
+        info = model.discrimination**2 * p_top * (1 - p_top)
+    else:
+        info = (model.discrimination[:, None] ** 2 * profiles * (1 - profiles)).mean(axis=1)
     rng = np.random.default_rng(seed)
     anchors: list[int] = []
     weights: list[float] = []

@@ -63,6 +63,7 @@ class IrtOptions(StrategyOptions):
     refit_every: int = Field(0, ge=0)  # told candidates between refits (0: on new full rows only)
     full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
     estimator: Literal["gp_irt", "p_irt"] = "gp_irt"
+    anchor_focus: Literal["top", "mean"] = "top"  # anchors informative at the best model's ability, or on average
 
 
 class IrtStrategy(Strategy):
@@ -192,7 +193,7 @@ class IrtStrategy(Strategy):
         groups = [t for t in self.tasks for _ in range(self.info.n_docs[t])]
         seed = [self.info.seed & 0xFFFFFFFF, self.fits]
         seed_int = int(np.random.default_rng(seed).integers(2**31))
-        model = irt.fit(matrix, groups, seed=seed_int)
+        model = irt.fit(matrix, groups, seed=seed_int, config=irt.IrtConfig(anchor_focus=self.options.anchor_focus))
         counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
         self.model = irt.choose_anchors(model, counts, seed=seed_int, responses=matrix)
         self.fits += 1
