@@ -311,13 +311,15 @@ def resume(
     overrides: Iterable[str | Mapping[str, Any]] = (),
     local: bool = False,
     rebuild: bool = False,
+    tracking: Mapping[str, Any] | None = None,
     echo: Echo = print,
 ) -> Run:
     """Carry on the run in `run_dir` from its last checkpoint (after a stop, a crash or kill -9)
     to its end. `overrides`: budgets, holdout_top_k or ray settings to change (as
     `Experiment.with_overrides`; a raised budget of a finished run's last stage reopens it).
-    `rebuild`: re-evaluate rows the ledger lost (see `evomerge resume --rebuild`). A run whose
-    evaluator is a function registered in another process needs it registered again first."""
+    `rebuild`: re-evaluate rows the ledger lost (see `evomerge resume --rebuild`). `tracking`:
+    the ``tracking:`` section from here on (a tracker added logs the rows still to come). A run
+    whose evaluator is a function registered in another process needs it registered again."""
     from evomerge.run.driver import RunInterrupted, resume_run
 
     sets: list[str] = []
@@ -326,6 +328,8 @@ def resume(
             sets += [f"{key}={json.dumps(value)}" for key, value in item.items()]
         else:
             sets.append(item)
+    if tracking is not None:
+        sets.append(f"tracking={json.dumps(tracking)}")
     try:
         resume_run(run_dir, sets=sets, local=local, echo=_echo(echo), rebuild=rebuild)
     except KeyboardInterrupt:

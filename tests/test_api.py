@@ -8,6 +8,7 @@ errors as one-line EvomergeErrors."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sqlite3
 from pathlib import Path
 
@@ -16,6 +17,17 @@ import torch
 
 import evomerge as em
 from evomerge.run.ledger import Ledger, LedgerRow
+
+# tracking= of run and resume, read back with TensorBoard's reader when it is installed
+TENSORBOARD = {"tensorboard": {}} if importlib.util.find_spec("tensorboard") else None
+
+
+def tensorboard_fitness(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tracking" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars("ps/search/fitness")]
 
 
 def score(model, tokenizer, split):
@@ -106,10 +118,13 @@ def test_resume_gives_the_uninterrupted_ledger(finished: em.Run, tmp_path: Path)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt, match="evomerge resume"):
         em.run(experiment(spec), out=run_dir, echo=None)
-    assert 0 < len(em.Run(run_dir).ledger()) < 5 and not em.Run(run_dir).status()["finished"]
-    resumed = em.resume(run_dir, echo=None)
+    done = len(em.Run(run_dir).ledger())
+    assert 0 < done < 5 and not em.Run(run_dir).status()["finished"]
+    resumed = em.resume(run_dir, tracking=TENSORBOARD, echo=None)  # a tracker added on resume
     assert resumed.status()["finished"]
     assert comparable(resumed.ledger(per_sample=True)) == comparable(finished.ledger(per_sample=True))
+    if TENSORBOARD:  # it logged the search rows written after the resume
+        assert len(tensorboard_fitness(run_dir)) == len(resumed.ledger().query("split == 'search'")) - done
     # a finished run's last stage reopens with a raised budget (a mapping, as with_overrides takes)
     em.resume(run_dir, overrides={"stages.ps.budget.evaluations": 6}, echo=None)
     assert em.Run(run_dir).status()["evaluations"] == 6
@@ -198,8 +213,11 @@ def test_run_with_an_optimizer_and_a_space_kind_registered_here(test_zoo: Path, 
     exp = em.Experiment(experiment()).with_overrides(
         {"stages.ps.optimizer": {"name": "api_random"}, "stages.ps.space": {"kind": "test_mix"}, "stages.ps.budget.evaluations": 2}
     )
-    run = em.run(exp, out=tmp_path / "run", echo=None)
+    run = em.run(exp, out=tmp_path / "run", tracking=TENSORBOARD, echo=None)
     assert CountingRandom.asks >= 1 and run.status()["evaluations"] == 2
+    if TENSORBOARD:  # tracking= is the experiment's tracking: section
+        search = run.ledger().query("split == 'search'")
+        assert tensorboard_fitness(run.run_dir) == pytest.approx(search["fitness"].tolist(), rel=1e-6)
     assert all(em.Recipe.from_string(text).merge_method == "linear" for text in run.ledger()["recipe_yaml"])
 
 
