@@ -503,6 +503,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load at end {load_average()}")
+    if disk and "mergekit_task_arithmetic" in disk:
+        mk, evo = disk["mergekit_task_arithmetic"], disk["evomerge_task_arithmetic"]
+        print(f"to disk, task_arithmetic: mergekit-yaml {mk['wall']:.1f} s wall / {mk['cpu']:.1f} s CPU, peak anon "
+              f"{mk['peak_anon'] / GB:.2f} GB; evomerge merge {evo['wall']:.1f} s / {evo['cpu']:.1f} s CPU, "
+              f"{evo['peak_anon'] / GB:.2f} GB: {mk['wall'] / evo['wall']:.2f}x wall, {mk['cpu'] / evo['cpu']:.2f}x CPU")
+    if mem:
+        for method, row in mem.items():
+            later, cpu = row["later"], row["later_cpu"]
+            print(f"in memory, {method}: {sum(later) / max(1, len(later)):.2f} s wall, {sum(cpu) / max(1, len(cpu)):.2f} s CPU "
+                  f"per candidate after the first; anon held {row['peak_anon_later'] / GB:.2f} GB")
     print()
     if mem:
         print(f"scale_ta_candidate_seconds: {sum(mem['task_arithmetic']['later']) / max(1, len(mem['task_arithmetic']['later'])):.2f}")
