@@ -243,3 +243,19 @@ def test_a_worker_accounts_for_what_each_part_holds(family) -> None:
     expected = materialize(rec, SourcePool(aliases=sources))
     state = model.state_dict()
     assert all(torch.equal(state[name], t) for name, t in expected.items())
+
+
+def test_sources_not_kept_resident_are_read_without_a_copy(family) -> None:
+    from safetensors import safe_open
+
+    source = SourcePool(aliases=family).get("a")
+    name = "model.embed_tokens.weight"
+    entry = source.entry(name)
+    tensor = source.get(name)
+    with safe_open(str(entry.file), framework="pt") as handle:
+        stored = handle.get_tensor(name)
+    assert torch.equal(tensor, stored)
+    assert source.get(name).data_ptr() == tensor.data_ptr()  # one mapping of the file, no copy per read
+    tensor.add_(1.0)  # a private mapping: a write never reaches the file
+    with safe_open(str(entry.file), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor(name), stored)

@@ -88,15 +88,14 @@ def render_page(view: RunView, sections: Sequence[Section]) -> str:
             )
     parts.append("<h2>Sources, baselines and best candidates</h2>")
     parts.append(_results_table(view))
-    if view.memory:
-        parts.append("<h2>Memory</h2>")
-        parts.append(f"<pre>{_e(chr(10).join(view.memory))}</pre>")
-    if view.best_scores:
-        parts.append("<h2>Exported best: scores.json</h2>")
-        parts.append(f"<pre>{_e(_json(view.best_scores))}</pre>")
-    if view.best_recipe_yaml:
-        parts.append("<h2>Exported best: recipe.yaml</h2>")
-        parts.append(f"<pre>{_e(view.best_recipe_yaml)}</pre>")
+    preformatted = [
+        ("Memory", "\n".join(view.memory)),
+        ("Exported best: scores.json", _json(view.best_scores) if view.best_scores else ""),
+        ("Exported best: recipe.yaml", view.best_recipe_yaml or ""),
+    ]
+    for title, text in preformatted:
+        if text:
+            parts += [f"<h2>{_e(title)}</h2>", f"<pre>{_e(text)}</pre>"]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
