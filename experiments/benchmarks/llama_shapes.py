@@ -26,7 +26,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,27 +55,33 @@ WORDS = (
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
+# TinyLlama-1.1B's dimensions, and a small model of the same structure for smoke tests.
+TINYLLAMA = {"hidden": 2048, "heads": 32, "kv_heads": 4, "intermediate": 5632, "vocab": 32000}
+SMALL = {"hidden": 256, "heads": 8, "kv_heads": 2, "intermediate": 704, "vocab": 4000}
+
+
 @dataclass(frozen=True)
 class LlamaSpec:
-    """The checkpoints' shape and seeds (TinyLlama-1.1B's shape by default)."""
+    """The checkpoints' shape (TinyLlama-1.1B's by default, `small` for smoke tests) and seeds."""
 
-    hidden: int = 2048
     layers: int = 22
-    heads: int = 32
-    kv_heads: int = 4
-    intermediate: int = 5632
-    vocab: int = 32000
+    small: bool = False
     seed: int = 0
     init_std: float = 0.02
     delta_stds: tuple[float, ...] = (0.002, 0.0025, 0.0015)
 
     @property
+    def dims(self) -> dict[str, int]:
+        return SMALL if self.small else TINYLLAMA
+
+    @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return self.dims["hidden"] // self.dims["heads"] * self.dims["kv_heads"]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return llama_tensor_shapes(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers,
-                                   vocab=self.vocab, kv_dim=self.kv_dim)
+        d = self.dims
+        return llama_tensor_shapes(hidden=d["hidden"], intermediate=d["intermediate"], layers=self.layers,
+                                   vocab=d["vocab"], kv_dim=self.kv_dim)
 
     def parameters(self) -> int:
         return sum(_numel(s) for s in self.shapes().values())
@@ -83,16 +89,21 @@ class LlamaSpec:
     def model_bytes(self) -> int:
         return 2 * self.parameters()
 
+    def description(self) -> dict:
+        """What the cache key covers: every dimension, the seeds and the builder's version."""
+        return {**self.dims, "layers": self.layers, "seed": self.seed, "init_std": self.init_std,
+                "delta_stds": list(self.delta_stds), "version": BUILDER_VERSION}
+
     def key(self) -> str:
-        text = json.dumps({**asdict(self), "version": BUILDER_VERSION}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.description(), sort_keys=True).encode()).hexdigest()[:12]
 
     def hf_config(self) -> dict:
+        d = self.dims
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d["hidden"],
+            "intermediate_size": d["intermediate"], "num_hidden_layers": self.layers,
+            "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"],
+            "vocab_size": d["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "initializer_range": self.init_std,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
@@ -190,7 +201,7 @@ def build(spec: LlamaSpec, root: Path | None = None, log: bool = True) -> dict[s
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (out / "config.json").write_text(json.dumps(spec.hf_config(), indent=2))
         save_tokenizer(out)
-    (tmp / "spec.json").write_text(json.dumps({**asdict(spec), "version": BUILDER_VERSION}, indent=2))
+    (tmp / "spec.json").write_text(json.dumps(spec.description(), indent=2))
     (tmp / _MARKER).write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)  # a half-built leftover of this builder (no marker)
     tmp.rename(folder)
@@ -200,12 +211,8 @@ def build(spec: LlamaSpec, root: Path | None = None, log: bool = True) -> dict[s
 
 
 def spec_from_args(args: argparse.Namespace) -> LlamaSpec:
-    spec = LlamaSpec()
-    if args.layers is not None:
-        spec = replace(spec, layers=args.layers)
-    if getattr(args, "small", False):
-        spec = replace(spec, hidden=256, heads=8, kv_heads=2, intermediate=704, vocab=4000)
-    return spec
+    spec = LlamaSpec(small=bool(getattr(args, "small", False)))
+    return spec if args.layers is None else replace(spec, layers=args.layers)
 
 
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
