@@ -14,9 +14,11 @@ from evomerge.memory import (
     MemorySpec,
     NodeMemory,
     WorkerMemory,
+    held_report,
     memory_lines,
     parse_size,
     resolve_memory,
+    worker_budget,
 )
 from tests.run_helpers import cli
 from tests.test_run import experiment, write_exp
@@ -112,3 +114,18 @@ def test_status_and_report_show_the_budget_and_what_each_part_holds(llama_family
     assert lines and lines[0].startswith("memory: node limit 4.00 GB")
     code, out = cli("resume", run_dir, "--set", "memory.node.caches=2MB")
     assert code == 0, out
+
+
+def test_held_report_reads_what_the_nodes_and_workers_say() -> None:
+    stats = {"pid": 7, "memory_parts": {"skeleton": 5, "sources_on_device": 2, "caches": 1}, "private_base": 3,
+             "merge_peak": 4, "evaluate_peak": 6, "cache_fallbacks": 9, "merge_seconds": [0.5, 0.25]}  # fmt: skip
+    held = held_report([{"node": "a", "sources": 10, "tables": 1}, {"node": "b", "sources": 10, "tables": 0}], [stats], object_store_used=21)
+    assert held["node"] == {"sources": 20, "caches": 1, "object_store_used": 21}
+    worker = held["workers"][0]
+    assert worker["name"] == "w0:7" and worker["skeleton"] == 5 and worker["sources_on_device"] == 2
+    assert worker["cache_fallbacks"] == 9 and worker["merge_seconds"] == [0.5, 0.25]
+    line = memory_lines({"budget": None, "held": held})[-1]
+    assert line.startswith("  worker w0:7: skeleton 0.00 GB") and "9 tensors by one-shot selection" in line
+    budget = resolve_memory(None, sources=GB, skeleton=GB, workers=1, ray=False, available=20 * GB)
+    assert worker_budget(budget, "cpu") == {"cache_budget": budget.caches, "gpu_budget": None}
+    assert worker_budget(None, "cpu") == {}
