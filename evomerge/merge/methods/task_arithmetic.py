@@ -309,30 +309,38 @@ def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: i
 
 def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
                dtype: torch.dtype, workspace: Workspace | None = None) -> None:
-    """The sum S of a chunk accumulates in out's own chunk (overwritten by the result last)."""
+    """The sum S of a chunk accumulates in out's own chunk (overwritten by the result last).
+    16-bit inputs: each kept delta is formed (and masked) in the inputs' dtype, then the sums
+    run in float32 chunks with w_j folded in (D_j is not rounded to 16 bits), rounded once."""
     n = bf.numel()
     if not live:
         out.copy_(bf)
         return
     c = min(chunk, n)
-    acc = _accumulator(dtype)  # 16-bit inputs: sums in float32 chunks, S too (not in out)
-    # wsg and wabs only count the weights with normalize
-    dabs, d, sg, *wbufs = scratch_buffers(workspace, (5 if normalize else 3) + (acc != dtype), c, acc, bf.device)
-    (dh,) = scratch_buffers(workspace, 1, c, dtype, bf.device) if acc != dtype else [None]
+    half = _accumulator(dtype) != dtype
+    acc = _accumulator(dtype)
+    # wsg and wabs only count the weights with normalize; a 16-bit merge keeps S apart from out
+    dabs, d, sg, ones, *wbufs = scratch_buffers(workspace, (6 if normalize else 4) + half, c, acc, bf.device)
+    (dh,) = scratch_buffers(workspace, 1, c, dtype, bf.device) if half else [None]
+    ones.fill_(1)
     tiny = torch.finfo(acc).tiny
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         k = e - s
         bb = bf[s:e]
-        S_, da, dd, sg_ = (wbufs[-1][:k] if acc != dtype else out[s:e]), dabs[:k], d[:k], sg[:k]
+        S_, da, dd, sg_ = (wbufs[-1][:k] if half else out[s:e]), dabs[:k], d[:k], sg[:k]
         ws, wa = (wbufs[0][:k], wbufs[1][:k]) if normalize else (None, None)
         for j, (tf, w, m, f) in enumerate(live):
-            # D_j = w_j * kept delta_j (rounded as mergekit in the inputs' dtype; see _weighted_delta)
-            _weighted_delta(dd, dh[:k] if dh is not None else None, tf, bb, s, e, m, f, w)
+            if half:  # dd = kept delta_j in float32; the sums weigh it by wj
+                dd.copy_(_masked_delta(dh[:k], tf, bb, s, e, m, None))
+                wj = w if f is None else w * f
+            else:  # dd = D_j = w_j * kept delta_j, rounded as mergekit does
+                _masked_delta(dd, tf, bb, s, e, m, f).mul_(w)
+                wj = 1.0
             if j == 0:
-                S_.copy_(dd)
+                torch.mul(dd, wj, out=S_) if half else S_.copy_(dd)
             else:
-                S_.add_(dd)
+                S_.add_(dd, alpha=wj)
             if normalize:  # w_j > 0, so sign(D_j) is the sign of the kept delta
                 torch.sign(dd, out=sg_)
                 if j == 0:
@@ -340,25 +348,29 @@ def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float,
                     torch.mul(sg_, w, out=ws)
                     torch.mul(sg_, sg_, out=wa).mul_(w)
                 else:
-                    da.addcmul_(dd, sg_)
+                    da.addcmul_(dd, sg_, value=wj)
                     ws.add_(sg_, alpha=w)
                     wa.addcmul_(sg_, sg_, value=w)
             elif j == 0:
                 torch.abs(dd, out=da)
             else:
-                da.add_(dd.abs_())
-        # M = +1 where S >= 0 (also -0.0), else -1; then num' = S + M*sum|D| = 2 * num.
-        torch.sign(S_, out=sg_).add_(0.5).sign_()
-        da.mul_(sg_).add_(S_)
-        if acc != dtype:  # the base in float32 (ops mixing dtypes are not vectorized), in dd
+                da.add_(dd.abs_(), alpha=wj)
+            if j == 0 and half and wj != 1:
+                da.mul_(wj)
+        # M = +1 where S >= 0, else -1 (S is -0.0 only where every D_j is a zero: M does not
+        # matter there); then num' = S + M*sum|D| = 2 * num, in S
+        torch.copysign(ones[:k], S_, out=sg_)
+        S_.addcmul_(da, sg_)
+        if half:  # the base in float32 (ops mixing dtypes are not vectorized), in dd
             bb = dd.copy_(bb)
+        result = dd if half else out[s:e]
         if normalize:
-            ws.mul_(sg_).add_(wa).clamp_min_(tiny)  # den' = 2 * den; 0 only where num' is 0
-            torch.addcdiv(bb, da, ws, value=lam, out=da if acc != dtype else out[s:e])
+            wa.addcmul_(ws, sg_).clamp_min_(tiny)  # den' = 2 * den; 0 only where num' is 0
+            torch.addcdiv(bb, S_, wa, value=lam, out=result)
         else:
-            torch.add(bb, da, alpha=lam / 2, out=da if acc != dtype else out[s:e])
-        if acc != dtype:
-            out[s:e].copy_(da)
+            torch.add(bb, S_, alpha=lam / 2, out=result)
+        if half:
+            out[s:e].copy_(result)
 
 
 def _ties_exact(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
