@@ -57,7 +57,7 @@ from evomerge.fidelity.base import (
 
 
 class IrtOptions(StrategyOptions):
-    anchors: int = Field(24, ge=1)  # anchor documents per candidate, over all tasks
+    anchors: int = Field(18, ge=1)  # anchor documents per candidate, over all tasks
     warmup: int = Field(5, ge=1)  # candidates scored in full before the first fit
     novelty_margin: float | None = Field(0.1, ge=0)  # None: never score a novel candidate in full
     refit_every: int = Field(0, ge=0)  # told candidates between refits (0: on new full rows only)
