@@ -128,8 +128,10 @@ class Experiment:
         for item in sets:
             if isinstance(item, Mapping):
                 pairs += [(str(key), usercode.named_functions(value)) for key, value in item.items()]
-            else:
+            elif isinstance(item, str):
                 pairs += parse_sets([item])
+            else:
+                raise ConfigError(f"an override is 'KEY=VALUE' or a mapping {{KEY: value}}, got {type(item).__name__}", field="overrides")
         out = Experiment(self)
         try:
             out._data = apply_sets(out._data, pairs)

@@ -159,6 +159,10 @@ def test_user_errors_are_one_line(test_zoo: Path, tmp_path: Path) -> None:
     assert err.field == "overrides" and "no item named 'nope'" in str(err)
     err = one_line_error(lambda: em.Experiment("tiny_ps").with_overrides("no-equals-sign"))
     assert err.field == "--set"
+    err = one_line_error(lambda: em.Experiment("tiny_ps").with_overrides(("seed", 1)))
+    assert err.field == "overrides" and "got tuple" in str(err)
+    err = one_line_error(lambda: em.run(42))
+    assert "an experiment is a YAML path, a built-in name or a mapping, got int" in str(err)
     err = one_line_error(lambda: em.Experiment("no_such_experiment"))
     assert "no built-in experiments named 'no_such_experiment'" in str(err)
     spec = {"kind": "python", "callable": "never_registered", "objectives": {"acc": True}}
