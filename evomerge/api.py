@@ -10,6 +10,7 @@
     exp = em.Experiment("tiny_ps").with_overrides({
         "stages.ps.budget.evaluations": 8,
         "stages.ps.evaluator": em.python_evaluator(accuracy, objectives={"acc": True}),
+        "stages.ps.evaluator_overrides": {},         # tiny_ps's were for its lm_eval evaluator
     })
     run = em.run(exp, out="runs/mine", local=True)
     run.best().score, run.ledger()                   # a pandas DataFrame, one row per evaluation
