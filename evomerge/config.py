@@ -123,7 +123,7 @@ class StageSpec(_Strict):
     optimizer: OptimizerSpec
     budget: BudgetSpec
     holdout_top_k: int = Field(3, ge=0)
-    fidelity: str | dict[str, Any] = "full"  # evomerge/fidelity (checked by check_experiment)
+    fidelity: Any = "full"  # a strategy name or {strategy: NAME, ...}: evomerge/fidelity, checked by check_experiment
 
     @field_validator("optimizer", mode="before")
     @classmethod

@@ -10,7 +10,9 @@ Steps, each through the same code a user's ``evomerge`` commands run:
    and the hand-set merges on both splits;
 3. export the best model (``evomerge export``) and write the report (``evomerge report``);
 4. print a table of every model's search and holdout accuracy per skill (and their mean),
-   and the paths of the exported model and the report.
+   the search documents each stage evaluated (against a full-fidelity run: the stages'
+   `fidelity:`, see the README's "Cheap fitness"), and the paths of the exported model and
+   the report.
 
 A second call with the same ``out`` carries on (or just re-reads) the run that is there, so
 ``make run`` twice does not search twice. The table is read back from the run's ledger
@@ -33,6 +35,8 @@ from typing import Any
 from transformers import AutoModelForCausalLM
 
 from evomerge.config import load_experiment, read_experiment
+from evomerge.fidelity import split_spec
+from evomerge.fidelity.figures import documents_line, stage_documents
 from evomerge.fsutil import atomic_write_text
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.writer import write_model
@@ -106,6 +110,20 @@ def run_table(run_dir: str | Path, sources: Sequence[str] = ()) -> list[TableRow
     return rows
 
 
+def documents_lines(run_dir: str | Path) -> list[str]:
+    """Per stage, the search documents it evaluated against what a full-fidelity run of the same
+    candidates scores (`evomerge.fidelity.figures`), for beside the table."""
+    run_dir = Path(run_dir)
+    exp = read_experiment(run_dir)
+    lines = []
+    with Ledger.open(run_dir / LEDGER_FILE, readonly=True) as ledger:
+        for stage in exp.stages:
+            line = documents_line(f"{exp.name}:{stage.name} ({split_spec(stage.fidelity)[0]})", stage_documents(ledger, stage.name))
+            if line is not None:
+                lines.append(line.strip())
+    return ["documents evaluated:", *(f"  {line}" for line in lines)] if lines else []
+
+
 def format_table(rows: Sequence[TableRow], skills: Sequence[str] = SKILLS, mean: str = MEAN) -> str:
     """A plain-text table: one line per model, search and holdout accuracy per skill and mean."""
     cols = [*skills, "mean"]
@@ -166,6 +184,8 @@ def run_demo_search(
     echo("")
     echo(f"exact-match accuracy ({', '.join(SKILLS)}; mean = the search fitness), seed {exp.seed}:")
     echo(format_table(rows))
+    for line in documents_lines(run_dir):
+        echo(line)
     echo("")
     echo(f"best recipe:    {Path(recipe_path).resolve()}")
     echo(f"exported model: {Path(model_dir).resolve()}")

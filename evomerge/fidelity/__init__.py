@@ -60,6 +60,8 @@ def check_fidelity(spec: Any, *, file: str | None = None, where: str = "fidelity
     cls = STRATEGIES.get(name, file=file, field=f"{where}.strategy")
     try:
         parsed = cls.Options.model_validate(options)
+    except ConfigError as exc:  # a nested strategy's options (racing's on_options)
+        raise ConfigError(exc.message, file=file, field=f"{where}.{exc.field}" if exc.field else where) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])

@@ -61,6 +61,7 @@ class StageInfo:
     seed: int
     top_k: int  # the stage's holdout top-k (at least 1)
     needs_core: bool = False  # the optimizer learns from per-sample scores on common documents (M2N2)
+    per_generation: bool = False  # a position names another document each generation (a per-generation subsample)
 
     @property
     def total(self) -> int:

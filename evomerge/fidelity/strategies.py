@@ -9,12 +9,24 @@ promoted candidate scores only the documents it lacks. The last rung is the whol
 A candidate that stops at a rung is told its rung's estimate (the means over its documents), and
 its ledger row says it is an estimate. Rungs default to shares first, first/eta, first/eta^2, ...
 up to 1 (with `first` = eta^2: three rungs).
+
+Composed (`on: irt`, with `on_options` for it): the other strategy's documents are the first
+rung (IRT's anchors; in full during its warm-up), later rungs add racing's shares to them, and
+candidates are ranked and told by its estimates (IRT's estimate from every document scored). It
+learns from the told candidates a generation at a time (its `told` is called for the earlier
+generations' candidates when a race first decides, once they are all told), so the estimates a
+race compares all come from one state of it, whatever the order of tells within the race, and a
+resumed race decides the same.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from evomerge.fidelity.base import Member, StageInfo, Strategy, StrategyOptions, permutation, prefix
@@ -31,6 +43,21 @@ class RacingOptions(StrategyOptions):
     eta: float = Field(1 / 3, gt=0, lt=1)  # share of a rung promoted to the next
     first: float | None = Field(None, gt=0, le=1)  # share of the documents in the first rung (default eta^2)
     rungs: list[float] | None = None  # explicit shares, increasing, the last 1.0 (instead of first)
+    on: str | None = None  # rank by another strategy's estimates, its documents the first rung (irt)
+    on_options: dict[str, Any] = Field(default_factory=dict)  # that strategy's options
+
+    @model_validator(mode="after")
+    def _inner(self) -> RacingOptions:
+        if self.on is None:
+            if self.on_options:
+                raise ValueError("on_options without on (the strategy they are for)")
+            return self
+        from evomerge.fidelity import check_fidelity  # the registry imports this module
+
+        cls, _ = check_fidelity({"strategy": self.on, **self.on_options}, where="on_options")
+        if cls.GROUPED or cls.FULL:
+            raise ValueError(f"racing can run on a strategy that scores candidates one by one (irt), not on '{self.on}'")
+        return self
 
     @field_validator("rungs")
     @classmethod
@@ -70,17 +97,36 @@ class Racing(Strategy):
         super().__init__(options, info)
         self.shares = options.shares()
         self.order = {t: permutation(info, t) for t in info.n_docs}
+        self.inner: Strategy | None = None
+        if options.on is not None:
+            from evomerge.fidelity import check_fidelity  # the registry imports this module
+
+            cls, inner_options = check_fidelity({"strategy": options.on, **options.on_options})
+            self.inner = cls(inner_options, info)
+        self.waiting: list[dict[str, Any]] = []  # told, not yet passed on to the inner strategy
 
     def rung_docs(self, rung: int) -> dict:
         return prefix(self.order, self.info.counts(self.shares[rung]))
 
     def open(self, member: Member) -> None:
         member.note.setdefault("rung", 0)
-        member.want = self.rung_docs(int(member.note["rung"]))
+        member.want = self._want(member)
+
+    def _want(self, member: Member) -> dict:
+        rung = int(member.note["rung"])
+        if self.inner is None:
+            return self.rung_docs(rung)
+        self.inner.open(member)  # decided from its note: the same documents every time
+        if rung == 0:
+            return member.want
+        extra = self.rung_docs(rung)
+        return {t: np.union1d(member.want.get(t, extra[t][:0]), extra[t]).astype(np.int64) for t in extra}
 
     def decide(self, members: list[Member]) -> None:
+        if members:
+            self._pass_on(members[0].generation)
         for m in members:
-            if m.error is not None or int(m.note["rung"]) >= len(self.shares) - 1:
+            if m.error is not None or int(m.note["rung"]) >= len(self.shares) - 1 or m.is_full(self.info):
                 m.done = True
         alive = [m for m in members if not m.done]
         if not alive:
@@ -91,12 +137,48 @@ class Racing(Strategy):
             m = alive[i]
             if rank < keep:
                 m.note["rung"] = int(m.note["rung"]) + 1
-                m.want = self.rung_docs(int(m.note["rung"]))
+                m.want = self._want(m)
             else:
                 m.done = True
 
+    def estimate(self, member: Member) -> dict[str, float]:
+        return super().estimate(member) if self.inner is None else self.inner.estimate(member)
+
+    def is_estimate(self, member: Member) -> bool:
+        return super().is_estimate(member) if self.inner is None else self.inner.is_estimate(member)
+
+    def told(self, member: Member, fitness: float | None) -> None:
+        if self.inner is not None:
+            scores = {t: [[int(p), float(v)] for p, v in sorted(got.items())] for t, got in member.scores.items()}
+            self.waiting.append({"cid": member.cid, "generation": member.generation, "scores": scores, "error": member.error, "fitness": fitness})
+
+    def _pass_on(self, generation: int) -> None:
+        """The inner strategy learns from the told candidates of earlier generations (when a race
+        decides: every earlier candidate is told by then)."""
+        if self.inner is None:
+            return
+        for item in [i for i in self.waiting if i["generation"] < generation]:
+            m = Member(cid=item["cid"], generation=item["generation"], error=item["error"])
+            m.scores = {t: {int(p): float(v) for p, v in pairs} for t, pairs in item["scores"].items()}
+            self.inner.told(m, item["fitness"])
+        self.waiting = [i for i in self.waiting if i["generation"] >= generation]
+
+    def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:
+        if self.inner is not None:
+            self.inner.observe(scores)
+
     def core(self) -> dict:
-        return self.rung_docs(0)
+        return self.rung_docs(0) if self.inner is None else self.inner.core()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.inner is None:
+            return {}
+        return {"inner": self.inner.state_dict(), "waiting": json.loads(json.dumps(self.waiting))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state.get("inner", {}))
+            self.waiting = list(state.get("waiting", []))
 
 
 def promoted(n: int, eta: float) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from evomerge.errors import EvomergeError
+from evomerge.fidelity.figures import documents_line
 from evomerge.memory import memory_lines
 from evomerge.optim.fitness import dominates
 from evomerge.recipe import Recipe, evaluate_setting
@@ -139,6 +140,7 @@ class RunView:
     base: str | None = None
     notes: list[str] = field(default_factory=list)
     memory: list[str] = field(default_factory=list)  # the memory budget and holdings (memory_lines)
+    documents: list[str] = field(default_factory=list)  # per stage: documents evaluated vs a full run (evomerge.fidelity.figures)
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -228,6 +230,7 @@ def build_view(
         base=_base_of(status, experiment),
         notes=notes,
         memory=memory_lines(status.get("memory")),
+        documents=[line.strip() for facts in status.get("stages") or [] if isinstance(facts, Mapping) and (line := documents_line(f"{facts.get('name')} ({facts.get('fidelity', 'full')}):", facts.get("documents")))],
     )
 
 

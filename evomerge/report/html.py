@@ -89,6 +89,7 @@ def render_page(view: RunView, sections: Sequence[Section]) -> str:
     parts.append("<h2>Sources, baselines and best candidates</h2>")
     parts.append(_results_table(view))
     preformatted = [
+        ("Documents evaluated", "\n".join(view.documents)),
         ("Memory", "\n".join(view.memory)),
         ("Exported best: scores.json", _json(view.best_scores) if view.best_scores else ""),
         ("Exported best: recipe.yaml", view.best_recipe_yaml or ""),

@@ -32,10 +32,12 @@ from evomerge.evaluate.registry import resolve_spec
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.subset import Subset
 from evomerge.faults import os_fault
+from evomerge.fidelity.stage import check_stage_fidelity, make_runner, rescore_estimates
 from evomerge.fsutil import atomic_write_text
 from evomerge.memory import MemoryBudget, record_memory, run_memory
 from evomerge.merge.sources import SourcePool
 from evomerge.models import registered_model
+from evomerge.optim import OPTIMIZERS
 from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.resources import find_yaml
@@ -61,6 +63,7 @@ from evomerge.run.stages import (
     StagePlan,
     decode_candidate,
     make_stage_optimizer,
+    row_payload,
     run_best,
     score_holdout,
     stage_best,
@@ -147,6 +150,7 @@ class Run:
         where = f"stages[{index}]"
         models, base = exp.stage_models(stage), exp.stage_base(stage)
         spec, evaluator, directions = self._evaluator(stage, where)
+        check_stage_fidelity(stage.fidelity, type(evaluator), file=self.file, where=where)
         space, kind = None, stage.optimizer.name  # no space: the optimizer's candidates carry recipes
         if stage.space is not None:
             try:
@@ -387,13 +391,20 @@ class Run:
         def fitness(result: EvalResult) -> float | None:
             return opt.objectives.score(result)
 
+        runner = make_runner(
+            stage.fidelity, stage=stage.name, evaluator=evaluator, directions=plan.directions, primary=opt.objectives.primary,
+            seed=self.exp.seed + index, subset_for=subset_for, top_k=plan.holdout_top_k,
+            needs_core=OPTIMIZERS.get(plan.optimizer_name).NEEDS_PER_SAMPLE, per_generation=subsampled, ledger=ledger,
+            state=ckpt.get("fidelity", {}) if ckpt.get("optimizer") is not None else None, baseline_rows=ledger.baselines(),
+        )  # fmt: skip
+        fidelity_state = (lambda: {}) if runner is None else (lambda: {"fidelity": runner.state_dict()})
         pacer = CheckpointPacer()
 
         def on_tell(counters: dict) -> None:
             pacer.maybe_write(
                 lambda: self._save(
                     ledger,
-                    {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters},
+                    {**state, "stage": stage.name, "phase": "search", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **counters, **fidelity_state()},
                 )
             )
 
@@ -412,6 +423,7 @@ class Run:
                 last_error=ckpt.get("last_error"),
                 shardable=evaluator_class(plan.evaluator_spec["kind"]).SHARDABLE,
                 progress=lambda done, note: bar.update(opt.n_told, plan.budget_evaluations, note),
+                fidelity=runner,
             )
             reason = scheduler.run()
         if capped and self._rebuild_reasons.get(stage.name):
@@ -419,7 +431,9 @@ class Run:
         state["stop_reasons"][stage.name] = reason
         told = ledger.count(stage=stage.name, split="search")
         self.echo(f"stage {stage.name}: {told} evaluations; stopped: {reason}")
-        self._save(ledger, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor})
+        self._save(ledger, {**state, "stage": stage.name, "phase": "holdout", "optimizer": opt.state_dict(), "ledger_seq": ledger.cursor, **fidelity_state()})
+        if runner is not None:  # nothing is selected on an estimate alone (evomerge.fidelity.stage)
+            rescore_estimates(runner, scheduler, ledger, payload=lambda row: row_payload(plan, row), subset_for=subset_for, fitness=fitness, k=plan.holdout_top_k)
         score_holdout(plan, scheduler, ledger, fitness)
         best = stage_best(ledger, stage.name)
         if best is None and any(f"stage:{stage.name}" in self._refs(s) for s in self.exp.stages[index + 1 :]):

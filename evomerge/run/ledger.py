@@ -14,6 +14,8 @@ its long genome only when it enters its stage's top k by search fitness at the t
 written (k = `keep_genomes(stage, k)`, default 1; distinct recipes; ties: the earlier row ranks
 first). Every row that ends in the final top k was in the top k when written, so the stage's
 best (and the rows its holdout scoring needs) always carry their genomes; other rows keep None.
+Rows whose fitness is an estimate (`estimate`) rank in a top k of their own, so the best
+estimates keep their genomes for their re-scoring in full (`evomerge.fidelity.stage`).
 Holdout and baseline rows never keep a long genome (their search row has it).
 
 Two more savings, for runs of tens of thousands of rows (M2N2 on digits: 1,437 per-image scores
@@ -56,7 +58,7 @@ from evomerge.faults import sqlite_fault
 if TYPE_CHECKING:
     from evomerge.evaluate.result import EvalResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: columns docs and estimate (fidelity); a version-1 ledger is migrated on open
 BASELINE_PREFIX = "baseline:"
 LONG_GENOME = 4096  # genes; longer genomes are kept only on top-k rows (module docstring)
 
@@ -80,7 +82,10 @@ _COLUMNS = (
     ("error", "TEXT"),
     ("subset", "TEXT NOT NULL DEFAULT ''"),
     ("meta", "TEXT NOT NULL DEFAULT '{}'"),
+    ("docs", "INTEGER"),
+    ("estimate", "INTEGER NOT NULL DEFAULT 0"),
 )
+_ADDED = {"docs": "NULL", "estimate": "0"}  # schema 2's columns and their values in a version-1 ledger
 _JSON_FIELDS = ("genome", "objectives", "higher_is_better", "per_sample", "meta")
 
 
@@ -89,7 +94,11 @@ class LedgerRow:
     """One evaluation. `fitness` is the stage's primary objective turned so that higher is better
     (-inf for a failed row); `subset` names the documents scored when the evaluator draws a
     subset (empty: all of the split); `meta` holds extras such as `reused_from` (the seq of the
-    row whose scores a repeated recipe took instead of being evaluated again) or M2N2 parents."""
+    row whose scores a repeated recipe took instead of being evaluated again) or M2N2 parents.
+    `docs` is the number of documents the row's scores rest on (None: a row of a version-1 ledger
+    that kept no per-sample scores) and `estimate` whether its fitness is an estimate from fewer
+    documents than its split holds (`evomerge.fidelity`); the stage's best and top-k are always
+    rows with `estimate` False."""
 
     seq: int
     stage: str
@@ -110,6 +119,8 @@ class LedgerRow:
     error: str | None
     subset: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    docs: int | None = None
+    estimate: bool = False
 
     @classmethod
     def from_result(
@@ -129,9 +140,10 @@ class LedgerRow:
         genome: list[float] | None = None,
         subset: str = "",
         meta: dict[str, Any] | None = None,
+        estimate: bool = False,
     ) -> LedgerRow:
         """The row of one evaluation's `result`, scored `fitness` (None: failed, the row's fitness
-        is -inf); `seq` is given by `Ledger.append`."""
+        is -inf); `seq` is given by `Ledger.append`; `docs` counts the result's documents."""
         failed = result.failed
         return cls(
             seq=0, stage=stage, candidate_id=candidate_id, generation=generation, split=split, genome=genome,
@@ -143,7 +155,7 @@ class LedgerRow:
             worker=worker, started=started, finished=finished,
             status="failed" if failed else "ok",
             error=(result.error or "non-finite objective") if failed else None,
-            subset=subset, meta=dict(meta or {}),
+            subset=subset, meta=dict(meta or {}), docs=result_docs(result), estimate=bool(estimate),
         )  # fmt: skip
 
     @property
@@ -160,6 +172,13 @@ class LedgerRow:
         return data
 
 
+def result_docs(result: EvalResult) -> int:
+    """Documents an evaluation scored: its counts, else its per-sample scores."""
+    if result.counts:
+        return int(sum(int(v) for v in result.counts.values()))
+    return int(sum(np.asarray(v).size for v in result.per_sample.values()))
+
+
 class Ledger:
     """Append-only store of LedgerRows. Use `Ledger.open(path)`; safe to read while a run writes."""
 
@@ -168,7 +187,7 @@ class Ledger:
         self.path = path
         self.readonly = readonly
         self._keep_k: dict[str, int] = {}
-        self._top: dict[str, list[tuple[float, int, str]]] = {}  # stage -> (-fitness, seq, hash), best first
+        self._top: dict[tuple[str, bool], list[tuple[float, int, str]]] = {}  # (stage, estimate) -> (-fitness, seq, hash), best first
         self._doc_ids: dict[str, Any] = {}  # digest -> doc ids (both ways)
         self._counts: dict[str, dict[str, int]] | None = None  # stage -> split -> rows (kept up to date)
         self._gaps: list[int] | None = None  # missing seqs new rows take (fill_gaps), smallest first
@@ -200,7 +219,9 @@ class Ledger:
                 conn.execute("CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT)")
                 conn.execute("CREATE TABLE IF NOT EXISTS doc_ids (digest TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 conn.execute("INSERT OR IGNORE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                _migrate(conn)
                 conn.commit()
+            _old_columns_view(conn)
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
@@ -329,25 +350,27 @@ class Ledger:
     def keep_genomes(self, stage: str, top_k: int) -> None:
         """Keep the long genomes of stage's top `top_k` search rows (module docstring)."""
         self._keep_k[stage] = max(1, int(top_k))
-        self._top.pop(stage, None)
+        self._top.pop((stage, False), None)
+        self._top.pop((stage, True), None)
 
     def _enters_top(self, row: LedgerRow) -> bool:
         """Whether a search row enters its stage's top k (and record it there)."""
         if row.split != "search" or row.status != "ok" or not math.isfinite(row.fitness):
             return False
         k = self._keep_k.get(row.stage, 1)
-        top = self._top.get(row.stage)
+        key = (row.stage, bool(row.estimate))  # estimates rank apart: one may be re-scored in full
+        top = self._top.get(key)
         if top is None:
             top, seen = [], set()
-            query = "SELECT fitness, seq, recipe_hash FROM evaluations WHERE stage = ? AND split = 'search' AND status = 'ok' ORDER BY fitness DESC, seq"
-            for fitness, seq, digest in self._iter(query, [row.stage]):
+            query = "SELECT fitness, seq, recipe_hash FROM evaluations WHERE stage = ? AND split = 'search' AND status = 'ok' AND estimate = ? ORDER BY fitness DESC, seq"
+            for fitness, seq, digest in self._iter(query, [row.stage, int(bool(row.estimate))]):
                 if fitness is None or not math.isfinite(fitness) or digest in seen:
                     continue
                 seen.add(digest)
                 top.append((-fitness, seq, digest))
                 if len(top) >= k:
                     break
-            self._top[row.stage] = top
+            self._top[key] = top
         if any(digest == row.recipe_hash for _, _, digest in top):
             return False  # an earlier row of the same recipe holds it
         entry = (-row.fitness, row.seq, row.recipe_hash)
@@ -364,16 +387,18 @@ class Ledger:
         found = self._one("SELECT * FROM evaluations WHERE seq = ?", [int(seq)])
         return self._row(found) if found else None
 
-    def rows(self, stage: str | None = None, split: str | None = None, *, after_seq: int = 0) -> list[LedgerRow]:
-        """Rows in seq order, optionally of one stage and/or one split, after a given seq."""
-        where, args = _where(stage=stage, split=split)
+    def rows(self, stage: str | None = None, split: str | None = None, *, after_seq: int = 0, generation: int | None = None) -> list[LedgerRow]:
+        """Rows in seq order, optionally of one stage, split and/or generation, after a given seq."""
+        where, args = _where(stage=stage, split=split, generation=generation)
         query = f"SELECT * FROM evaluations WHERE seq > ?{where} ORDER BY seq"
         return [self._row(r) for r in self._iter(query, [after_seq, *args])]
 
-    def top(self, stage: str, k: int | None = None, split: str = "search") -> list[LedgerRow]:
+    def top(self, stage: str, k: int | None = None, split: str = "search", *, estimates: bool = False) -> list[LedgerRow]:
         """Successful rows of a stage with a finite fitness, best first (ties: the earlier row),
-        one per recipe, at most `k`; reads only the rows it returns in full."""
-        query = "SELECT seq, recipe_hash, fitness FROM evaluations WHERE stage = ? AND split = ? AND status = 'ok' ORDER BY fitness DESC, seq"
+        one per recipe, at most `k`; reads only the rows it returns in full. Rows whose fitness
+        is an estimate count only with `estimates`."""
+        only = "" if estimates else " AND estimate = 0"
+        query = f"SELECT seq, recipe_hash, fitness FROM evaluations WHERE stage = ? AND split = ? AND status = 'ok'{only} ORDER BY fitness DESC, seq"
         seqs, seen = [], set()
         for seq, digest, fitness in self._iter(query, [stage, split]):
             if fitness is None or not math.isfinite(fitness) or digest in seen:
@@ -432,6 +457,43 @@ class Ledger:
         found = self._one(query, [recipe_hash, split, *args])
         return self._row(found) if found else None
 
+    def estimated(self, stage: str, above: float | None, k: int) -> list[LedgerRow]:
+        """The best (at most `k`) search rows of a stage whose fitness is an estimate, one per
+        recipe, of recipes that have no full-fidelity search row, with a fitness above `above`
+        (None: any): what must be scored in full before the stage's top-k is read."""
+        query = (
+            "SELECT seq, recipe_hash, fitness FROM evaluations e WHERE stage = ? AND split = 'search' AND status = 'ok' AND estimate = 1"
+            " AND NOT EXISTS (SELECT 1 FROM evaluations f WHERE f.stage = e.stage AND f.split = 'search' AND f.recipe_hash = e.recipe_hash AND f.estimate = 0)"
+            " ORDER BY fitness DESC, seq"
+        )
+        seqs, seen = [], set()
+        for seq, digest, fitness in self._iter(query, [stage]):
+            if fitness is None or not math.isfinite(fitness) or (above is not None and fitness <= above) or digest in seen:
+                continue
+            seen.add(digest)
+            seqs.append(seq)
+            if len(seqs) >= k:
+                break
+        return [row for seq in seqs if (row := self.get(seq)) is not None]
+
+    def doc_counts(self, stage: str) -> list[tuple[str, float, int | None, bool, str, dict[str, Any]]]:
+        """(recipe hash, fitness, docs, estimate, status, meta without doc ids) of every search
+        row of a stage, in seq order, without reading scores (`evomerge.fidelity.figures`)."""
+        query = "SELECT recipe_hash, fitness, docs, estimate, status, meta, per_sample FROM evaluations WHERE stage = ? AND split = 'search' ORDER BY seq"
+        out = []
+        for digest, fitness, docs, estimate, status, meta, per_sample in self._iter(query, [stage]):
+            info = {k: v for k, v in json.loads(meta or "{}").items() if k != "doc_ids"}
+            if docs is None and per_sample:  # a version-1 row read through the view: count its scores
+                docs = sum(len(v) for v in json.loads(per_sample).values()) or None
+            out.append((digest, float("-inf") if fitness is None else float(fitness), docs, bool(estimate), status, info))
+        return out
+
+    def find_all(self, recipe_hash: str, split: str, stage: str, subset: str) -> list[LedgerRow]:
+        """Every successful row that scored this recipe on this split, stage and subset, in seq
+        order (a fidelity strategy reuses their per-sample scores)."""
+        query = "SELECT * FROM evaluations WHERE recipe_hash = ? AND split = ? AND stage = ? AND subset = ? AND status = 'ok' ORDER BY seq"
+        return [self._row(r) for r in self._iter(query, [recipe_hash, split, stage, subset])]
+
     def last_seq(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM evaluations")[0])
 
@@ -476,7 +538,35 @@ class Ledger:
         if isinstance(ref, dict) and set(ref) == {"$ref"}:
             data["meta"]["doc_ids"] = self._doc_ids_of(ref["$ref"])
         data["fitness"] = float("-inf") if data["fitness"] is None else data["fitness"]
+        data["estimate"] = bool(data["estimate"])
+        if data["docs"] is None and data["per_sample"]:
+            data["docs"] = int(sum(len(v) for v in data["per_sample"].values()))
         return LedgerRow(**data)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """A version-1 ledger gets schema 2's columns: `docs` from each row's per-sample scores (every
+    version-1 row scored its whole selection) and `estimate` 0."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(evaluations)")}
+    missing = [(name, kind) for name, kind in _COLUMNS if name not in have]
+    if not missing:
+        return
+    for name, kind in missing:
+        conn.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {kind}")
+    if "docs" in dict(missing):
+        for seq, per_sample in conn.execute("SELECT seq, per_sample FROM evaluations").fetchall():
+            docs = sum(len(v) for v in json.loads(per_sample or "{}").values())
+            conn.execute("UPDATE evaluations SET docs = ? WHERE seq = ?", (docs if docs else None, seq))
+    conn.execute("INSERT OR REPLACE INTO info VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def _old_columns_view(conn: sqlite3.Connection) -> None:
+    """A version-1 ledger opened read-only (status, report of an old run) reads as schema 2: a
+    temporary view (it shadows the table for this connection only) adds the new columns."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(evaluations)")}
+    extra = [f"{_ADDED[name]} AS {name}" for name, _ in _COLUMNS if name not in have]
+    if extra:
+        conn.execute(f"CREATE TEMP VIEW evaluations AS SELECT *, {', '.join(extra)} FROM main.evaluations")
 
 
 def _compact(values: Any) -> Any:
@@ -487,7 +577,7 @@ def _compact(values: Any) -> Any:
     return values
 
 
-def _where(**filters: str | None) -> tuple[str, list[Any]]:
+def _where(**filters: str | int | None) -> tuple[str, list[Any]]:
     """` AND column = ?` for every filter that is set, and its arguments (column names are ours)."""
     given = {column: value for column, value in filters.items() if value is not None}
     return "".join(f" AND {column} = ?" for column in given), list(given.values())

@@ -82,6 +82,32 @@ class Pending:
     subset_key: str
     evaluation: Evaluation
     replayed: LedgerRow | None = None  # its row is already in the ledger (resume)
+    # scored under a fidelity strategy (`evomerge.fidelity.runner`): its member, the scores its
+    # recipe already has in the ledger, the evaluation of the documents it lacks now
+    member: Any = None
+    known: dict[str, dict[int, float]] = field(default_factory=dict)
+    delta: Evaluation | None = None
+    delta_positions: dict[str, Any] | None = None
+    seconds: float = 0.0
+    new_docs: int = 0  # documents evaluated for it (not taken from the ledger)
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can be told: its evaluation is complete (under a fidelity strategy: the
+        strategy is done with it)."""
+        if self.member is None:
+            return self.evaluation.done
+        return self.member.done and self.delta is None
+
+    def add_timing(self, ev: Evaluation) -> None:
+        """One more evaluation of its documents: its worker, times and seconds count for the row."""
+        mine = self.evaluation
+        if ev.worker and ev.worker not in mine.worker.split(","):
+            mine.worker = f"{mine.worker},{ev.worker}" if mine.worker else ev.worker
+        mine.started = ev.started if not mine.started else min(mine.started, ev.started)
+        mine.finished = max(mine.finished, ev.finished)
+        if ev.result is not None and ev.reused_from is None:
+            self.seconds += float(ev.result.seconds)
 
 
 def result_from_row(row: LedgerRow) -> EvalResult:
@@ -123,6 +149,7 @@ class Scheduler:
         fitness: Callable[[EvalResult], float | None],
         on_tell: Callable[[dict], None],
         replay: dict[int, LedgerRow] | None = None,
+        fidelity: Any = None,
         failures_in_a_row: int = 0,
         last_error: str | None = None,
         depth: int | None = None,
@@ -139,6 +166,7 @@ class Scheduler:
         self.fitness = fitness
         self.on_tell = on_tell
         self.replay = dict(replay or {})
+        self.fidelity = fidelity  # a FidelityRunner (`evomerge.fidelity.runner`), None: every document
         self.failures_in_a_row = failures_in_a_row
         self.last_error = last_error
         self.depth = max(1, depth if depth is not None else 2 * pool.size)
@@ -159,8 +187,10 @@ class Scheduler:
         outstanding: list[Pending] = [self._pending(c) for c in self.opt.in_flight()]
         self._refill(outstanding)
         while outstanding:
+            if self.fidelity is not None:
+                self.fidelity.advance(outstanding, self)
             head = outstanding[0]
-            if head.evaluation.done:
+            if head.ready:
                 outstanding.pop(0)
                 self._tell(head)
                 self._refill(outstanding)
@@ -190,6 +220,10 @@ class Scheduler:
         replayed = self.replay.pop(cand.id, None)
         if replayed is not None and replayed.recipe_hash != digest:
             replayed = None  # not the same candidate after all: evaluate it again
+        if self.fidelity is not None:
+            pending = Pending(cand, recipe, digest, subset_key, Evaluation(key, payload, "search", subset), replayed)
+            self.fidelity.start(pending, None if payload is not None else (error or "decode failed"), self)
+            return pending
         if replayed is not None:
             evaluation = Evaluation(key, payload, "search", subset, result=result_from_row(replayed))
             return Pending(cand, recipe, digest, subset_key, evaluation, replayed)
@@ -199,10 +233,15 @@ class Scheduler:
         return Pending(cand, recipe, digest, subset_key, self.evaluation(key, payload, "search", subset, subset_key))
 
     def _tell(self, p: Pending) -> None:
-        result = p.evaluation.result
+        estimate = False
+        if p.member is not None:
+            result, row_result, estimate = self.fidelity.result(p)
+            p.evaluation.result = row_result
+        else:
+            result = row_result = p.evaluation.result
         assert result is not None
         if p.replayed is None:
-            self.ledger.append(self._row(p, result))
+            self.ledger.append(self._row(p, row_result, estimate))
         else:
             self.ledger.passed(p.replayed.seq)
         # Once its row is in the ledger a twin asked later finds it there: keeping every finished
@@ -210,6 +249,8 @@ class Scheduler:
         # scores and doc ids, and the heap they pinned).
         self._evals.pop(p.evaluation.key, None)
         self.opt.tell([p.cand], [result])
+        if p.member is not None:
+            self.fidelity.told(p, None if result.failed else self.fitness(result))
         self.told += 1
         if result.failed:
             self.failures_in_a_row += 1
@@ -225,7 +266,7 @@ class Scheduler:
                 f"the last error: {self.last_error}"
             )
 
-    def _row(self, p: Pending, result: EvalResult) -> LedgerRow:
+    def _row(self, p: Pending, result: EvalResult, estimate: bool = False) -> LedgerRow:
         ev = p.evaluation
         meta: dict[str, Any] = {}
         if result.doc_ids:
@@ -236,6 +277,8 @@ class Scheduler:
             meta["parents"] = list(p.cand.parents)
         if ev.reused_from is not None:
             meta["reused_from"] = ev.reused_from
+        if p.member is not None:
+            meta["new_docs"] = p.new_docs
         return LedgerRow.from_result(
             result,
             None if result.failed else self.fitness(result),
@@ -251,6 +294,7 @@ class Scheduler:
             finished=ev.finished,
             subset=p.subset_key,
             meta=meta,
+            estimate=estimate,
         )
 
     # ---- evaluations (search, holdout, baselines) ---------------------------------------
@@ -271,6 +315,11 @@ class Scheduler:
         self._evals[key] = ev
         self._queue.append(ev)
         return ev
+
+    def forget(self, ev: Evaluation) -> None:
+        """A complete evaluation its owners have taken: twins asked later find its row instead."""
+        if self._evals.get(ev.key) is ev:
+            del self._evals[ev.key]
 
     def evaluate_all(self, evaluations: Sequence[Evaluation]) -> None:
         """Run queued evaluations until all of `evaluations` are complete (holdout, baselines)."""

@@ -14,7 +14,9 @@ that lost rows its checkpoint counts) is refused with one line (`check_run_dir`)
     pid, stop_reasons, throughput (search evaluations per second of wall time between the first
     and the last row), elapsed_seconds,
     stages: [{name, space_kind, evaluations, budget, best{...}, objectives [{name,
-    higher_is_better}], failures, finished, stop_reason}],
+    higher_is_better}], failures, finished, stop_reason, fidelity (the strategy's name),
+    documents (evaluated vs a full-fidelity run, estimates and their error where the full score
+    is known: `evomerge.fidelity.figures`)}],
     baselines: [{name, search, holdout, recipe_hash}], sources: [{ref, path}],
     memory (memory.json: the `memory:` budget and what the node and each worker hold, see
     `evomerge.memory`; None before a pool started)
@@ -25,6 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evomerge.fidelity import split_spec
+from evomerge.fidelity.figures import documents_line, stage_documents
 from evomerge.memory import memory_lines, read_memory_report
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
@@ -82,6 +86,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
                     "started": first,
                     "finished": spec.name in done,
                     "stop_reason": ckpt.get("stop_reasons", {}).get(spec.name),
+                    "fidelity": split_spec(spec.fidelity)[0],
+                    "documents": stage_documents(ledger, spec.name),
                 }
             )
         overall = run_best(exp.stages, ledger, with_lineage=False)
@@ -154,6 +160,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {s['name']:<10} {s['space_kind']:<7} {s['evaluations']}/{s['budget'] if s['budget'] is not None else '-'} "
             f"best {score(s['best']['score'])} holdout {score(s['best']['holdout'])} [{flag}]"
         )
+        documents = documents_line(f"fidelity {s.get('fidelity', 'full')}:", s.get("documents"))
+        if documents:
+            lines.append(documents)
     def objectives(values: dict | None) -> str:
         if not values:
             return "-"
