@@ -5,7 +5,8 @@ Needs torch, transformers, safetensors and evomerge's own light dependencies (nu
 PyYAML): no Ray, no lm-eval, no network. On the machine it runs on it builds (or finds cached)
 the models of llama_shapes.py, then for TIES, DARE-TIES and task_arithmetic merges
 `--candidates` new parameter sets each (weights and densities drawn from a seeded generator)
-with a `WorkerCore` on the device (`--device`, default cuda when there is one): the sources
+with a `WorkerCore` on the device (`--device`, default cuda when there is one), the recipe seed
+fixed as in a search (DARE's noise is drawn once, then kept within the cache): the sources
 go to the GPU within its budget and each candidate is merged there straight into the
 resident bf16 skeleton (evomerge.merge.engine.merge_into over DeviceSources). Seconds per
 candidate are wall times with the device synchronized, after the method's first candidate
@@ -123,7 +124,7 @@ def main() -> None:
         for i in range(args.candidates + 1):  # the first (untimed) copies the sources over
             weights = [rng.uniform(0.2, 1.2) for _ in range(3)]
             densities = [rng.uniform(0.1, 0.9) for _ in range(3)]
-            recipe = Recipe.from_string(recipe_text(method, dirs, weights, densities, seed=i))
+            recipe = Recipe.from_string(recipe_text(method, dirs, weights, densities, seed=0))
             synchronize(device)
             began = time.perf_counter()
             model, _ = core.prepare(recipe)
