@@ -30,8 +30,8 @@ Ends with `scale_ta_candidate_seconds`, `scale_ties_candidate_seconds`,
         [--candidates 3] [--evaluations 8] [--skip-disk] [--skip-memory] [--skip-search]
         [--layers N] [--small]
 
-The mergekit venv is the repository's (`make mergekit`: .venv-mergekit), else the cached one
-of mergekit_venv.py. Heavy: the search holds ~2x the sources (17.6 GB at 1.1B) at its peak.
+mergekit-yaml is $EVOMERGE_MERGEKIT_YAML, else the repository's venv (`make mergekit`:
+.venv-mergekit), else the cached venv of mergekit_venv.py (installed on first use). Heavy: the search holds ~2x the sources (17.6 GB at 1.1B) at its peak.
 """
 
 from __future__ import annotations
@@ -228,9 +228,10 @@ def fill_hash_cache(dirs: dict[str, Path]) -> None:
 
 
 def mergekit_yaml() -> Path | None:
-    local = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
-    if local.exists():
-        return local
+    """$EVOMERGE_MERGEKIT_YAML, else the repository's venv (`make mergekit`), else the cached one."""
+    for local in (os.environ.get("EVOMERGE_MERGEKIT_YAML"), ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"):
+        if local and Path(local).exists():
+            return Path(local)
     try:
         from mergekit_venv import ensure_mergekit
 
