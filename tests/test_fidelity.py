@@ -193,7 +193,7 @@ STRATEGY_CASES = {
     "racing": {"strategy": "racing", "eta": 0.34},
     "sequential": {"strategy": "sequential", "chunk": 0.25, "delta": 0.2},
     "irt": {"strategy": "irt", "anchors": 40, "warmup": 6, "refit_every": 8},
-    "racing_on_irt": {"strategy": "racing", "eta": 0.34, "on": "irt", "on_options": {"anchors": 40, "warmup": 6, "refit_every": 8}},
+    "racing_on_irt": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6, "refit_every": 8}},
 }
 
 
@@ -300,8 +300,8 @@ BAD = [
     ({"strategy": "sequential", "chunk": 0}, "stages[0].fidelity.chunk: must be greater than 0"),
     ({"strategy": "sequential", "score_range": [1, 0]}, "stages[0].fidelity: score_range must be [lo, hi] with hi > lo"),
     ({"strategy": "sequential", "top_k": 0}, "stages[0].fidelity.top_k: must be greater than or equal to 1"),
-    ({"strategy": "racing", "on": "irt", "on_options": {"anchors": 0}}, "stages[0].fidelity.on_options.anchors: must be greater than or equal to 1"),
-    ({"strategy": "racing", "on": "racing"}, "stages[0].fidelity: racing can run on a strategy that scores candidates one by one"),
+    ({"strategy": "racing", "over": "irt", "over_options": {"anchors": 0}}, "stages[0].fidelity.over_options.anchors: must be greater than or equal to 1"),
+    ({"strategy": "racing", "over": "racing"}, "stages[0].fidelity: racing can run over a strategy that scores candidates one by one"),
     (["racing"], "stages[0].fidelity: give a strategy name or a mapping with 'strategy:', got ['racing']"),
 ]
 

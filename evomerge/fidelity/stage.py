@@ -77,15 +77,9 @@ def make_runner(
 
 
 def rescore_estimates(
-    runner: FidelityRunner,
-    scheduler: Scheduler,
-    ledger: Ledger,
-    *,
-    payload: Callable[[LedgerRow], Any],
-    subset_for: Callable[[int], tuple[Any, str]],
-    fitness: Callable[[EvalResult], float | None],
-    k: int,
-) -> int:
+    runner: FidelityRunner, scheduler: Scheduler, ledger: Ledger, *, k: int,
+    payload: Callable[[LedgerRow], Any], subset_for: Callable[[int], tuple[Any, str]], fitness: Callable[[EvalResult], float | None],
+) -> int:  # fmt: skip
     """Score in full what would enter the stage's top k on an estimate (module docstring);
     returns how many recipes were re-scored."""
     stage = runner.info.stage

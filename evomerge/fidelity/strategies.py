@@ -10,7 +10,7 @@ A candidate that stops at a rung is told its rung's estimate (the means over its
 its ledger row says it is an estimate. Rungs default to shares first, first/eta, first/eta^2, ...
 up to 1 (with `first` = eta^2: three rungs).
 
-Composed (`on: irt`, with `on_options` for it): the other strategy's documents are the first
+Composed (`over: irt`, with `over_options` for it): the other strategy's documents are the first
 rung (IRT's anchors; in full during its warm-up), later rungs add racing's shares to them, and
 candidates are ranked and told by its estimates (IRT's estimate from every document scored). It
 learns from the told candidates a generation at a time (its `told` is called for the earlier
@@ -43,20 +43,20 @@ class RacingOptions(StrategyOptions):
     eta: float = Field(1 / 3, gt=0, lt=1)  # share of a rung promoted to the next
     first: float | None = Field(None, gt=0, le=1)  # share of the documents in the first rung (default eta^2)
     rungs: list[float] | None = None  # explicit shares, increasing, the last 1.0 (instead of first)
-    on: str | None = None  # rank by another strategy's estimates, its documents the first rung (irt)
-    on_options: dict[str, Any] = Field(default_factory=dict)  # that strategy's options
+    over: str | None = None  # rank by another strategy's estimates, its documents the first rung (irt)
+    over_options: dict[str, Any] = Field(default_factory=dict)  # that strategy's options
 
     @model_validator(mode="after")
     def _inner(self) -> RacingOptions:
-        if self.on is None:
-            if self.on_options:
-                raise ValueError("on_options without on (the strategy they are for)")
+        if self.over is None:
+            if self.over_options:
+                raise ValueError("over_options without over (the strategy they are for)")
             return self
         from evomerge.fidelity import check_fidelity  # the registry imports this module
 
-        cls, _ = check_fidelity({"strategy": self.on, **self.on_options}, where="on_options")
+        cls, _ = check_fidelity({"strategy": self.over, **self.over_options}, where="over_options")
         if cls.GROUPED or cls.FULL:
-            raise ValueError(f"racing can run on a strategy that scores candidates one by one (irt), not on '{self.on}'")
+            raise ValueError(f"racing can run over a strategy that scores candidates one by one (irt), not over '{self.over}'")
         return self
 
     @field_validator("rungs")
@@ -98,10 +98,10 @@ class Racing(Strategy):
         self.shares = options.shares()
         self.order = {t: permutation(info, t) for t in info.n_docs}
         self.inner: Strategy | None = None
-        if options.on is not None:
+        if options.over is not None:
             from evomerge.fidelity import check_fidelity  # the registry imports this module
 
-            cls, inner_options = check_fidelity({"strategy": options.on, **options.on_options})
+            cls, inner_options = check_fidelity({"strategy": options.over, **options.over_options})
             self.inner = cls(inner_options, info)
         self.waiting: list[dict[str, Any]] = []  # told, not yet passed on to the inner strategy
 
