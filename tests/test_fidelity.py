@@ -288,6 +288,21 @@ def test_the_best_and_the_top_k_are_scored_in_full_and_status_shows_documents(di
     assert f"fidelity racing: documents {figure['evaluated']:,} of {figure['full']:,}" in text and "mean |d|" in text
     assert cli("report", run_dir)[0] == 0
     assert "Documents evaluated" in (run_dir / "report" / "index.html").read_text()
+    # rows lost (an estimate, a full row, a re-score): `resume --rebuild` re-creates the same ledger
+    import shutil
+    import sqlite3
+
+    lost = tmp_path / "lost"
+    shutil.copytree(run_dir, lost)
+    with sqlite3.connect(lost / "ledger.sqlite") as conn:
+        conn.execute("DELETE FROM evaluations WHERE seq IN (?, ?, ?)", (estimates[min(estimates)].seq, min(r.seq for r in search if not r.estimate), rescored[0].seq))
+    code, out = cli("resume", lost, "--rebuild")
+    assert code == 0, out
+
+    def without_genome(run: Path) -> list[dict]:  # a re-created row keeps a weights genome only if it enters the top k then
+        return [{k: v for k, v in row.items() if k != "genome"} for row in comparable(run)]
+
+    assert without_genome(lost) == without_genome(run_dir) and best(lost) == best(run_dir)
 
 
 BAD = [

@@ -380,7 +380,7 @@ class Run:
             opt.load_state_dict(ckpt["optimizer"])
             after = int(ckpt.get("ledger_seq", 0))
             opt.reopen()  # a budget raised by `resume --set` lets a stopped search go on
-        replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after)}
+        replay = {r.candidate_id: r for r in ledger.rows(stage=stage.name, split="search", after_seq=after) if "rescore_of" not in r.meta}
         ledger.cursor = after  # checkpoints count what has been told: rows after it are replayed
         subsampled = uses_subsamples(plan.evaluator_spec)
 
