@@ -275,6 +275,7 @@ def test_the_best_and_the_top_k_are_scored_in_full_and_status_shows_documents(di
     # status and report: documents against a full-fidelity run, the estimates' error
     code, out = cli("status", run_dir, "--json")
     figure = json.loads(out)["stages"][0]["documents"]
+    assert {k: json.loads(out)["documents"][k] for k in ("evaluated", "full")} == {k: figure[k] for k in ("evaluated", "full")}  # one stage
     search = rows(run_dir, split="search")  # with the re-scores
     assert figure["full"] == 24 * 1437
     assert figure["evaluated"] == sum(r.meta["new_docs"] for r in search) < figure["full"]

@@ -53,6 +53,15 @@ def stage_documents(ledger: Ledger, stage: str) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
+def run_documents(figures: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The stages' figures summed: documents evaluated, what a full-fidelity run scores, ratio."""
+    known = [f for f in figures if f]
+    if not known:
+        return None
+    evaluated, full = sum(f["evaluated"] for f in known), sum(f["full"] for f in known)
+    return {"evaluated": evaluated, "full": full, "ratio": (full / evaluated) if evaluated else None}
+
+
 def documents_line(name: str, figure: dict[str, Any] | None) -> str | None:
     """`  ps documents 12,345 of 67,890 a full run scores (5.50x fewer), 40 estimates, error ...`"""
     if not figure:

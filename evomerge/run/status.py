@@ -16,7 +16,8 @@ that lost rows its checkpoint counts) is refused with one line (`check_run_dir`)
     stages: [{name, space_kind, evaluations, budget, best{...}, objectives [{name,
     higher_is_better}], failures, finished, stop_reason, fidelity (the strategy's name),
     documents (evaluated vs a full-fidelity run, estimates and their error where the full score
-    is known: `evomerge.fidelity.figures`)}],
+    is known: `evomerge.fidelity.figures`)}], documents (the stages' evaluated and full summed,
+    and their ratio),
     baselines: [{name, search, holdout, recipe_hash}], sources: [{ref, path}],
     memory (memory.json: the `memory:` budget and what the node and each worker hold, see
     `evomerge.memory`; None before a pool started)
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.fidelity import split_spec
-from evomerge.fidelity.figures import documents_line, stage_documents
+from evomerge.fidelity.figures import documents_line, run_documents, stage_documents
 from evomerge.memory import memory_lines, read_memory_report
 from evomerge.run.integrity import check_run_dir
 from evomerge.run.ledger import BASELINE_PREFIX, Ledger
@@ -127,6 +128,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "throughput": (evaluations / elapsed) if elapsed > 0 else None,
         "elapsed_seconds": elapsed,
         "stages": stages,
+        "documents": run_documents([s["documents"] for s in stages]),
         "baselines": [{"name": k, **v} for k, v in baselines.items()],
         "sources": sources,
         "memory": read_memory_report(run_dir),
