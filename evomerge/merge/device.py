@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 
 
 def as_device(device: torch.device | str | None) -> torch.device:
-    """``device`` as a torch.device (None: the CPU)."""
-    return torch.device("cpu") if device is None else torch.device(device)
+    """``device`` as a torch.device (None: the CPU); "cuda" names the current CUDA device, as
+    the tensors put there report it ("cuda:0")."""
+    found = torch.device("cpu") if device is None else torch.device(device)
+    if found.type == "cuda" and found.index is None:
+        found = torch.device("cuda", torch.cuda.current_device())
+    return found
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -47,6 +51,7 @@ class DeviceSources:
         self.device = as_device(device)
         self.budget_bytes = budget_bytes
         self._held: dict[int, dict[tuple, torch.Tensor]] = {}  # id(source) -> kept tensors
+        self._bytes = 0  # kept, or promised to a copy under way
         self._lock = threading.Lock()
         self.streamed = 0
 
@@ -63,15 +68,22 @@ class DeviceSources:
             hit = kept.get(key) if kept is not None else None
             if hit is not None:
                 return hit
-            fits = self.budget_bytes is None or self.nbytes_locked() + size <= self.budget_bytes
-        if not fits:
-            return self._stream(tensor)
+            fits = self.budget_bytes is None or self._bytes + size <= self.budget_bytes
+            if fits:
+                self._bytes += size  # promised before the copy: threads never overshoot the budget
+            else:
+                self.streamed += 1
         moved = to_device(tensor, self.device)
+        if not fits:
+            return moved
         with self._lock:
             if id(source) not in self._held:
                 self._held[id(source)] = {}
                 weakref.finalize(source, self._forget, id(source))
-            return self._held[id(source)].setdefault(key, moved)
+            kept = self._held[id(source)]
+            if key in kept:  # another thread kept it meanwhile
+                self._bytes -= size
+            return kept.setdefault(key, moved)
 
     def _stream(self, tensor: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -80,16 +92,15 @@ class DeviceSources:
 
     def _forget(self, source_id: int) -> None:
         with self._lock:
-            self._held.pop(source_id, None)
-
-    def nbytes_locked(self) -> int:
-        return sum(t.numel() * t.element_size() for kept in self._held.values() for t in kept.values())
+            kept = self._held.pop(source_id, {})
+            self._bytes -= sum(t.numel() * t.element_size() for t in kept.values())
 
     def nbytes(self) -> int:
         """Bytes of source tensors kept on the device."""
         with self._lock:
-            return self.nbytes_locked()
+            return sum(t.numel() * t.element_size() for kept in self._held.values() for t in kept.values())
 
     def clear(self) -> None:
         with self._lock:
             self._held.clear()
+            self._bytes = 0
