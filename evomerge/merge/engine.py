@@ -6,6 +6,10 @@ result in memory; `merge_into` (and `load_into_model`) writes it straight into e
 e.g. a resident model's parameters, with no full-size temporary per tensor where the method can
 write in place; `evomerge.merge.writer` streams it to a Hugging Face directory, through this
 engine or, for the element-wise methods, the numpy executor in `evomerge.merge.fast`.
+
+The kernels run where their inputs are: `merge_into` merges on its targets' device, the others
+on ``device`` (default the CPU), with the sources brought there by `evomerge.merge.device`
+(`DeviceSources`: kept there within a budget, else copied per use). CPU and GPU run one code.
 """
 
 from __future__ import annotations

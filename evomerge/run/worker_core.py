@@ -4,7 +4,9 @@
 (`evomerge.run.workers`). It keeps, for the life of the worker:
 
 - the sources (a `SourcePool` whose tensors stay resident, or are adopted zero-copy from the
-  Ray object store), and a `CachedSparsifier`, so a new density is a lookup, not a sort;
+  Ray object store), and a `CachedSparsifier` (within ``cache_budget``), so a new density is
+  a lookup, not a sort; on a GPU also the sources kept there (within ``gpu_budget``), where
+  the merge runs;
 - one resident model skeleton: a candidate whose merged architecture (the merged config) is
   the same as the previous one's is copied into it in place; another architecture (a DFS path
   of a new length) builds a new skeleton from the merged config (`evomerge.models`: a Hugging
