@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -72,33 +73,6 @@ BAR = {"ratio": 10.0, "delta": -1.0, "spearman": 0.9}
 
 
 # ---------------------------------------------------------------------- the multiple-choice task
-MC_YAML = """# Written by experiments/benchmarks/fitness_cost.py: zoo {skill} as a four-way multiple choice.
-task: zoo_{skill}_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    search: !function _data.search
-    holdout: !function _data.holdout
-validation_split: search
-test_split: holdout
-output_type: multiple_choice
-doc_to_text: prompt
-doc_to_choice: choices
-doc_to_target: gold
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-MC_DATA = """from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-search = str(_HERE / "search.jsonl")
-holdout = str(_HERE / "holdout.jsonl")
-"""
 MC_EVALUATOR = """# Written by experiments/benchmarks/fitness_cost.py: the zoo skills as multiple choice.
 kind: lm_eval
 description: zoo skills, four-way multiple choice (answer vs near misses), mean accuracy
@@ -153,8 +127,19 @@ def write_mc(work: Path) -> Path:
                 choices.insert(gold, doc["target"])
                 lines.append(json.dumps({"id": doc["id"], "prompt": doc["prompt"], "choices": choices, "gold": gold}))
             (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-        (folder / f"zoo_{skill}_mc.yaml").write_text(MC_YAML.format(skill=skill))
-        (folder / "_data.py").write_text(MC_DATA)
+        # the exact-match task's YAML and data locator, turned into a multiple choice
+        shipped = builtin_dir("evaluators") / "tasks" / f"zoo_{skill}"
+        text = "".join(line for line in (shipped / f"zoo_{skill}.yaml").read_text().splitlines(keepends=True) if not line.startswith("#"))
+        for old, new in (
+            (f"task: zoo_{skill}\n", f"task: zoo_{skill}_mc\n"),
+            ("output_type: loglikelihood", "output_type: multiple_choice"),
+            ("doc_to_target: target", "doc_to_choice: choices\ndoc_to_target: gold"),
+        ):
+            if old not in text:
+                raise SystemExit(f"error: {shipped}: zoo_{skill}.yaml has no '{old.strip()}' to turn into a multiple choice")
+            text = text.replace(old, new)
+        (folder / f"zoo_{skill}_mc.yaml").write_text(f"# Written by experiments/benchmarks/fitness_cost.py from zoo_{skill}.yaml: four-way multiple choice, acc = the answer is the likeliest choice.\n{text}")
+        shutil.copyfile(shipped / "_data.py", folder / "_data.py")
     path = work / "zoo_mc.yaml"
     path.write_text(MC_EVALUATOR)
     return path
