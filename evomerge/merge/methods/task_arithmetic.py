@@ -189,7 +189,7 @@ def task_arithmetic_kernel(
     bf = flat(base, dtype)
     n = bf.numel()
     if chunk == CHUNK:  # the default: the device's
-        chunk = chunk_for(base.device)
+        chunk = chunk_for(base.device, dtype)
     if out is None:
         result = torch.empty(shape, dtype=dtype, device=base.device)
     elif usable_out(out, shape, dtype, [base, *tensors]):
