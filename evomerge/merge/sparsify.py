@@ -169,7 +169,10 @@ class Mask:
 
     def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
         """Zero the dropped entries of the flat chunk ``delta`` in place and return it."""
-        return delta.mul_(self.keep(start, stop, delta))
+        keep = self.keep(start, stop, delta)
+        if keep.dtype != delta.dtype:  # 0/1 in delta's dtype: an op mixing dtypes is not vectorized
+            keep = self._buf("keep", stop - start, delta.dtype, delta.device).copy_(keep)
+        return delta.mul_(keep)
 
     def full(self, delta: Tensor) -> Tensor:
         """The whole mask at once (tests, small tensors): float32 0/1 of delta's shape."""
