@@ -10,8 +10,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +24,7 @@ from evomerge.fidelity import STRATEGIES
 from evomerge.fidelity.base import Member, StageInfo
 from evomerge.fidelity.sequential import Sequential, SequentialOptions
 from evomerge.fidelity.strategies import Racing, RacingOptions, promoted
-from tests.run_helpers import cli, row_count, rows
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.run_helpers import cli, rows
 
 
 class SlowDigitsSpec(ClassificationSpec):
@@ -229,23 +225,18 @@ def test_a_crash_mid_stage_resumes_to_the_same_ledger_and_best(name: str, digits
         assert best(run_dir) == best(reference)
 
 
-def test_kill_9_mid_race_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Path) -> None:
+def test_kill_9_mid_race_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_run_integrity import start_driver, wait_rows
+
     exp = write(tmp_path / "exp.yaml", experiment(STRATEGY_CASES["racing"]))
     reference = tmp_path / "reference"
     assert cli("run", exp, "--out", reference)[0] == 0
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EVOMERGE_TEST_DELAY": "0.1", "EVOMERGE_PLUGINS": "tests.test_fidelity"}
-    env.pop("EVOMERGE_TEST_CRASH_AT", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", "run", str(exp), "--out", str(killed)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    monkeypatch.setenv("EVOMERGE_PLUGINS", "tests.test_fidelity")  # the driver's slow_digits kind
+    proc = start_driver(["run", str(exp), "--out", str(killed)], tmp_path, delay="0.1")
     try:
-        deadline = time.time() + 120
-        while row_count(killed) < 8 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
+        wait_rows(killed, 8, proc)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-stage, in a race
     finally:
         proc.wait()
     assert 8 <= len(rows(killed)) < len(rows(reference))
