@@ -479,7 +479,10 @@ class Ledger:
     def doc_counts(self, stage: str) -> list[tuple[str, float, int | None, bool, str, dict[str, Any]]]:
         """(recipe hash, fitness, docs, estimate, status, meta without doc ids) of every search
         row of a stage, in seq order, without reading scores (`evomerge.fidelity.figures`)."""
-        query = "SELECT recipe_hash, fitness, docs, estimate, status, meta, per_sample FROM evaluations WHERE stage = ? AND split = 'search' ORDER BY seq"
+        query = (
+            "SELECT recipe_hash, fitness, docs, estimate, status, meta, CASE WHEN docs IS NULL THEN per_sample END"
+            " FROM evaluations WHERE stage = ? AND split = 'search' ORDER BY seq"
+        )
         out = []
         for digest, fitness, docs, estimate, status, meta, per_sample in self._iter(query, [stage]):
             info = {k: v for k, v in json.loads(meta or "{}").items() if k != "doc_ids"}
