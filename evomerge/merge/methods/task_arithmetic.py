@@ -135,7 +135,13 @@ def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], 
     """mergekit's L1 rescale: |delta|_1 / |kept delta|_1 per model (None: leave as is)."""
     n = bf.numel()
     factors: list[float | None] = []
-    (buf,) = scratch_buffers(workspace, 1, min(chunk, n), dtype, bf.device)
+    buf, absd = scratch_buffers(workspace, 2, min(chunk, n), dtype, bf.device)
+
+    def l1(x: Tensor) -> float:
+        if dtype in (torch.float16, torch.bfloat16):  # summed in float32 (vector_norm is ~5x slower)
+            return float(torch.abs(x, out=absd[: x.numel()]).sum(dtype=torch.float32))
+        return float(torch.linalg.vector_norm(x, 1, dtype=torch.float64))
+
     for tf, mask in zip(flats, masks, strict=True):
         if mask is None or mask.all_kept or mask.none_kept:
             factors.append(None)
@@ -145,8 +151,8 @@ def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], 
             e = min(n, s + chunk)
             d = buf[: e - s]
             torch.sub(tf[s:e], bf[s:e], out=d)
-            before += float(torch.linalg.vector_norm(d, 1, dtype=torch.float64))
-            after += float(torch.linalg.vector_norm(mask.apply_(s, e, d), 1, dtype=torch.float64))
+            before += l1(d)
+            after += l1(mask.apply_(s, e, d))
         # The sums are rounded to the working dtype, as mergekit computes them there.
         b_t = torch.tensor(before, dtype=dtype)
         a_t = torch.tensor(after, dtype=dtype)
