@@ -201,12 +201,26 @@ def best(run_dir: Path) -> dict:
     return json.loads((run_dir / "best" / "scores.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def reference(digits_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """strategy case -> (its experiment file, its uninterrupted run), each run once per module."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            where = tmp_path_factory.mktemp(f"reference_{name}")
+            exp = write(where / "exp.yaml", experiment(STRATEGY_CASES[name]))
+            code, out = cli("run", exp, "--out", where / "run")
+            assert code == 0, out
+            done[name] = (exp, where / "run")
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(STRATEGY_CASES))
-def test_a_crash_mid_stage_resumes_to_the_same_ledger_and_best(name: str, digits_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    exp = write(tmp_path / "exp.yaml", experiment(STRATEGY_CASES[name]))
-    reference = tmp_path / "reference"
-    code, out = cli("run", exp, "--out", reference)
-    assert code == 0, out
+def test_a_crash_mid_stage_resumes_to_the_same_ledger_and_best(name: str, reference: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp, reference = reference(name)
     ref = rows(reference, split="search")
     assert any(r.estimate for r in ref) and any(not r.estimate for r in ref)
     assert all(r.docs == sum(len(v) for v in r.per_sample.values()) for r in ref)
@@ -225,12 +239,10 @@ def test_a_crash_mid_stage_resumes_to_the_same_ledger_and_best(name: str, digits
         assert best(run_dir) == best(reference)
 
 
-def test_kill_9_mid_race_then_resume_gives_the_same_ledger(digits_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_9_mid_race_then_resume_gives_the_same_ledger(reference: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_run_integrity import start_driver, wait_rows
 
-    exp = write(tmp_path / "exp.yaml", experiment(STRATEGY_CASES["racing"]))
-    reference = tmp_path / "reference"
-    assert cli("run", exp, "--out", reference)[0] == 0
+    exp, reference = reference("racing")
     killed = tmp_path / "killed"
     monkeypatch.setenv("EVOMERGE_PLUGINS", "tests.test_fidelity")  # the driver's slow_digits kind
     proc = start_driver(["run", str(exp), "--out", str(killed)], tmp_path, delay="0.1")
