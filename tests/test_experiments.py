@@ -105,7 +105,7 @@ def test_demo_search_end_to_end_on_the_test_zoo(test_zoo: Path, tmp_path: Path) 
     budgets, in-process workers: run, export, report, table."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.demo import run_demo_search
+    from evomerge.demo import FIDELITY, run_demo_search
     from evomerge.recipe import Recipe
 
     exp = _on_test_zoo(ROOT / "experiments" / "tiny_ps_dfs.yaml", tmp_path)
@@ -129,7 +129,7 @@ def test_demo_search_end_to_end_on_the_test_zoo(test_zoo: Path, tmp_path: Path) 
     assert model.config.num_hidden_layers >= 1
     assert str(out["model"].resolve()) in text and str(out["report"].resolve()) in text
     assert "zoo:test/reverse" in text and "tiny_ps_dfs:dfs" in text
-    assert "documents evaluated:" in text and "tiny_ps_dfs:ps (irt) documents" in text  # the demo's cheap fitness
+    assert "documents evaluated:" in text and f"tiny_ps_dfs:ps ({FIDELITY['ps']}) documents" in text  # the demo's cheap fitness
     # a second call carries on the finished run: nothing is evaluated again
     again = run_demo_search(tmp_path / "demo", echo=lines.append, experiment=exp, sets=sets, local=True)
     assert [(r.name, r.holdout) for r in again["table"]] == [(r.name, r.holdout) for r in out["table"]]
