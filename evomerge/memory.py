@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from evomerge.errors import ConfigError
 from evomerge.fsutil import atomic_write_text
 
 MEMORY_FILE = "memory.json"
@@ -205,8 +206,6 @@ def resolve_memory(
     skeletons of `skeleton` bytes each, on a node with `available` bytes of RAM (default: now).
     Raises ConfigError naming the field when the sources and skeletons do not fit the limit,
     or an explicit cache or object-store size does not fit what they leave."""
-    from evomerge.errors import ConfigError
-
     spec = spec or MemorySpec()
     available = available_memory() if available is None else available
     node, worker = spec.node, spec.worker

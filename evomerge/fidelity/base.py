@@ -31,6 +31,7 @@ A strategy's state (`state_dict`, JSON-safe) is saved with every checkpoint and 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -179,8 +180,6 @@ class Strategy:
 
 def permutation(info: StageInfo, task: str, salt: str = "order") -> np.ndarray:
     """A seeded order of a task's documents, the same for every candidate of the stage."""
-    import zlib
-
     rng = np.random.default_rng([info.seed & 0xFFFFFFFF, zlib.crc32(f"{info.stage}|{task}|{salt}".encode())])
     return rng.permutation(info.n_docs[task]).astype(np.int64)
 

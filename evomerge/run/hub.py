@@ -9,6 +9,8 @@ is created when missing (private with `--private`); the token is huggingface_hub
 or `hf auth login`). A bad repo id or no token is refused before anything is exported; a Hub
 that cannot be reached (no network, `HF_HUB_OFFLINE=1`), a refused token or repo is one line,
 exit code 2.
+
+huggingface_hub is imported inside the functions: only an export that pushes pays for it.
 """
 
 from __future__ import annotations
