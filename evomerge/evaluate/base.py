@@ -27,7 +27,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,7 +52,10 @@ class SubsampleSpec(SpecModel):
     per_generation: bool = True
 
 
-class Evaluator(ABC):
+SpecT = TypeVar("SpecT", bound="SpecModel")
+
+
+class Evaluator(ABC, Generic[SpecT]):
     """Scores in-memory models; subclasses implement `_evaluate` and `objective_directions`."""
 
     kind: ClassVar[str]
@@ -70,10 +73,15 @@ class Evaluator(ABC):
     #: candidate on a few documents and combine the parts
     SELECTS_DOCUMENTS: ClassVar[bool] = False
 
-    def __init__(self, spec: SpecModel, *, file: str | None = None, base_dir: Path | None = None) -> None:
-        self.spec = spec
+    def __init__(self, spec: SpecT, *, file: str | None = None, base_dir: Path | None = None) -> None:
+        self.spec: SpecT = spec
         self.file = file
         self.base_dir = base_dir  # where relative paths of the spec resolve (the YAML's folder)
+        self._setup(spec, file, base_dir)
+
+    def _setup(self, spec: SpecT, file: str | None, base_dir: Path | None) -> None:
+        """Prepare what every evaluation reuses (tasks, data, tokenization); raise ConfigError
+        naming `file` and the field for a spec that cannot work."""
 
     @abstractmethod
     def objective_directions(self) -> dict[str, bool]:

@@ -49,16 +49,12 @@ class ClassificationSpec(SpecModel):
     seed: int = 0
 
 
-class ClassificationEvaluator(Evaluator):
+class ClassificationEvaluator(Evaluator[ClassificationSpec]):
     kind = "classification"
     spec_model = ClassificationSpec
-    SHARDABLE = True
-    PER_SAMPLE = True
-    SELECTS_DOCUMENTS = True
-    spec: ClassificationSpec
+    SHARDABLE = PER_SAMPLE = SELECTS_DOCUMENTS = True
 
-    def __init__(self, spec: ClassificationSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
-        super().__init__(spec, file=file, base_dir=base_dir)
+    def _setup(self, spec: ClassificationSpec, file: str | None, base_dir: Path | None) -> None:
         if spec.splits.search == spec.splits.holdout:
             raise ConfigError(f"search and holdout are the same split '{spec.splits.search}'", file=file, field="splits")
         if spec.data is None:

@@ -135,16 +135,12 @@ def _quiet_lm_eval():
         logger.setLevel(level)
 
 
-class LmEvalEvaluator(Evaluator):
+class LmEvalEvaluator(Evaluator[LmEvalSpec]):
     kind = "lm_eval"
     spec_model = LmEvalSpec
-    SHARDABLE = True
-    PER_SAMPLE = True
-    SELECTS_DOCUMENTS = True
-    spec: LmEvalSpec
+    SHARDABLE = PER_SAMPLE = SELECTS_DOCUMENTS = True
 
-    def __init__(self, spec: LmEvalSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
-        super().__init__(spec, file=file, base_dir=base_dir)
+    def _setup(self, spec: LmEvalSpec, file: str | None, base_dir: Path | None) -> None:
         task_specs = [TaskSpec(task=t) if isinstance(t, str) else t for t in spec.tasks]
         names = [t.task for t in task_specs]
         dupes = sorted({n for n in names if names.count(n) > 1})

@@ -39,13 +39,11 @@ class PythonSpec(SpecModel):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class PythonEvaluator(Evaluator):
+class PythonEvaluator(Evaluator[PythonSpec]):
     kind = "python"
     spec_model = PythonSpec
-    spec: PythonSpec
 
-    def __init__(self, spec: PythonSpec, *, file: str | None = None, base_dir: Path | None = None) -> None:
-        super().__init__(spec, file=file, base_dir=base_dir)
+    def _setup(self, spec: PythonSpec, file: str | None, base_dir: Path | None) -> None:
         self.fn = FUNCTIONS.get(spec.callable) or self._import(spec.callable, file, base_dir)
         params = inspect.signature(self.fn).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
