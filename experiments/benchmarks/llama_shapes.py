@@ -43,6 +43,8 @@ BUILDER_VERSION = 1
 NAMES = ("base", "ft1", "ft2", "ft3")
 SHARD_BYTES = 1 << 30
 _MARKER = ".built"
+# written first into a folder this builder makes: only a folder holding it is ever removed
+_OWNER = ".llama_shapes"
 
 # The tokenizer's words: enough for the benchmark's task documents (anything else is <unk>).
 WORDS = (
@@ -160,6 +162,15 @@ def _draw(spec: LlamaSpec, index: int, shape: tuple[int, ...], std: float, strea
     return torch.randn(shape, generator=gen).mul_(std)
 
 
+def _remove_own(folder: Path) -> None:
+    """Remove `folder` if this builder made it; refuse (exit 2) to touch anything else there."""
+    if not folder.exists():
+        return
+    if not (folder / _OWNER).is_file():
+        sys.exit(f"error: {folder}: exists and was not made by llama_shapes.py; move it or pass another --root")
+    shutil.rmtree(folder)
+
+
 def build(spec: LlamaSpec, root: Path | None = None, log: bool = True) -> dict[str, Path]:
     """The four checkpoints of ``spec`` (base, ft1..ft3), built unless already cached."""
     dirs = model_dirs(spec, root)
@@ -167,7 +178,9 @@ def build(spec: LlamaSpec, root: Path | None = None, log: bool = True) -> dict[s
     if (folder / _MARKER).is_file():
         return dirs
     tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_own(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / _OWNER).write_text("built by experiments/benchmarks/llama_shapes.py\n")
     outs = {name: tmp / name for name in NAMES}
     for out in outs.values():
         out.mkdir(parents=True)
@@ -203,7 +216,7 @@ def build(spec: LlamaSpec, root: Path | None = None, log: bool = True) -> dict[s
         save_tokenizer(out)
     (tmp / "spec.json").write_text(json.dumps(spec.description(), indent=2))
     (tmp / _MARKER).write_text("ok\n")
-    shutil.rmtree(folder, ignore_errors=True)  # a half-built leftover of this builder (no marker)
+    _remove_own(folder)  # a half-built leftover of this builder (no `_MARKER`)
     tmp.rename(folder)
     if log:
         print(f"  built in {time.perf_counter() - start:.0f} s: {folder}", flush=True)
