@@ -84,16 +84,11 @@ def search_summary(exp: Any, ledger: Any) -> list[StageSearch]:
                 optimizer=f"{stage.optimizer.name} ({options})" if options else stage.optimizer.name,
                 budget=" or ".join(budget),
                 evaluations=sum(1 for r in rows if r.split == "search"),
-                documents=sum(_docs(r) for r in rows),
+                documents=sum(r.documents_evaluated for r in rows),
                 seed=exp.seed + index,
             )
         )
     return out
-
-
-def _docs(row: Any) -> int:
-    docs = getattr(row, "docs", None)
-    return int(docs) if docs is not None else sum(len(v) for v in row.per_sample.values())
 
 
 def base_models(exp: Any, stage_name: str, written: dict[str, str]) -> list[str]:

@@ -122,6 +122,16 @@ class LedgerRow:
     docs: int | None = None
     estimate: bool = False
 
+    @property
+    def documents_evaluated(self) -> int:
+        """Documents evaluated for this row: `meta.new_docs` under a fidelity strategy, 0 for a
+        row that took another row's scores, else the documents its scores rest on."""
+        if "new_docs" in self.meta:
+            return int(self.meta["new_docs"])
+        if "reused_from" in self.meta:
+            return 0
+        return int(self.docs) if self.docs is not None else sum(len(v) for v in self.per_sample.values())
+
     @classmethod
     def from_result(
         cls,

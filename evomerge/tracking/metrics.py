@@ -2,7 +2,7 @@
 
 Metric names are `STAGE/SPLIT/NAME` (a baseline's stage `baseline:NAME` reads `baseline/NAME`):
 `fitness`, `best_fitness` (search rows: the stage's best search fitness so far), `objectives/X`,
-`docs_scored` (documents scored by this evaluation), `seconds` (its wall time), `failed` (0/1),
+`docs_scored` (documents evaluated for this row; 0 for one that reused scores), `seconds` (its wall time), `failed` (0/1),
 `estimate` (1: the fitness is an estimate from fewer documents, `evomerge.fidelity`; such rows
 never make the best) and `evaluations` (the stage's rows of that split so far). A failed row
 logs no fitness or objectives (they are -inf). Names keep letters, digits and `_ - . / space`
@@ -29,12 +29,6 @@ def metric_name(name: str) -> str:
     return _UNSAFE.sub("_", name)
 
 
-def docs_scored(row: Any) -> int:
-    """Documents scored by one evaluation: the ledger row's `docs`, else its per-sample scores."""
-    docs = getattr(row, "docs", None)
-    return int(docs) if docs is not None else sum(len(v) for v in (row.per_sample or {}).values())
-
-
 class RowMetrics:
     """Turns ledger rows into metrics, keeping each stage's best search fitness and row counts
     (started from the ledger's rows when a run is resumed)."""
@@ -51,7 +45,7 @@ class RowMetrics:
         estimate = bool(getattr(row, "estimate", False))
         out = {
             f"{prefix}/evaluations": float(splits[row.split]),
-            f"{prefix}/docs_scored": float(docs_scored(row)),
+            f"{prefix}/docs_scored": float(row.documents_evaluated),
             f"{prefix}/seconds": float(max(0.0, row.finished - row.started)),
             f"{prefix}/failed": 0.0 if ok else 1.0,
             f"{prefix}/estimate": float(estimate),
