@@ -258,3 +258,61 @@ def test_sources_not_kept_resident_are_read_without_a_copy(family) -> None:
     tensor.add_(1.0)  # a private mapping: a write never reaches the file
     with safe_open(str(entry.file), framework="pt") as handle:
         assert torch.equal(handle.get_tensor(name), stored)
+
+
+def _source_bytes(pool: SourcePool, refs) -> list[int]:
+    return [pool.get(r).get(n).numel() * pool.get(r).get(n).element_size() for r in refs for n in pool.get(r).names]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "della"])
+def test_streamed_sources_are_copied_ahead_in_plan_order_within_their_room(family, method: str) -> None:
+    """The copies a GPU worker makes on a side stream, made here synchronously on "cpu:0": in
+    the order the merge uses the tensors, at most `prefetch` ahead of the last one used, within
+    `prefetch_bytes`, and the results are the reference path's."""
+    pool = SourcePool(aliases=family, resident=True)
+    rec = recipe(method, "bfloat16")
+    expected = materialize(rec, pool)
+    plan = plan_merge(rec, pool)
+    sizes = _source_bytes(pool, family)
+    largest, total = max(sizes), sum(sizes)
+    for budget, room, depth in ((largest, largest, 3), (largest + 4096, largest, 8), (total // 3, largest, 2)):
+        staging = DeviceSources("cpu:0", budget_bytes=budget, prefetch=depth, prefetch_bytes=room)
+        room = staging.prefetch_bytes
+        for candidate in range(2):  # the second finds what the first kept
+            staging.trace = []
+            targets = {name: torch.full_like(t, float("nan")) for name, t in expected.items()}
+            list(merge_into(plan, pool, targets, CachedSparsifier(), staging=staging, workers=1))
+            assert all(torch.equal(targets[n], t) for n, t in expected.items()), (method, budget, candidate)
+            uses = [p for event, p in staging.trace if event == "use"]
+            assert uses == sorted(uses) and len(uses) == sum(1 + len(t.inputs) for t in plan.tasks)
+            fetched = [p for event, p in staging.trace if event == "prefetch"]
+            assert fetched and fetched == sorted(set(fetched))  # in order, each once
+            last_used = -1
+            for event, p in staging.trace:
+                if event == "use":
+                    last_used = p
+                else:
+                    assert last_used < p <= last_used + depth  # ahead of use, never further than depth
+                    assert ("use", p) in staging.trace[staging.trace.index((event, p)):]
+            assert staging.in_flight_bytes() == 0  # nothing left over once the merge is done
+        assert 0 < staging.peak_in_flight_bytes <= room
+        assert staging.nbytes() + room <= budget  # kept tensors leave the prefetch room free
+        assert staging.prefetched > 0 and staging.streamed >= staging.prefetched
+
+
+def test_copies_ahead_give_the_same_results_from_threads_and_iter_merged(family) -> None:
+    pool = SourcePool(aliases=family, resident=True)
+    for method in ("breadcrumbs_ties", "slerp"):
+        rec = recipe(method, "float32")
+        expected = materialize(rec, pool)
+        plan = plan_merge(rec, pool)
+        room = max(_source_bytes(pool, family))
+        staging = DeviceSources("cpu:0", budget_bytes=room, prefetch=4, prefetch_bytes=room)  # keeps nothing
+        got = dict(iter_merged(plan, pool, CachedSparsifier(), staging=staging, workers=2))
+        assert all(torch.equal(got[n], t) for n, t in expected.items()), method
+        targets = {name: torch.empty_like(t) for name, t in expected.items()}
+        list(merge_into(plan, pool, targets, OneShotSparsifier(), staging=staging, workers=3))
+        assert all(torch.equal(targets[n], t) for n, t in expected.items()), method
+        assert staging.prefetched > 0 and staging.in_flight_bytes() == 0 and staging.nbytes() == 0
+    streaming = DeviceSources.streaming("cpu:0")  # what iter_merged uses on a device given no staging
+    assert streaming.prefetch_bytes == streaming.budget_bytes and not streaming._fits(1)

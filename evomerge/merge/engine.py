@@ -97,13 +97,14 @@ def prepare_masks(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier, sta
     prepare = getattr(get_method(plan.method.name), "prepare", None)
     if prepare is None:
         return
-    with single_threaded_torch():
+    with single_threaded_torch(), _ahead(plan, pool, staging):
         for task in plan.tasks:
             base, tensors, ctx = _task_inputs(task, plan, pool, sparsifier, staging=staging)
             try:
                 prepare(base, tensors, task.model_params, task.params, ctx)
             except ValueError as exc:
                 raise ConfigError(str(exc), field="parameters") from None
+            _prefetch_next(staging)
 
 
 @contextmanager
@@ -145,9 +146,11 @@ def iter_merged(
     workspace = Workspace()  # chunk buffers allocated once per thread, freed with the iterator
 
     def run(task: TensorTask) -> torch.Tensor:
-        return run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
+        merged = run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
+        _prefetch_next(staging)
+        return merged
 
-    with _in_plan_order(plan, pool, run, _threads(staging, workers)) as results:
+    with _ahead(plan, pool, staging), _in_plan_order(plan, pool, run, _threads(staging, workers)) as results:
         for task, tensor in results:
             yield task.name, tensor
 
@@ -170,10 +173,28 @@ def _in_plan_order(
 
 def _staging(device: torch.device, staging: DeviceSources | None) -> DeviceSources | None:
     """What serves the sources on ``device``: ``staging`` when given; else on the CPU the
-    pool itself (None), elsewhere a `DeviceSources` that keeps nothing (copies per use)."""
+    pool itself (None), elsewhere a `DeviceSources` that keeps nothing (copies per use, the
+    next ones ahead)."""
     if staging is not None or device.type == "cpu":
         return staging
-    return DeviceSources(device, budget_bytes=0)
+    return DeviceSources.streaming(device)
+
+
+@contextmanager
+def _ahead(plan: MergePlan, pool: SourcePool, staging: DeviceSources | None) -> Iterator[None]:
+    """Tell ``staging`` the order the plan's tasks use their source tensors in (each task's base,
+    then its inputs), so it copies the next ones ahead (`DeviceSources.ahead`)."""
+    if staging is None:
+        yield
+        return
+    order = [(pool.get(ref.model), ref.name) for task in plan.tasks for ref in ([task.base] if task.base else []) + list(task.inputs)]
+    with staging.ahead(order):
+        yield
+
+
+def _prefetch_next(staging: DeviceSources | None) -> None:
+    if staging is not None:
+        staging.prefetch_next()
 
 
 def _threads(staging: DeviceSources | None, workers: int | None) -> int | None:
@@ -215,15 +236,18 @@ def merge_into(
     def write(task: TensorTask) -> torch.Tensor | None:
         """Merged into its target (None), or the result to copy in plan order (shared targets)."""
         if task.name in shared:
-            return run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
+            merged = run_task(task, plan, pool, sparsifier, workspace=workspace, staging=staging)
+            _prefetch_next(staging)
+            return merged
         target = targets[task.name]
         merged = run_task(task, plan, pool, sparsifier, out=target, workspace=workspace, staging=staging)
+        _prefetch_next(staging)  # the copies of the next inputs overlap this task's kernels
         if merged.data_ptr() != target.data_ptr():  # not written in place
             with torch.no_grad():  # a worker thread does not inherit the caller's grad mode
                 target.copy_(merged)
         return None
 
-    with _in_plan_order(plan, pool, write, _threads(staging, workers)) as results:
+    with _ahead(plan, pool, staging), _in_plan_order(plan, pool, write, _threads(staging, workers)) as results:
         for task, merged in results:
             if merged is not None:
                 with torch.no_grad():

@@ -12,13 +12,21 @@ resident bf16 skeleton (evomerge.merge.engine.merge_into over DeviceSources). Se
 candidate are wall times with the device synchronized, after the method's first candidate
 (which copies the sources over and builds its tables).
 
+Then the streamed path, as a worker whose sources do not fit its GPU: TIES again with a small
+GPU budget (`--streamed-budget`, default 1/4 of one model: 1/16 of the four), so most source
+tensors are copied from pinned host memory for each candidate, the next ones on a side stream
+while the current one merges (`DeviceSources` prefetch); same comparison with the CPU path. On a CPU run the
+device is "cpu:0" for this part (the same bookkeeping, synchronous copies).
+
 Each candidate is compared with the CPU path on a sample of tensors (a few fixed ones and
 one that changes per candidate): the CPU engine (`iter_merged` with the one-shot sparsifier,
 on the CPU copies of the sources) merges those tensors, and the device's tensors must be
 bit-equal, or within the 16-bit rule of the mergekit parity tests (at most 2% of elements more
 than 2 bf16 ulps apart; a DARE mask drawn differently would put ~25% of them out).
 
-Ends with `gpu_ties_candidate_seconds`, `gpu_ta_candidate_seconds`, `gpu_equal_to_cpu: true|false`.
+Prints `gpu_streamed_ties_candidate_seconds`, then ends with `gpu_ties_candidate_seconds`,
+`gpu_ta_candidate_seconds`, `gpu_equal_to_cpu: true|false` (true only when the streamed
+candidates are equal too).
 
     python experiments/benchmarks/gpu_check.py                      # on a GPU machine, < 8 min
     python experiments/benchmarks/gpu_check.py --device cpu --small --layers 2 --candidates 3   # smoke check on a CPU
@@ -90,10 +98,14 @@ def main() -> None:
     add_spec_args(parser)
     parser.add_argument("--device", default=None, help="where to merge (default: cuda when available, else cpu)")
     parser.add_argument("--candidates", type=int, default=20, help="new parameter sets per method")
+    parser.add_argument("--streamed-candidates", type=int, default=5, help="TIES candidates on the streamed path")
+    parser.add_argument("--streamed-budget", type=float, default=0.25,
+                        help="GPU budget of the streamed path, as a fraction of one model's bytes")
     args = parser.parse_args()
 
     import torch
 
+    from evomerge.merge.device import DeviceSources
     from evomerge.merge.engine import iter_merged, plan_merge
     from evomerge.merge.sources import SourcePool
     from evomerge.merge.sparsify import OneShotSparsifier
@@ -116,18 +128,19 @@ def main() -> None:
     reference = OneShotSparsifier()
     rng = random.Random(0)
     seconds: dict[str, list[float]] = {}
-    worst: dict[str, float] = {}
     equal = True
-    for method in METHODS:
-        times, exact, compared = [], 0, 0
-        worst[method] = 0.0
-        for i in range(args.candidates + 1):  # the first (untimed) copies the sources over
+
+    def check(method: str, worker: WorkerCore, candidates: int, label: str) -> list[float]:
+        """Seconds per candidate after the first; compares each with the CPU path (sets `equal`)."""
+        nonlocal equal
+        times, exact, compared, worst = [], 0, 0, 0.0
+        for i in range(candidates + 1):  # the first (untimed) copies the sources over
             weights = [rng.uniform(0.2, 1.2) for _ in range(3)]
             densities = [rng.uniform(0.1, 0.9) for _ in range(3)]
             recipe = Recipe.from_string(recipe_text(method, dirs, weights, densities, seed=0))
             synchronize(device)
             began = time.perf_counter()
-            model, _ = core.prepare(recipe)
+            model, _ = worker.prepare(recipe)
             synchronize(device)
             if i:
                 times.append(time.perf_counter() - began)
@@ -139,18 +152,38 @@ def main() -> None:
                 same, out_of_rule = compare(params[name].detach(), cpu_tensor.to(params[name].dtype))
                 exact += same
                 compared += 1
-                worst[method] = max(worst[method], out_of_rule)
+                worst = max(worst, out_of_rule)
                 if out_of_rule > MAX_OUT_OF_RULE:
                     equal = False
-                    print(f"  {method} candidate {i}: {name}: {out_of_rule:.2%} of elements beyond 2 ulps", flush=True)
-        seconds[method] = times
+                    print(f"  {label} candidate {i}: {name}: {out_of_rule:.2%} of elements beyond 2 ulps", flush=True)
         mean = sum(times) / max(1, len(times))
-        print(f"{method:<16} {len(times)} candidates: mean {mean:.3f} s, min {min(times, default=0):.3f} s, "
+        print(f"{label:<16} {len(times)} candidates: mean {mean:.3f} s, min {min(times, default=0):.3f} s, "
               f"max {max(times, default=0):.3f} s; {exact}/{compared} sampled tensors bit-equal to the CPU path, "
-              f"worst {worst[method]:.3%} beyond 2 ulps", flush=True)
+              f"worst {worst:.3%} beyond 2 ulps", flush=True)
+        return times
+
+    for method in METHODS:
+        seconds[method] = check(method, core, args.candidates, method)
+
     parts = core.memory_parts() if hasattr(core, "memory_parts") else {}
     print(f"memory parts (GB): {json.dumps({k: round(v / 1e9, 3) for k, v in parts.items()})}; "
           f"cache fallbacks {getattr(core.sparsifier, 'fallbacks', '-')}", flush=True)
+    if device.startswith("cuda"):
+        print(f"GPU peak allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
+
+    # the streamed path: sources beyond a small GPU budget, copied ahead on a side stream
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors[str(dirs["base"])].values())
+    budget = int(args.streamed_budget * model_bytes)
+    core = None  # its skeleton and the sources it kept leave the device
+    streamed = WorkerCore({str(d): str(d) for d in dirs.values()}, _NoEvaluator, dtype="bfloat16", device=device,
+                          tensors=tensors, gpu_budget=budget)
+    if streamed.staging is None:  # a CPU run: "cpu:0" is another device to DeviceSources
+        streamed.staging = DeviceSources("cpu:0", budget)
+    seconds["streamed_ties"] = check("ties", streamed, args.streamed_candidates, "ties streamed")
+    staging = streamed.staging
+    print(f"streamed path: budget {budget / 1e9:.3f} GB ({staging.prefetch_bytes / 1e9:.3f} GB for copies ahead), "
+          f"kept {staging.nbytes() / 1e9:.3f} GB, {staging.streamed} tensor copies per use, {staging.prefetched} "
+          f"of them made ahead, peak in flight {staging.peak_in_flight_bytes / 1e9:.3f} GB", flush=True)
     if device.startswith("cuda"):
         print(f"GPU peak allocated {torch.cuda.max_memory_allocated() / 1e9:.2f} GB", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
@@ -159,6 +192,7 @@ def main() -> None:
     def mean(values: list[float]) -> float:
         return sum(values) / max(1, len(values))
 
+    print(f"gpu_streamed_ties_candidate_seconds: {mean(seconds['streamed_ties']):.3f}")
     print(f"gpu_ties_candidate_seconds: {mean(seconds['ties']):.3f}")
     print(f"gpu_ta_candidate_seconds: {mean(seconds['task_arithmetic']):.3f}")
     print(f"gpu_equal_to_cpu: {'true' if equal else 'false'}")
