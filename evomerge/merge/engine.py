@@ -210,6 +210,7 @@ def merge_into(
     *,
     workers: int | None = None,
     staging: DeviceSources | None = None,
+    exact_dtype: bool = False,
 ) -> Iterator[str]:
     """Write every output tensor of ``plan`` into ``targets[name]``; yield the names in plan order
     as they are written.
@@ -223,6 +224,10 @@ def merge_into(
 
     The merge runs on the targets' device (a GPU worker's skeleton: on its GPU), with the
     sources from ``staging`` when given (see `iter_merged`).
+
+    ``exact_dtype``: a result of another dtype or shape than its target raises `TargetMismatch`
+    instead of being cast into it (for targets laid out as `iter_merged` would yield, such as
+    the writer's memory-mapped files).
     """
     missing = [task.name for task in plan.tasks if task.name not in targets]
     if missing:
@@ -242,6 +247,8 @@ def merge_into(
         target = targets[task.name]
         merged = run_task(task, plan, pool, sparsifier, out=target, workspace=workspace, staging=staging)
         _prefetch_next(staging)  # the copies of the next inputs overlap this task's kernels
+        if exact_dtype:
+            _check_exact(task.name, merged, target)
         if merged.data_ptr() != target.data_ptr():  # not written in place
             with torch.no_grad():  # a worker thread does not inherit the caller's grad mode
                 target.copy_(merged)
@@ -250,10 +257,23 @@ def merge_into(
     with _ahead(plan, pool, staging), _in_plan_order(plan, pool, write, _threads(staging, workers)) as results:
         for task, merged in results:
             if merged is not None:
+                if exact_dtype:
+                    _check_exact(task.name, merged, targets[task.name])
                 with torch.no_grad():
                     targets[task.name].copy_(merged)
             del merged
             yield task.name
+
+
+class TargetMismatch(TypeError):
+    """A merged tensor whose dtype or shape is not its target's (`merge_into(exact_dtype=True)`)."""
+
+
+def _check_exact(name: str, merged: torch.Tensor, target: torch.Tensor) -> None:
+    if merged.dtype != target.dtype or merged.shape != target.shape:
+        raise TargetMismatch(
+            f"tensor '{name}': merged as {merged.dtype} {tuple(merged.shape)}, the target is {target.dtype} {tuple(target.shape)}"
+        )
 
 
 def _overlapping(tensors: Mapping[str, torch.Tensor]) -> set[str]:

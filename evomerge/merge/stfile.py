@@ -9,8 +9,10 @@ they are merged, from torch tensors or numpy arrays alike.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -157,11 +159,8 @@ class SafetensorsWriter:
         return data.nbytes
 
     def finish(self) -> None:
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        if len(header) > self.room:  # cannot happen with header_room's bound; fail loudly rather than corrupt
-            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the {self.room} reserved")
         self.file.seek(0)
-        self._io(self.file.write, struct.pack("<Q", self.room) + header + b" " * (self.room - len(header)))
+        self._io(self.file.write, header_bytes(self.entries, self.room))
         self._io(self.file.close)
 
     def abort(self) -> None:
@@ -171,13 +170,116 @@ class SafetensorsWriter:
             pass
 
     def _io(self, call: Any, *args: Any) -> Any:
-        """`call(*args)`; a write fault (full disk, EFBIG, EIO) names this file."""
+        return named_io(self.path, call, *args)
+
+
+def named_io(path: Path, call: Any, *args: Any) -> Any:
+    """`call(*args)`; a write fault (full disk, EFBIG, EIO) names ``path``."""
+    try:
+        return call(*args)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+def header_bytes(entries: dict[str, dict], room: int) -> bytes:
+    """The 8-byte length and the JSON header of ``entries``, padded with spaces to ``room``."""
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    if len(header) > room:  # cannot happen with header_room's bound; fail loudly rather than corrupt
+        raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the {room} reserved")
+    return struct.pack("<Q", room) + header + b" " * (room - len(header))
+
+
+class MappedSafetensorsFile:
+    """A safetensors file laid out before its tensors are computed, for a merge to write into.
+
+    ``layout``: (name, dtype name, shape) per tensor, in file order. The header (padded to
+    ``header_room`` as `SafetensorsWriter` pads it, so both give the same bytes) is written, the
+    data area is allocated on disk up front and mapped; `region(name)` is the tensor's writable
+    bytes. Allocating first is what makes writing through a map safe: past the end of a full
+    disk a mapped write is a SIGBUS, an allocation is an error naming the file. Raises
+    `Unallocatable` where the file system cannot allocate (the caller writes by stream instead).
+    """
+
+    def __init__(self, path: Path, header_room: int, layout: list[tuple[str, str, tuple[int, ...]]]):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            size = math.prod(shape) * CODE_ITEM_BYTES[DTYPE_CODES[dtype]]
+            self.entries[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        self.start = 8 + header_room
+        self.nbytes = offset
+        self.file = open(path, "w+b")  # noqa: SIM115 - closed in finish()/abort()
+        self.map: mmap.mmap | None = None
         try:
-            return call(*args)
+            self._io(self.file.write, header_bytes(self.entries, header_room))
+            self._io(self.file.flush)
+            if offset:
+                self._allocate(self.start + offset)
+                self.map = mmap.mmap(self.file.fileno(), self.start + offset)
+        except BaseException:
+            self.abort()
+            path.unlink(missing_ok=True)  # the file this just created, not filled
+            raise
+
+    def region(self, name: str) -> tuple[mmap.mmap | None, int, int]:
+        """(the map, the tensor's first byte in it, its size in bytes); the map is None for an
+        empty file."""
+        begin, end = self.entries[name]["data_offsets"]
+        return self.map, self.start + begin, end - begin
+
+    def finish(self) -> None:
+        """Close the map (its pages are the file's: nothing more to write) and the file."""
+        self._release()
+        self._io(self.file.close)
+
+    def abort(self) -> None:
+        self._release()
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+    def _allocate(self, size: int) -> None:
+        try:
+            os.posix_fallocate(self.file.fileno(), 0, size)
         except OSError as exc:
-            if exc.filename is not None:
-                raise
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise Unallocatable(exc.errno, "cannot allocate ahead", str(self.path)) from None
             raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from None
+
+    def _release(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # views of it are still alive somewhere: it closes when they go
+                pass
+            self.map = None
+
+    def _io(self, call: Any, *args: Any) -> Any:
+        return named_io(self.path, call, *args)
+
+
+class Unallocatable(OSError):
+    """The file system cannot allocate a file's blocks ahead (`posix_fallocate` unsupported)."""
+
+
+def shard_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Indices of tensors of these byte sizes, in order, cut into files of at most ``max_bytes``
+    each (a tensor larger than that gets a file of its own): a new file whenever the next tensor
+    would take a non-empty one past the limit."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
 
 
 def header_room(names: list[str]) -> int:

@@ -15,6 +15,7 @@ task_arithmetic on float16/float32 safetensors sources), from the numpy executor
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,16 @@ from evomerge.errors import ConfigError
 from evomerge.merge.hfconfig import complete_checkpoint
 from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool
-from evomerge.merge.stfile import SafetensorsWriter, header_room
+from evomerge.merge.stfile import (
+    CODE_DTYPES,
+    CODE_ITEM_BYTES,
+    DTYPE_CODES,
+    MappedSafetensorsFile,
+    SafetensorsWriter,
+    Unallocatable,
+    header_room,
+    shard_groups,
+)
 from evomerge.modeldir import check_target, model_dir_writer
 from evomerge.recipe import Recipe
 
@@ -72,14 +82,17 @@ def write_model(
     out_dir = Path(out_dir).resolve()
     check_target(out_dir, force)
     plan = plan_merge(recipe, pool)
-    tensors = _executor(plan, pool, sparsifier, engine)
+    tensors = _numpy_executor(plan, pool, engine)
     hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
     for ref in recipe.model_refs():
         if pool.get(ref).path.resolve() == out_dir:
             raise ConfigError(f"is the directory of the source model '{ref}'; writing there would replace it: choose another directory", file=str(out_dir))
     recipe = recipe.with_evomerge(source_hashes=hashes)
     with model_dir_writer(out_dir, force=force) as tmp:
-        _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
+        if tensors is None and not _merge_into_files(plan, pool, sparsifier, tmp, max_shard_bytes, progress):
+            tensors = _executor(plan, pool, sparsifier, "torch")
+        if tensors is not None:
+            _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
@@ -90,19 +103,111 @@ def write_model(
 def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, engine: str) -> Iterator[tuple[str, Any]]:
     """The merged tensors of ``plan``, in plan order, from the engine asked for (lazily: nothing
     is merged before the caller iterates)."""
-    if engine not in ("auto", "torch", "numpy"):
-        raise ValueError(f"engine must be 'auto', 'torch' or 'numpy', got {engine!r}")
-    if engine != "torch":  # each executor imported when used: the numpy one spares `import torch` (seconds)
-        from evomerge.merge import fast
-
-        reason = fast.unsupported_reason(plan, pool)
-        if reason is None:
-            return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
-        if engine == "numpy":
-            raise ValueError(f"the numpy executor does not cover this merge: {reason}")
+    tensors = _numpy_executor(plan, pool, engine)
+    if tensors is not None:
+        return tensors
     from evomerge.merge.engine import iter_merged
 
     return iter_merged(plan, pool, sparsifier)
+
+
+def _numpy_executor(plan: MergePlan, pool: SourcePool, engine: str) -> Iterator[tuple[str, Any]] | None:
+    """The numpy executor's tensors when ``engine`` allows it and it covers the plan; None when
+    the torch engine is to merge."""
+    if engine not in ("auto", "torch", "numpy"):
+        raise ValueError(f"engine must be 'auto', 'torch' or 'numpy', got {engine!r}")
+    if engine == "torch":
+        return None
+    # imported when used: the numpy executor spares `import torch` (seconds)
+    from evomerge.merge import fast
+
+    reason = fast.unsupported_reason(plan, pool)
+    if reason is None:
+        return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
+    if engine == "numpy":
+        raise ValueError(f"the numpy executor does not cover this merge: {reason}")
+    return None
+
+
+def _merge_into_files(
+    plan: MergePlan,
+    pool: SourcePool,
+    sparsifier: Sparsifier | None,
+    out: Path,
+    max_shard_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Merge with the torch engine straight into the output files: laid out first (the same
+    shards and bytes as `_write_weights` gives), allocated and memory-mapped, each task writing
+    its result into its file's pages (`engine.merge_into`). No merged tensor is held in memory
+    of its own and nothing is copied into the files afterwards, which is most of what writing
+    costs. False, with nothing left in ``out``, when the output dtypes cannot be told before
+    merging (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the
+    file system cannot allocate ahead, or a method returns another dtype or shape than laid
+    out: the caller then streams."""
+    layout = _output_layout(plan, pool)
+    if layout is None:
+        return False
+    import torch  # the torch engine merges; imported here, as `_executor` does
+
+    from evomerge.merge.engine import TargetMismatch, merge_into
+
+    room = header_room([task.name for task in plan.tasks])
+    files: list[MappedSafetensorsFile] = []
+    try:
+        for i, group in enumerate(_shard_groups(layout, max_shard_bytes)):
+            files.append(MappedSafetensorsFile(out / f"shard-{i:05d}.tmp", room, group))
+        targets = {}
+        for file in files:
+            for name, info in file.entries.items():
+                mapped, begin, size = file.region(name)
+                dtype = getattr(torch, CODE_DTYPES[info["dtype"]])
+                targets[name] = (
+                    torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize, offset=begin).view(info["shape"])
+                    if size else torch.empty(info["shape"], dtype=dtype)
+                )
+        for done, _ in enumerate(merge_into(plan, pool, targets, sparsifier, exact_dtype=True), start=1):
+            if progress:
+                progress(done, len(plan.tasks))
+        del targets  # the maps close once no tensor views them
+        for file in files:
+            file.finish()
+    except (Unallocatable, TargetMismatch):
+        for file in files:
+            file.abort()
+            file.path.unlink(missing_ok=True)
+        return False
+    except BaseException:
+        for file in files:
+            file.abort()
+        raise
+    _name_shards(out, [(file.path.name, list(file.entries)) for file in files], sum(file.nbytes for file in files))
+    return True
+
+
+def _output_layout(plan: MergePlan, pool: SourcePool) -> list[tuple[str, str, tuple[int, ...]]] | None:
+    """(name, dtype, shape) of every output tensor in plan order, as the torch engine yields
+    them: the plan's output dtype, else the one dtype its inputs are merged in; None when that
+    cannot be told without merging."""
+    layout = []
+    for task in plan.tasks:
+        refs = [*([task.base] if task.base else []), *task.inputs]
+        sources = [pool.get(ref.model) for ref in refs]
+        if not refs or not all(source.in_files for source in sources):
+            return None
+        entries = [source.entry(ref.name) for source, ref in zip(sources, refs, strict=True)]
+        dtypes = {plan.compute_dtype_name or entry.dtype for entry in entries}
+        dtype = plan.out_dtype_name or (next(iter(dtypes)) if len(dtypes) == 1 else None)
+        if dtype not in DTYPE_CODES:
+            return None
+        layout.append((task.name, dtype, entries[0].shape))
+    return layout
+
+
+def _shard_groups(layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """``layout`` cut into shards as `_write_weights` cuts the stream."""
+    sizes = [math.prod(shape) * CODE_ITEM_BYTES[DTYPE_CODES[dtype]] for _, dtype, shape in layout]
+    return [[layout[i] for i in group] for group in shard_groups(sizes, max_shard_bytes)]
 
 
 def _write_weights(
@@ -145,6 +250,12 @@ def _write_weights(
             writer.abort()
         raise
 
+    _name_shards(out, shards, total_bytes)
+
+
+def _name_shards(out: Path, shards: list[tuple[str, list[str]]], total_bytes: int) -> None:
+    """Give the written shards (temporary name, tensor names) their final names: one
+    `model.safetensors`, or numbered shards and their index."""
     if len(shards) == 1:
         (out / shards[0][0]).rename(out / "model.safetensors")
         return

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from evomerge.fsutil import cache_dir  # noqa: E402
 from evomerge.merge.layout import llama_tensor_shapes  # noqa: E402
-from evomerge.merge.stfile import SafetensorsWriter, header_room  # noqa: E402
+from evomerge.merge.stfile import SafetensorsWriter, header_room, shard_groups  # noqa: E402
 
 BUILDER_VERSION = 1
 NAMES = ("base", "ft1", "ft2", "ft3")
@@ -131,16 +131,8 @@ def model_dirs(spec: LlamaSpec, root: Path | None = None) -> dict[str, Path]:
 
 def shard_plan(shapes: dict[str, tuple[int, ...]], shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
     """Tensor names per shard, in order, each shard at most ``shard_bytes`` of bf16 (or one tensor)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = 2 * _numel(shape)
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    names = list(shapes)
+    return [[names[i] for i in group] for group in shard_groups([2 * _numel(shapes[n]) for n in names], shard_bytes)]
 
 
 def save_tokenizer(folder: Path) -> None:

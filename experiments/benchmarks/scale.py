@@ -6,7 +6,8 @@ llama_shapes.py, built tensor by tensor on first use and cached. Then, from one 
 1. To disk, page cache warm for both tools (every source file is read once first, and
    evomerge's source-hash cache filled): `evomerge merge` task_arithmetic and TIES, and
    `mergekit-yaml` task_arithmetic (TIES too with --mergekit-ties: ~10 minutes), each a fresh
-   process; wall and CPU seconds and peak anonymous memory (RssAnon of the process tree,
+   process, a first untimed round and then `--repeats` timed ones (medians; see `to_disk`);
+   wall and CPU seconds and peak anonymous memory (RssAnon of the process tree,
    sampled every 20 ms: memory-mapped source pages are page cache and do not count), and how
    far evomerge's task_arithmetic tensors are from mergekit's (a sample of tensors).
 2. In memory, one thread, as a Ray worker merges: a `WorkerCore` over the sources (zero-copy
@@ -27,7 +28,7 @@ Ends with `scale_ta_candidate_seconds`, `scale_ties_candidate_seconds`,
 `scale_merge_speedup_vs_mergekit`, `scale_merge_peak_gb`, `scale_search_node_peak_over_sources`.
 
     .venv/bin/python experiments/benchmarks/scale.py [--skip-mergekit] [--mergekit-ties]
-        [--candidates 3] [--evaluations 8] [--skip-disk] [--skip-memory] [--skip-search]
+        [--candidates 3] [--evaluations 8] [--repeats 3] [--skip-disk] [--skip-memory] [--skip-search]
         [--layers N] [--small]
 
 mergekit-yaml is $EVOMERGE_MERGEKIT_YAML, else the repository's venv (`make mergekit`:
@@ -42,6 +43,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -277,28 +279,49 @@ def sample_names(layers: int) -> list[str]:
 
 
 def to_disk(dirs: dict[str, Path], work: Path, args: argparse.Namespace, layers: int) -> dict:
+    """Each tool's merge to disk, in rounds: a first, untimed round, then `--repeats` timed ones,
+    the tools taking turns within a round and every output removed before its next run. A
+    figure is the median of the timed runs (peak memory: the largest).
+
+    Why a first round: on this VM, memory that has been free for a while is handed back to the
+    host, and touching it again costs ~3 s per GB (`dd` of 2.2 GB to a new file: 7.7 s the first
+    time, 0.9 s right after). Whichever tool ran first on such memory would pay seconds that
+    belong to neither tool; after a round, both write into memory that is warm."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     mk = None if args.skip_mergekit else mergekit_yaml()
     results: dict[str, dict] = {}
-    methods = ["task_arithmetic", "ties"]
-    for method in methods:
+    for method in ("task_arithmetic", "ties"):
         recipe = work / f"{method}.yaml"
         recipe.write_text(recipe_text(method, dirs))
-        commands = {"evomerge": [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), "--out", str(work / f"evo-{method}")]}
+        outs = {"evomerge": work / f"evo-{method}", "mergekit": work / f"mk-{method}"}
+        commands = {"evomerge": [sys.executable, "-m", "evomerge.cli", "merge", str(recipe), "--out", str(outs["evomerge"])]}
         if mk is not None and (method == "task_arithmetic" or args.mergekit_ties):
-            commands["mergekit"] = [str(mk), str(recipe), str(work / f"mk-{method}"), "--lazy-unpickle", "--quiet"]
-        for tool, cmd in commands.items():
-            load = load_average()
-            run = measured(cmd, env=env)
-            run["load"] = load
-            results[f"{tool}_{method}"] = run
-            print(f"  to disk {method:<16} {tool:<9} {run['wall']:6.1f} s wall, {run['cpu']:6.1f} s CPU, peak anon "
-                  f"{run['peak_anon'] / GB:.2f} GB (load {load}, {free_gb()} GB available)", flush=True)
+            commands["mergekit"] = [str(mk), str(recipe), str(outs["mergekit"]), "--lazy-unpickle", "--quiet"]
+        runs: dict[str, list[dict]] = {tool: [] for tool in commands}
+        for round_ in range(1 + args.repeats):
+            order = list(commands) if round_ % 2 == 0 else list(reversed(commands))
+            for tool in order:
+                shutil.rmtree(outs[tool], ignore_errors=True)
+                load = load_average()
+                run = measured(commands[tool], env=env)
+                run["load"] = load
+                what = "first, untimed" if round_ == 0 else f"timed {round_}/{args.repeats}"
+                print(f"  to disk {method:<16} {tool:<9} {run['wall']:6.1f} s wall, {run['cpu']:6.1f} s CPU, peak anon "
+                      f"{run['peak_anon'] / GB:.2f} GB (load {load}, {free_gb()} GB available; {what})", flush=True)
+                if round_ > 0:
+                    runs[tool].append(run)
+        for tool, timed in runs.items():
+            results[f"{tool}_{method}"] = {
+                "wall": statistics.median(r["wall"] for r in timed),
+                "cpu": statistics.median(r["cpu"] for r in timed),
+                "peak_anon": max(r["peak_anon"] for r in timed),
+                "walls": [r["wall"] for r in timed],
+            }
         if "mergekit" in commands:
-            results[f"diff_{method}"] = compare(work / f"evo-{method}", work / f"mk-{method}", sample_names(layers))
+            results[f"diff_{method}"] = compare(outs["evomerge"], outs["mergekit"], sample_names(layers))
             print(f"  {method} evomerge vs mergekit on {len(sample_names(layers))} tensors: {results[f'diff_{method}']}", flush=True)
         for tool in commands:
-            shutil.rmtree(work / f"{'evo' if tool == 'evomerge' else 'mk'}-{method}", ignore_errors=True)
+            shutil.rmtree(outs[tool], ignore_errors=True)
     return results
 
 
@@ -465,6 +488,7 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--mergekit-ties", action="store_true", help="also time mergekit's TIES to disk (~10 min at 1.1B)")
     parser.add_argument("--skip-disk", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each tool to disk, after a first untimed round")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--candidates", type=int, default=3, help="in-memory candidates timed after the first")
@@ -506,7 +530,7 @@ def main() -> None:
     print(f"load at end {load_average()}")
     if disk and "mergekit_task_arithmetic" in disk:
         mk, evo = disk["mergekit_task_arithmetic"], disk["evomerge_task_arithmetic"]
-        print(f"to disk, task_arithmetic: mergekit-yaml {mk['wall']:.1f} s wall / {mk['cpu']:.1f} s CPU, peak anon "
+        print(f"to disk, task_arithmetic, median of {args.repeats} (walls: mergekit {mk['walls']}, evomerge {evo['walls']}): mergekit-yaml {mk['wall']:.1f} s wall / {mk['cpu']:.1f} s CPU, peak anon "
               f"{mk['peak_anon'] / GB:.2f} GB; evomerge merge {evo['wall']:.1f} s / {evo['cpu']:.1f} s CPU, "
               f"{evo['peak_anon'] / GB:.2f} GB: {mk['wall'] / evo['wall']:.2f}x wall, {mk['cpu'] / evo['cpu']:.2f}x CPU")
     if mem:

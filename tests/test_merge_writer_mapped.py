@@ -1,0 +1,146 @@
+"""The to-disk writer merges straight into memory-mapped output files, and writes what streaming writes.
+
+`write_model` lays the output files out first and lets the torch engine write each merged tensor
+into its file's pages (`writer._merge_into_files`). For every method of the mergekit parity
+fixtures, in the recipes' dtype, in bfloat16, in the sources' own dtype and with an `out_dtype`,
+the files must be byte for byte those of the streaming path (merged tensors written one after
+another, `writer._write_weights`), shards and index included. Where the layout cannot be told
+before merging, or the file system cannot allocate ahead, the writer streams instead and leaves
+nothing of the attempt behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.merge import writer
+from evomerge.merge.plan import plan_merge
+from evomerge.merge.sources import SourcePool
+from evomerge.merge.writer import write_model
+from evomerge.recipe import Recipe
+
+from .test_mergekit_parity import fixtures
+
+SHARD_BYTES = 12_000  # the fixtures' models (~48 KB in float32) take a few shards at this size
+
+
+def _recipe(name: str, dtype: str | None, out_dtype: str | None = None) -> Recipe:
+    text = (fixtures.RECIPES / f"{name}.yaml").read_text().replace("{models}", str(fixtures.MODELS))
+    data = yaml.safe_load(text)
+    data.pop("dtype", None)
+    if dtype is not None:
+        data["dtype"] = dtype
+    if out_dtype is not None:
+        data["out_dtype"] = out_dtype
+    return Recipe.parse(data)
+
+
+def _both_paths(recipe: Recipe, tmp_path: Path) -> tuple[Path, Path]:
+    pool = SourcePool()
+    plan = plan_merge(recipe, pool)
+    mapped, streamed = tmp_path / "mapped", tmp_path / "streamed"
+    mapped.mkdir()
+    streamed.mkdir()
+    assert writer._merge_into_files(plan, pool, None, mapped, SHARD_BYTES, None), "the layout is known: it must map"
+    writer._write_weights(plan, writer._executor(plan, pool, None, "torch"), streamed, SHARD_BYTES, None)
+    return mapped, streamed
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", None])
+@pytest.mark.parametrize("name", sorted(fixtures.parity_recipes()))
+def test_mapped_files_are_the_streamed_files(name: str, dtype: str | None, tmp_path: Path) -> None:
+    mapped, streamed = _both_paths(_recipe(name, dtype), tmp_path)
+    assert (mapped / "model.safetensors.index.json").exists() or (mapped / "model.safetensors").exists()
+    _assert_same_files(mapped, streamed)
+
+
+@pytest.mark.parametrize("name", ["ties", "slerp", "passthrough_scale", "dare_linear"])
+def test_mapped_files_with_out_dtype_and_sharding(name: str, tmp_path: Path) -> None:
+    mapped, streamed = _both_paths(_recipe(name, "float32", out_dtype="float16"), tmp_path)
+    assert len(list(mapped.glob("model-*-of-*.safetensors"))) > 1
+    _assert_same_files(mapped, streamed)
+    assert {t.dtype for t in load_file(str(next(mapped.glob("model-00001-*")))).values()} == {torch.float16}
+
+
+def _half_source(src: Path, out: Path) -> Path:
+    """A copy of a fixture model stored in float16 (the others stay float32)."""
+    out.mkdir()
+    for item in src.iterdir():
+        if item.suffix != ".safetensors" and item.is_file():
+            (out / item.name).write_bytes(item.read_bytes())
+    for file in src.glob("*.safetensors"):
+        save_file({k: v.to(torch.float16) for k, v in load_file(str(file)).items()}, str(out / file.name), metadata={"format": "pt"})
+    return out
+
+
+def test_mixed_dtypes_without_a_dtype_are_streamed(tmp_path: Path) -> None:
+    """Sources of different dtypes and no `dtype`: the output dtype is the methods' to say, so
+    nothing is laid out ahead; `write_model` streams and writes what `materialize` gives."""
+    half = _half_source(fixtures.MODELS / "ft2", tmp_path / "ft2_half")
+    data = yaml.safe_load(_recipe("ties", None).to_yaml())
+    data["models"][1]["model"] = str(half)
+    recipe = Recipe.parse(data)
+    pool = SourcePool()
+    plan = plan_merge(recipe, pool)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert writer._output_layout(plan, pool) is None
+    assert not writer._merge_into_files(plan, pool, None, probe, SHARD_BYTES, None)
+    assert list(probe.iterdir()) == []
+    out = write_model(recipe, SourcePool(), tmp_path / "out", engine="torch")
+    from evomerge.merge.engine import materialize
+
+    want = materialize(recipe, SourcePool())
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+def test_a_file_system_that_cannot_allocate_ahead_gets_the_streamed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without posix_fallocate (some network file systems) a mapped write past the disk's end
+    would be a SIGBUS, so the writer streams; the files are the same."""
+    recipe = _recipe("ties", "bfloat16")
+    expected = write_model(recipe, SourcePool(), tmp_path / "mapped", max_shard_bytes=SHARD_BYTES)
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    pool = SourcePool()
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert not writer._merge_into_files(plan_merge(recipe, pool), pool, None, probe, SHARD_BYTES, None)
+    assert list(probe.iterdir()) == []
+    streamed = write_model(recipe, SourcePool(), tmp_path / "streamed", max_shard_bytes=SHARD_BYTES)
+    _assert_same_files(expected, streamed)
+
+
+def test_merge_into_exact_dtype_refuses_a_cast() -> None:
+    """`merge_into(exact_dtype=True)` raises where a result would be cast into its target (the
+    writer's fallback rests on it); without it the result is cast, as for a skeleton."""
+    from evomerge.merge.engine import TargetMismatch, materialize, merge_into
+
+    recipe = _recipe("ties", "float32")
+    want = materialize(recipe, SourcePool())
+    targets = {name: torch.empty_like(tensor, dtype=torch.float16) for name, tensor in want.items()}
+    pool = SourcePool()
+    with pytest.raises(TargetMismatch, match="merged as torch.float32"):
+        list(merge_into(plan_merge(recipe, pool), pool, targets, exact_dtype=True))
+    pool = SourcePool()
+    assert list(merge_into(plan_merge(recipe, pool), pool, targets)) == list(want)
+    assert all(torch.equal(targets[name], tensor.to(torch.float16)) for name, tensor in want.items())
