@@ -316,3 +316,61 @@ def test_copies_ahead_give_the_same_results_from_threads_and_iter_merged(family)
         assert staging.prefetched > 0 and staging.in_flight_bytes() == 0 and staging.nbytes() == 0
     streaming = DeviceSources.streaming("cpu:0")  # what iter_merged uses on a device given no staging
     assert streaming.prefetch_bytes == streaming.budget_bytes and not streaming._fits(1)
+
+
+def _f32_deltas() -> dict[str, torch.Tensor]:
+    """float32 deltas large enough for the compact rank cache (over 2^16 elements), with ties:
+    a few values repeated (whole 16-bit bins tied), a normal sample whose values share bins
+    but not values, and a mix (ties inside a bin with other values)."""
+    rng = np.random.default_rng(5)
+    shape = (300, 700)
+    normal = rng.standard_normal(shape).astype(np.float32) * 0.01
+    mixed = normal.copy()
+    mixed[rng.random(shape) < 0.3] = np.float32(0.0071)  # one value tied 63,000 times, inside a busy bin
+    mixed[rng.random(shape) < 0.05] = 0.0
+    return {
+        "ties": torch.tensor(rng.integers(-40, 41, size=shape) / 64, dtype=torch.float32),
+        "normal": torch.tensor(normal),
+        "mixed": torch.tensor(mixed),
+    }
+
+
+def test_f32_magnitude_masks_from_the_compact_cache_keep_exactly_the_ranked_band() -> None:
+    cached = CachedSparsifier()
+    for label, delta in _f32_deltas().items():
+        n = delta.numel()
+        flat = delta.reshape(-1)
+        bands = [(0, 0), (0, 1), (0, 2), (0, 7), (0, n // 1000), (0, n // 3), (0, n // 2), (0, n - 1), (0, n),
+                 (1, n // 2), (n // 50, n // 2), (7, n - 5), (n // 3, n - 1)]  # TIES (0, k); breadcrumbs bands
+        for lo, hi in bands:
+            want = _reference_band(delta, lo, hi)
+            for sp in (cached, OneShotSparsifier()):
+                mask = sp.magnitude(label, lambda d=delta: d, n, lo, hi)
+                np.testing.assert_array_equal(mask.full(delta).reshape(-1).numpy(), want, err_msg=f"{label} {lo} {hi}")
+                mask = sp.magnitude(label, lambda d=delta: d, n, lo, hi)  # chunk by chunk, as the kernels apply it
+                if mask.all_kept or mask.none_kept:  # the kernels skip these
+                    continue
+                applied = torch.cat([mask.apply_(s, min(n, s + 5000), flat[s:s + 5000].clone()) for s in range(0, n, 5000)])
+                np.testing.assert_array_equal(applied.numpy(), flat.numpy() * want, err_msg=f"{label} {lo} {hi}")
+    assert cached.rank_computations == 3  # one table per tensor, whatever the densities
+    assert cached.nbytes() == 3 * (1 << 16) * 4  # 256 KiB each (int32 counts), not 4 bytes per element
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs", "della", "dare_ties"])
+def test_f32_merges_from_the_compact_cache_equal_the_one_shot_selection(method: str) -> None:
+    deltas = list(_f32_deltas().values())
+    base = torch.tensor(np.random.default_rng(9).standard_normal((300, 700)).astype(np.float32))
+    xs = [base + d for d in deltas]
+    extra = {"breadcrumbs_ties": {"gamma": 0.01}, "breadcrumbs": {"gamma": 0.05}, "della": {"epsilon": 0.05}}.get(method, {})
+    keys = [(f"m{i}", "t", "b") for i in range(3)]
+    spec = get_method(method)
+    cached = CachedSparsifier()
+    edges = ((0.06, 0.94, 0.5), (1.0, 0.9, 0.051)) if method == "della" else ((1e-5, 0.999999, 0.5), (1.0, 0.9, 2e-4))
+    for densities in ((0.4, 0.7, 0.25), *edges):  # della: density +- epsilon within (0, 1)
+        mp = [{"weight": w, "density": d, **extra} for w, d in zip((0.5, 0.3, 0.4), densities, strict=True)]
+        with single_threaded_torch():
+            want = spec.merge(base, xs, mp, {}, MergeContext("w", keys, OneShotSparsifier(), seed=3))
+            got = spec.merge(base, xs, mp, {}, MergeContext("w", keys, cached, seed=3))
+        assert torch.equal(got, want), (method, densities)
+    if spec.spec.sparsify in ("magnitude", "outliers"):
+        assert cached.rank_computations == 3 and cached.nbytes() == 3 * (1 << 16) * 4

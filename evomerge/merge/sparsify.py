@@ -25,10 +25,13 @@ Two implementations of the :class:`Sparsifier` protocol:
   merge to disk.
 - :class:`CachedSparsifier` is for search, where the same sources are merged thousands of
   times with new densities. Per source key it computes once a magnitude table (16-bit
-  deltas: the cumulative histogram, 128 KiB per tensor; others: the magnitudes sorted, 4
-  bytes per element), and the row ranks, and per noise id the noise; a candidate's
-  magnitude threshold is then a lookup (plus one O(N) pass over that tensor only when the
-  threshold value is tied), and its mask O(N) elementwise work. Memory is bounded by its
+  deltas: the cumulative histogram of their magnitudes, 128 KiB per tensor; float32 deltas:
+  the cumulative histogram of 16-bit keys of their magnitudes, 256 KiB per tensor; small
+  or other tensors: the magnitudes sorted, 4 bytes per element), and the row ranks, and per
+  noise id the noise; a candidate's magnitude threshold is then a lookup (16-bit, sorted:
+  plus one O(N) pass only when the threshold value is tied; float32: plus one O(N) scan that
+  ranks the members of the key's bin holding the threshold, unless the whole bin is kept),
+  and its mask O(N) elementwise work. Memory is bounded by its
   budget (``budget_bytes``): row ranks (DELLA) and noise (DARE, DELLA) cost 4 bytes per
   element per source (noise per seed, kept for the ``noise_seeds`` most recent seeds), and
   what does not fit is computed per candidate as the one-shot sparsifier does, with the same
@@ -55,6 +58,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -580,6 +584,73 @@ def magnitude_counts(delta: Tensor) -> Tensor:
     return counts.cumsum_(0).to(_index_dtype(flat.numel()))
 
 
+# float32 magnitudes ranked by 16-bit keys: the top 16 of the 31 bits of |delta| (exponent and
+# 8 mantissa bits; non-negative floats order like their bit patterns), exact inside a key's bin
+_F32_SHIFT = 15
+_F32_KEYS = 1 << 16
+
+
+def f32_magnitude_counts(delta: Tensor) -> Tensor:
+    """For a float32 ``delta``: ``cum[v]`` = how many elements have ``|delta|`` with a 16-bit key
+    (bit pattern >> 15) ``<= v`` (2^16 entries). One O(N) pass in chunks; int32 counts below
+    2^31 elements, else int64."""
+    flat = delta.reshape(-1).contiguous()
+    counts = torch.zeros(_F32_KEYS, dtype=torch.int64, device=flat.device)
+    for s in range(0, flat.numel(), _COUNT_CHUNK):
+        keys = flat[s:s + _COUNT_CHUNK].view(torch.int32).bitwise_and(0x7FFFFFFF).bitwise_right_shift_(_F32_SHIFT)
+        counts += torch.bincount(keys, minlength=_F32_KEYS)
+    return counts.cumsum_(0).to(_index_dtype(flat.numel()))
+
+
+def f32_counts_top(cum: Tensor, k: int, bin_members: Callable[[int], Tensor], absd_fn: Callable[[], Tensor]) -> _Top:
+    """Like :func:`lookup_top` from :func:`f32_magnitude_counts`: the table says which key's bin
+    holds the k-th largest; when only some of that bin is kept, its members (``bin_members(v)``:
+    the |delta| values with key ``v``, found by one O(N) scan) are ranked exactly."""
+    n = int(cum[-1])
+    target = torch.tensor([n - k], dtype=cum.dtype, device=cum.device)
+    v = int(torch.searchsorted(cum, target, right=True))  # first key with more than n - k at or below
+    above = n - int(cum[v])  # elements in higher bins: all kept
+    in_bin = int(cum[v]) - (int(cum[v - 1]) if v > 0 else 0)
+    if above + in_bin == k:  # the whole bin is kept: |d| >= its lower edge, nothing else
+        edge = torch.tensor([v << _F32_SHIFT], dtype=torch.int32).view(torch.float32)[0]
+        return _Top(float(edge), n)
+    members = bin_members(v)
+    thr_t = torch.kthvalue(members, members.numel() - (k - above) + 1).values
+    n_gt = above + int(torch.count_nonzero(members > thr_t))
+    n_ge = above + int(torch.count_nonzero(members >= thr_t))
+    return _top_from_counts(absd_fn, thr_t, k, n_gt, n_ge, n, resolve=False)
+
+
+_SCAN_CHUNK = 1 << 14  # elements per step of a CPU scan (cache-sized buffers, no full-size temporary)
+
+
+def f32_bin_members(delta: DeltaFn, numel: int, v: int) -> Tensor:
+    """The |delta| values (float32) whose 16-bit key (bit pattern >> 15) is ``v``, in index order.
+
+    One scan. On the CPU it goes in cache-sized chunks, by numpy (a third of torch's per-op cost
+    here), and a delta that writes a flat chunk into a buffer (``delta.chunk(start, stop, out)``)
+    is never formed whole; on an accelerator it is one step."""
+    chunk = getattr(delta, "chunk", None)
+    device = torch.device(getattr(delta, "device", "cpu")) if chunk is not None else None
+    full = None if chunk is not None else delta().reshape(-1)
+    device = full.device if full is not None else device
+    if device.type != "cpu":
+        d = full if full is not None else chunk(0, numel, torch.empty(numel, dtype=torch.float32, device=device))
+        keys = d.view(torch.int32).bitwise_and(0x7FFFFFFF).bitwise_right_shift_(_F32_SHIFT)
+        return d[keys == v].abs()
+    width = min(_SCAN_CHUNK, numel)
+    buf = torch.empty(width, dtype=torch.float32) if chunk is not None else None
+    keys, hit = np.empty(width, dtype=np.int32), np.empty(width, dtype=bool)
+    found = [np.empty(0, dtype=np.float32)]
+    for start in range(0, numel, _SCAN_CHUNK):
+        stop = min(numel, start + _SCAN_CHUNK)
+        n = stop - start
+        d = (chunk(start, stop, buf[:n]) if buf is not None else full[start:stop]).numpy()
+        np.right_shift(np.bitwise_and(d.view(np.int32), 0x7FFFFFFF, out=keys[:n]), _F32_SHIFT, out=keys[:n])
+        found.append(np.abs(d[np.equal(keys[:n], v, out=hit[:n])]))
+    return torch.from_numpy(np.concatenate(found))
+
+
 def counts_top(cum: Tensor, k: int, absd_fn: Callable[[], Tensor], dtype: torch.dtype) -> _Top:
     """Like :func:`lookup_top` from :func:`magnitude_counts` of a ``dtype`` delta: exact."""
     n = int(cum[-1])
@@ -615,8 +686,10 @@ class CachedSparsifier(_NoiseAndRanks):
     a candidate's mask is then a threshold lookup and O(N) elementwise work, sort-free.
 
     Magnitude tables: for 16-bit deltas, the cumulative histogram of their 2^15 magnitudes
-    (`magnitude_counts`: 128 KiB per tensor, whatever its size, and exact); for others, the
-    magnitudes sorted (4 bytes per element). ``budget_bytes`` (None: no limit) bounds what the
+    (`magnitude_counts`: 128 KiB per tensor, whatever its size, and exact); for float32 deltas,
+    that of the 2^16 keys of their magnitudes (`f32_magnitude_counts`, 256 KiB per tensor),
+    exact through a scan of the threshold's bin per candidate (`f32_counts_top`); for tensors
+    smaller than those tables and other dtypes, the magnitudes sorted (4 bytes per element). ``budget_bytes`` (None: no limit) bounds what the
     tables, row ranks and noise hold together: a table that would not fit is not kept, and
     that tensor's mask comes from a one-shot selection (`one_shot_magnitude`), with the same
     result. ``fallbacks`` counts those.
@@ -700,28 +773,38 @@ class CachedSparsifier(_NoiseAndRanks):
         lo, hi = band
         dtype = _delta_dtype(delta)
         key = (key, str(dtype))  # a delta formed in another dtype ranks differently
-        counted = dtype in _KEY_FORMATS and numel * 4 > _KEYS * _index_dtype(numel).itemsize
-        if counted:  # a histogram: smaller than sorted magnitudes, and as exact
-            table = self._budgeted(self._ranks, key, _KEYS * _index_dtype(numel).itemsize,
+        kind = _table_kind(dtype, numel)
+        if kind == "counts":  # a histogram: smaller than sorted magnitudes, and as exact
+            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
                                    lambda: magnitude_counts(delta()), "rank_computations")
+        elif kind == "f32_counts":  # 16-bit keys, exact inside the threshold's bin
+            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
+                                   lambda: f32_magnitude_counts(delta()), "rank_computations")
         else:
-            table = self._budgeted(self._ranks, key, 4 * numel,
+            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
                                    lambda: sorted_magnitudes(delta(), owned=fresh(delta)), "rank_computations")
         if table is None:
             return one_shot_magnitude(delta, numel, lo, hi)
         absd: list[Tensor] = []
 
-        def absd_fn() -> Tensor:  # only needed to place ties at a threshold; computed at most once
+        def absd_fn() -> Tensor:  # computed at most once per mask
             if not absd:
                 absd.append(_abs_f32(delta(), fresh(delta)))
             return absd[0]
 
-        if counted:
-            top_hi = counts_top(table, hi, absd_fn, dtype) if hi < numel else _Top(-1.0, numel)
-            top_lo = counts_top(table, lo, absd_fn, dtype) if lo > 0 else None
+        if kind == "counts":
+            def top(k: int) -> _Top:
+                return counts_top(table, k, absd_fn, dtype)
+        elif kind == "f32_counts":
+            def top(k: int) -> _Top:
+                return f32_counts_top(table, k, lambda v: f32_bin_members(delta, numel, v), absd_fn)
         else:
-            top_hi = lookup_top(table, hi, absd_fn) if hi < numel else _Top(-1.0, numel)
-            top_lo = lookup_top(table, lo, absd_fn) if lo > 0 else None
+            def top(k: int) -> _Top:
+                return lookup_top(table, k, absd_fn)
+        top_hi = top(hi) if hi < numel else _Top(-1.0, numel)
+        top_lo = top(lo) if lo > 0 else None
+        if all(t is None or t.need is None for t in (top_hi, top_lo)):
+            absd.clear()  # no tie left to place: the mask does not hold |delta| while it is applied
         return ThresholdBandMask(top_hi, top_lo)
 
     def _della_ranks(self, key: Hashable, delta: DeltaFn) -> Tensor:
@@ -745,6 +828,19 @@ class CachedSparsifier(_NoiseAndRanks):
             self._row_ranks.clear()
             self._noise.clear()
             self._reserved = 0
+
+
+def _table_kind(dtype: torch.dtype, numel: int) -> str:
+    """The magnitude table a cache keeps for a ``dtype`` delta of ``numel`` elements: a histogram
+    ("counts": 16-bit; "f32_counts": float32, 16-bit keys) where it is smaller than the sorted
+    magnitudes ("sorted", 4 bytes per element)."""
+    kind = "counts" if dtype in _KEY_FORMATS else "f32_counts" if dtype == torch.float32 else "sorted"
+    return kind if kind != "sorted" and _table_bytes(kind, numel) < 4 * numel else "sorted"
+
+
+def _table_bytes(kind: str, numel: int) -> int:
+    keys = {"counts": _KEYS, "f32_counts": _F32_KEYS}.get(kind)
+    return 4 * numel if keys is None else keys * _index_dtype(numel).itemsize
 
 
 def _nbytes(t: Tensor) -> int:

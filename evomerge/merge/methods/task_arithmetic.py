@@ -40,9 +40,19 @@ class _Delta:
     def __init__(self, t: Tensor, base: Tensor, dtype: torch.dtype):
         self.t, self.base, self.dtype = t, base, dtype
         self.numel, self.device = t.numel(), t.device
+        self._flat: tuple[Tensor, Tensor] | None = None
 
     def __call__(self) -> Tensor:
         return self.t.to(self.dtype) - self.base.to(self.dtype)
+
+    def chunk(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """The flat ``self()[start:stop]``, written into ``out`` (of ``self.dtype``), the same values."""
+        if self._flat is None:  # reshape copies a non-contiguous tensor: once, not per chunk
+            self._flat = (self.t.reshape(-1), self.base.reshape(-1))
+        t, base = self._flat[0][start:stop], self._flat[1][start:stop]
+        if t.dtype == base.dtype == out.dtype:
+            return torch.sub(t, base, out=out)
+        return out.copy_(t).sub_(base.to(out.dtype))
 
 
 class TaskArithmeticFamily(BoundMethod):
