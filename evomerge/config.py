@@ -48,6 +48,7 @@ from pydantic import (
 from evomerge.errors import ConfigError, EvomergeError, schema_error
 from evomerge.evaluate.registry import check_spec, resolve_spec
 from evomerge.fidelity import check_fidelity
+from evomerge.fidelity.stage import check_stage_fidelity
 from evomerge.memory import MemorySpec, NodeMemory, WorkerMemory
 from evomerge.optim import OPTIMIZERS, check_options
 from evomerge.recipe import DTYPES, Recipe
@@ -415,9 +416,10 @@ def check_experiment(exp: Experiment, *, file: str | None = None) -> None:
             raise ConfigError(exc.message, file=file, field=f"{field}.{exc.field}" if exc.field else field) from None
     for i, stage in enumerate(exp.stages):
         try:
-            check_spec(_absolute_yaml(stage.evaluator, base_dir), stage.evaluator_overrides or None)
+            evaluator_cls = check_spec(_absolute_yaml(stage.evaluator, base_dir), stage.evaluator_overrides or None)
         except EvomergeError as exc:
             if exc.field and exc.field.startswith("evaluator_overrides."):
                 raise ConfigError(exc.message, file=file, field=f"stages[{i}].{exc.field}") from None
             field = f"stages[{i}].evaluator" + (f".{exc.field}" if exc.field and exc.field != "evaluator" else "")
             raise ConfigError(exc.message, file=exc.file or file, field=field) from None
+        check_stage_fidelity(stage.fidelity, evaluator_cls, file=file, where=f"stages[{i}]")

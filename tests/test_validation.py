@@ -398,12 +398,14 @@ def test_baseline_recipes_are_checked_with_the_experiment(llama_family: dict[str
 
 def test_static_problems_are_found_before_any_model_is_opened(tmp_path: Path) -> None:
     """Sources that do not exist and a zoo that is not built: the optimizer option, the space
-    bound, the baseline and the evaluator are reported first (nothing is built or loaded)."""
+    bound, the baseline, the evaluator and a fidelity strategy the evaluator cannot serve are
+    reported first (nothing is built or loaded)."""
     missing = {"base": "zoo:tiny/base", "a": str(tmp_path / "no-a"), "b": str(tmp_path / "no-b")}
     for sets, change, field in [
         (["--set", "stages.ps.optimizer.bogus=1"], {}, "stages[0].optimizer.bogus"),
         ([], {"space_overrides": {"genes": {"density": {"low": 0.0, "high": 2.0}}}}, "stages[0].space_overrides.genes.density.high"),
         ([], {"evaluator": {"kind": "nope"}}, "stages[0].evaluator.kind"),
+        ([], {"fidelity": "racing"}, "stages[0].fidelity"),  # the python evaluator cannot select documents
     ]:
         exp = write_yaml(tmp_path / "e.yaml", experiment(missing, **change))
         assert_one_line_error(*run_cli("run", exp, "--out", tmp_path / "run", *sets), exp, field)

@@ -81,10 +81,11 @@ def _merge(base: dict, overrides: Mapping) -> dict:
     return out
 
 
-def check_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> None:
+def check_spec(ref: str | Path | Mapping, overrides: Mapping | None = None) -> type[Evaluator]:
     """The spec's kind and schema, as `build_evaluator` checks them, without building the
-    evaluator (no dataset, no lm-eval task lookup): what a run checks before it loads anything."""
-    _validated(ref, overrides)
+    evaluator (no dataset, no lm-eval task lookup): what a run checks before it loads anything.
+    Returns the evaluator class (its declared capabilities)."""
+    return _validated(ref, overrides)[1]
 
 
 def _validated(ref: str | Path | Mapping, overrides: Mapping | None) -> tuple[SpecModel, type[Evaluator], str | None, str | None]:
