@@ -27,7 +27,10 @@ report show (`memory_lines`).
 from __future__ import annotations
 
 import json
+import math
 import re
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -309,18 +312,69 @@ def run_memory(exp: Any, pool: Any, refs: list[str], *, local: bool, file: str |
 
 def record_memory(run_dir: str | Path, budget: MemoryBudget | None, pool: Any) -> None:
     """Write memory.json from the pool's `memory_held()`; a pool that cannot tell (or a failed
-    write) leaves the file as it was: this is a report, never a reason to stop a run."""
+    write) leaves the file as it was: this is a report, never a reason to stop a run. An answer
+    that comes after a later one was asked for (`refresh_memory`) is not written over it."""
+    reports = _reports(run_dir)
+    with reports.lock:
+        reports.asked += 1
+        ticket = reports.asked
     try:
         held = pool.memory_held() if hasattr(pool, "memory_held") else {}
-        write_memory_report(run_dir, budget, held)
+        with reports.lock:
+            if ticket < reports.written:  # a later answer is on disk already
+                return
+            write_memory_report(run_dir, budget, held)
+            reports.written = ticket
     except Exception:  # noqa: BLE001 - Ray errors, a worker that died, a full disk
         pass
 
 
+REFRESH_S = 30.0  # memory.json is refreshed during a run at most this often
+
+
+def refresh_memory(run_dir: str | Path, budget: MemoryBudget | None, pool: Any, *, every_s: float = REFRESH_S) -> threading.Thread | None:
+    """Refresh memory.json during a run (the driver calls this at each checkpoint), at most every
+    ``every_s`` seconds, without holding the caller up: the pool is asked on a thread of its own
+    (a Ray pool's workers answer between their jobs), one refresh at a time. Returns that thread
+    (None when no refresh was started)."""
+    if pool is None:
+        return None
+    reports = _reports(run_dir)
+    with reports.lock:
+        now = time.monotonic()
+        busy = reports.thread is not None and reports.thread.is_alive()
+        if busy or now - reports.started < every_s:
+            return None
+        reports.started = now
+        reports.thread = threading.Thread(target=record_memory, args=(run_dir, budget, pool), daemon=True,
+                                          name="evomerge-memory-report")
+        reports.thread.start()
+        return reports.thread
+
+
+class _Reports:
+    """Per run directory: memory.json answers asked for and written (in order), the last refresh."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.asked = self.written = 0
+        self.started = -math.inf
+        self.thread: threading.Thread | None = None
+
+
+_REPORTS: dict[str, _Reports] = {}
+_REPORTS_LOCK = threading.Lock()
+
+
+def _reports(run_dir: str | Path) -> _Reports:
+    with _REPORTS_LOCK:
+        return _REPORTS.setdefault(str(Path(run_dir).resolve()), _Reports())
+
+
 def write_memory_report(run_dir: str | Path, budget: MemoryBudget | None, held: dict[str, Any]) -> Path:
     """memory.json in the run directory: the budget and what the parts hold (`held`: the pool's
-    `memory_held()`), replaced each time."""
-    data = {"budget": budget.to_dict() if budget is not None else None, "held": held}
+    `memory_held()`) at ``at`` (Unix time), replaced each time."""
+    data = {"budget": budget.to_dict() if budget is not None else None, "held": held, "at": time.time()}
     return atomic_write_text(Path(run_dir) / MEMORY_FILE, json.dumps(data, indent=1, default=str))
 
 
@@ -349,8 +403,10 @@ def memory_lines(report: dict[str, Any] | None) -> list[str]:
             f"{budget.get('workers')} x (skeleton {gb(budget.get('skeleton'))} + state {gb(budget.get('state'))}){store}"
         )
     if node:
+        at = report.get("at")
+        when = f" (at {time.strftime('%H:%M:%S UTC', time.gmtime(at))})" if isinstance(at, int | float) else ""
         lines.append(
-            f"  node holds: sources {gb(node.get('sources'))}, caches {gb(node.get('caches'))}"
+            f"  node holds{when}: sources {gb(node.get('sources'))}, caches {gb(node.get('caches'))}"
             + (f", object store in use {gb(node.get('object_store_used'))}" if node.get("object_store_used") is not None else "")
         )
     for w in held.get("workers") or []:

@@ -4,6 +4,8 @@ and what a run's status and report say each part holds."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,9 @@ from evomerge.memory import (
     resolve_memory,
     worker_budget,
 )
+from evomerge.run.status import format_status, run_status
 from tests.run_helpers import cli
-from tests.test_run import experiment, write_exp
+from tests.test_run import experiment, score, write_exp
 
 GB = 10**9
 
@@ -129,3 +132,35 @@ def test_held_report_reads_what_the_nodes_and_workers_say() -> None:
     budget = resolve_memory(None, sources=GB, skeleton=GB, workers=1, ray=False, available=20 * GB)
     assert worker_budget(budget, "cpu") == {"cache_budget": budget.caches, "gpu_budget": None}
     assert worker_budget(None, "cpu") == {}
+
+
+def watch(model, tokenizer, split, subset=None, shard=None):
+    """`tests.test_run:score`, and from its second call on, until it has seen it: what
+    `evomerge status` says of the run in EVOMERGE_TEST_RUN_DIR while its pool is open (the
+    figures of a worker that holds its skeleton, which it did not when the pool started)."""
+    watch.calls = getattr(watch, "calls", 0) + 1
+    run_dir = Path(os.environ["EVOMERGE_TEST_RUN_DIR"])
+    deadline = time.monotonic() + 10
+    while watch.calls >= 2 and not getattr(watch, "seen", None) and time.monotonic() < deadline:
+        status = run_status(run_dir)
+        workers = ((status.get("memory") or {}).get("held") or {}).get("workers") or []
+        if workers and workers[0].get("skeleton", 0) > 0:
+            watch.seen = (status["memory"], format_status(status))
+        time.sleep(0.05)
+    return score(model, tokenizer, split, subset, shard)
+
+
+def test_status_shows_memory_figures_while_the_run_goes_on(llama_family: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    exp = experiment(llama_family, memory={"node": {"limit": "4GB"}})
+    stage = exp["stages"][0]
+    stage["evaluator"] = {"kind": "python", "callable": "tests.test_memory_budget:watch", "objectives": {"acc": True}}
+    stage.update(optimizer={"name": "random"}, budget={"evaluations": 4}, holdout_top_k=0)
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("EVOMERGE_TEST_RUN_DIR", str(run_dir))
+    watch.calls, watch.seen = 0, None
+    code, out = cli("run", write_exp(tmp_path / "e.yaml", exp), "--out", run_dir, "--local")
+    assert code == 0, out
+    assert watch.seen, "memory.json was not refreshed while the run went on"
+    report, text = watch.seen
+    assert report["held"]["workers"][0]["skeleton"] > 0 and report["at"] > 0
+    assert "memory: node limit 4.00 GB" in text and "node holds (at " in text and "worker local-0: skeleton" in text, text

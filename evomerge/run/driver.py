@@ -34,7 +34,7 @@ from evomerge.evaluate.subset import Subset
 from evomerge.faults import os_fault
 from evomerge.fidelity.stage import check_stage_fidelity, make_runner, rescore_estimates
 from evomerge.fsutil import atomic_write_text
-from evomerge.memory import MemoryBudget, record_memory, run_memory
+from evomerge.memory import MemoryBudget, record_memory, refresh_memory, run_memory
 from evomerge.merge.sources import SourcePool
 from evomerge.models import registered_model
 from evomerge.optim import OPTIMIZERS
@@ -278,6 +278,7 @@ class Run:
         file); it records the ledger's rows per stage and split (`evomerge.run.integrity`)."""
         ledger.sync()
         save_checkpoint(self.run_dir, {**state, "ledger_rows": ledger.counts()})
+        refresh_memory(self.run_dir, self.memory, self._pool)  # memory.json live (at most every 30 s, off this thread)
 
     # ---- rebuild ------------------------------------------------------------------------
     def _readable_checkpoint(self) -> dict[str, Any] | None:
