@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,31 @@ def test_merge_into_exact_dtype_refuses_a_cast() -> None:
     pool = SourcePool()
     assert list(merge_into(plan_merge(recipe, pool), pool, targets)) == list(want)
     assert all(torch.equal(targets[name], tensor.to(torch.float16)) for name, tensor in want.items())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_READ is Linux's")
+def test_prefault_maps_a_sources_pages_ahead_and_lets_them_close(tmp_path: Path) -> None:
+    """`sources.prefault` maps the files' pages into the process on a thread (the RSS grows by
+    their size before any tensor is read); after it the maps close as usual."""
+    import psutil
+
+    from evomerge.merge.sources import Source, prefault
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 1}')
+    save_file({"w": torch.ones(4 * 1024 * 1024)}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    (model / "model.safetensors").read_bytes()  # in the page cache, as a merge's sources are
+    source = Source("m", model)
+    maps = source.mapped_files()
+    assert len(maps) == 1 and len(maps[0]) > 16 * 1024 * 1024
+    if tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2]) < (5, 14):
+        pytest.skip("madvise(MADV_POPULATE_READ) came with Linux 5.14")
+    before = psutil.Process().memory_info().rss
+    thread = prefault(maps)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert psutil.Process().memory_info().rss - before > 12 * 1024 * 1024
+    assert torch.equal(source.get("w"), torch.ones(4 * 1024 * 1024))
+    maps[0].close()

@@ -17,14 +17,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
+from evomerge.memory import available_memory
 from evomerge.merge.hfconfig import complete_checkpoint
-from evomerge.merge.plan import MergePlan, plan_merge
-from evomerge.merge.sources import SourcePool
+from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge
+from evomerge.merge.sources import SourcePool, prefault
 from evomerge.merge.stfile import (
     CODE_DTYPES,
     CODE_ITEM_BYTES,
@@ -148,6 +150,7 @@ def _merge_into_files(
     layout = _output_layout(plan, pool)
     if layout is None:
         return False
+    warming = _prefault_sources(plan, pool)  # on the other core while torch is imported
     import torch  # the torch engine merges; imported here, as `_executor` does
 
     from evomerge.merge.engine import TargetMismatch, merge_into
@@ -181,8 +184,24 @@ def _merge_into_files(
         for file in files:
             file.abort()
         raise
+    finally:
+        if warming is not None:
+            warming.join()
     _name_shards(out, [(file.path.name, list(file.entries)) for file in files], sum(file.nbytes for file in files))
     return True
+
+
+def _prefault_sources(plan: MergePlan, pool: SourcePool) -> threading.Thread | None:
+    """Map the sources' pages ahead on a thread (`sources.prefault`) when they are at most half
+    of the memory available: beyond that, pages read ahead could be evicted before their use."""
+    maps = [m for ref in dict.fromkeys(r.model for task in plan.tasks for r in _task_refs(task)) for m in pool.get(ref).mapped_files()]
+    if sum(len(m) for m in maps) > available_memory() // 2:
+        return None
+    return prefault(maps)
+
+
+def _task_refs(task: TensorTask) -> list[TensorRef]:
+    return [*([task.base] if task.base else []), *task.inputs]
 
 
 def _output_layout(plan: MergePlan, pool: SourcePool) -> list[tuple[str, str, tuple[int, ...]]] | None:
@@ -191,7 +210,7 @@ def _output_layout(plan: MergePlan, pool: SourcePool) -> list[tuple[str, str, tu
     cannot be told without merging."""
     layout = []
     for task in plan.tasks:
-        refs = [*([task.base] if task.base else []), *task.inputs]
+        refs = _task_refs(task)
         sources = [pool.get(ref.model) for ref in refs]
         if not refs or not all(source.in_files for source in sources):
             return None
