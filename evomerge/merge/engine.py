@@ -9,7 +9,8 @@ engine or, for the element-wise methods, the numpy executor in `evomerge.merge.f
 
 The kernels run where their inputs are: `merge_into` merges on its targets' device, the others
 on ``device`` (default the CPU), with the sources brought there by `evomerge.merge.device`
-(`DeviceSources`: kept there within a budget, else copied per use). CPU and GPU run one code.
+(`DeviceSources`: kept there within a budget, else copied per use, the next ones ahead on a
+side stream while the current tensor merges). CPU and GPU run one code.
 """
 
 from __future__ import annotations

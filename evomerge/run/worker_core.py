@@ -72,8 +72,9 @@ class WorkerCore:
     sparsifier: a `CachedSparsifier` (or subclass) to use; default a private one.
     cache_budget: bytes the default sparsifier's tables may hold (None: no limit; beyond it a
     tensor's mask is computed per candidate, with the same result).
-    gpu_budget: on an accelerator, bytes of source tensors kept on it (None: all of them);
-    the rest are streamed per tensor from host memory for each merge.
+    gpu_budget: on an accelerator, bytes of source tensors it may hold (None: no limit): kept
+    there, and 1/8 of it for the copies of streamed tensors made ahead of their use; the rest
+    are streamed per tensor from host memory for each merge (`DeviceSources`).
 
     The merge runs on ``device``, straight into the skeleton (`merge_into` merges where its
     targets are): on a GPU the sources go there (`DeviceSources`) and the kernels run there.
