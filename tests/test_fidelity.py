@@ -189,6 +189,7 @@ STRATEGY_CASES = {
     "racing": {"strategy": "racing", "eta": 0.34},
     "sequential": {"strategy": "sequential", "chunk": 0.25, "delta": 0.2},
     "irt": {"strategy": "irt", "anchors": 40, "warmup": 6, "refit_every": 8},
+    "irt_rotate": {"strategy": "irt", "anchors": 40, "warmup": 6, "rotate": True},
     "racing_on_irt": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6, "refit_every": 8}},
 }
 

@@ -205,3 +205,74 @@ def test_irt_strategy_scores_a_novel_candidate_in_full_and_refits() -> None:
     assert not log[26][2] and log[26][3] == pytest.approx(y[30].mean())
     assert strategy.fits >= 2
     assert all(n == 8 for cid, n, _, _ in log[6:] if cid not in full)
+
+
+def test_draws_move_to_the_items_at_the_candidates_ability(fitted) -> None:
+    """A draw by information (spread 0) takes items harder than the group's average when the
+    candidates are strong (the easy ones all answer alike) and easier ones when they are weak;
+    a uniform draw (spread 1) ignores the abilities; the same generator draws the same anchors."""
+    model = irt.IrtModel.from_state(fitted[0].state_dict())  # the module's fit stays as it was
+    counts = {"add": 8, "sort": 8}
+    mean_b = {g: model.difficulty[model.groups == g].mean() for g in range(2)}
+
+    def drawn_b(theta: float, spread: float, seed: int = 0) -> tuple[np.ndarray, dict[int, float]]:
+        irt.draw_anchors(model, counts, np.full((5, 2), theta), np.random.default_rng(seed), spread=spread)
+        assert [int((model.groups[model.anchors] == g).sum()) for g in range(2)] == [8, 8]
+        assert model.anchor_weights.sum() == pytest.approx(2.0)
+        return model.anchors.copy(), {g: model.difficulty[model.anchors][model.groups[model.anchors] == g].mean() for g in range(2)}
+
+    _, high = drawn_b(2.5, 0.0)
+    _, low = drawn_b(-2.5, 0.0)
+    for g in range(2):
+        assert high[g] > mean_b[g] + 0.5 and low[g] < mean_b[g] - 0.1 and high[g] - low[g] > 1.0
+    assert np.array_equal(drawn_b(2.5, 1.0, seed=3)[0], drawn_b(-2.5, 1.0, seed=3)[0])
+    assert np.array_equal(drawn_b(2.5, 0.5, seed=4)[0], drawn_b(2.5, 0.5, seed=4)[0])
+
+
+def test_rotating_anchors_follow_candidates_past_the_ceiling_and_resume_exactly() -> None:
+    """The saturation case: after the warm-up every candidate answers the easy half of "sort"
+    (where fixed anchors chosen at the warm-up's abilities sit, every candidate would get one
+    estimate). With `rotate` each generation draws its anchors at the abilities of the last one,
+    so they move to the hard items, where the candidates still differ, and candidates of a
+    generation get different estimates. A run resumed mid-generation from the saved state draws,
+    scores and estimates exactly as the uninterrupted one."""
+    from evomerge.fidelity import build_strategy
+    from evomerge.fidelity.base import StageInfo
+
+    n_items = 30
+    rng = np.random.default_rng(5)
+    y, _, _ = synthetic(70, n_items, seed=5)
+    hard = np.arange(n_items, 2 * n_items) >= n_items + n_items // 2  # the last half of "sort"
+    y[:10, n_items:] = (rng.random((10, n_items)) < np.where(hard, 0.05, 0.5)).astype(float)  # baselines + warm-up: weak
+    y[10:, n_items:] = np.where(hard, (rng.random((60, n_items)) < 0.5).astype(float), 1.0)  # later: the easy half solved
+    info = StageInfo(
+        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
+        directions={"mean_acc": True}, primary="mean_acc", seed=11, top_k=3,
+    )  # fmt: skip
+    spec = {"strategy": "irt", "anchors": 10, "warmup": 6, "rotate": True, "spread": 0.0, "novelty_margin": None}
+    strategy = build_strategy(spec, info)
+    for row in y[:4]:
+        strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
+    log: list = []
+    hard_share = []
+
+    def generation(start: int, stop: int) -> None:
+        drive(strategy, y[4:], info, start, stop, log)
+        if start >= 15 and start % 5 == 0:
+            hard_share.extend(int(j) - n_items >= n_items // 2 for j in strategy.model.anchors if j >= n_items)
+
+    for start in range(0, 35, 5):  # generations of 5
+        generation(start, start + 5)
+    generation(35, 37)  # stop inside generation 7: the state a resume would load
+    resumed = build_strategy(spec, info)
+    resumed.load_state_dict(json.loads(json.dumps(strategy.state_dict())))
+    rest_resumed: list = []
+    drive(resumed, y[4:], info, 37, 66, rest_resumed)
+    generation(37, 40)
+    for start in range(40, 66, 5):
+        generation(start, min(start + 5, 66))
+    assert log[-len(rest_resumed) :] == rest_resumed and json.dumps(strategy.state_dict()) == json.dumps(resumed.state_dict())
+    assert np.mean(hard_share) >= 0.7  # mostly hard items (a uniform draw: half; 55 draws)
+    last = [v for cid, _, est, v in log if est and cid >= 60]
+    assert len(set(last)) == len(last)
+    assert strategy.fits >= 10  # one fit per generation after the warm-up

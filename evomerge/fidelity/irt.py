@@ -36,6 +36,9 @@ item would, and focusing it on the top keeps anchors from saturating as a search
 (anchors informative for the average training model are easy ones, which every good candidate
 answers, and candidates that all answer every anchor all get one estimate).
 
+Rotating anchors (`draw_anchors`): a fresh draw per group, part uniform and part in proportion
+to each item's information at the abilities of the candidates a search is making now.
+
 Estimate of a group's mean score from a candidate's observed items (tinyBenchmarks' p-IRT and
 gp-IRT): theta by MAP from every observed item under the ability prior; p-IRT = (sum of the
 observed scores + sum of the predicted probabilities of the unobserved items) / group size;
@@ -377,6 +380,46 @@ def choose_anchors(model: IrtModel, counts: Mapping[str, int], *, seed: int, res
                 continue
             anchors.append(int(members[in_c[int(np.argmax(info[members[in_c]]))]]))
             weights.append(len(in_c) / len(members))
+    order = np.argsort(anchors, kind="stable")
+    model.anchors = np.asarray(anchors, dtype=np.int64)[order]
+    model.anchor_weights = np.asarray(weights, dtype=np.float64)[order]
+    model.blend = None if responses is None else _blend(model, np.asarray(responses, dtype=np.float64))
+    return model
+
+
+def draw_anchors(
+    model: IrtModel,
+    counts: Mapping[str, int],
+    abilities: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    spread: float = 0.5,
+    responses: np.ndarray | None = None,
+) -> IrtModel:
+    """Set `model.anchors` to a fresh draw of `counts[group]` items per group, without replacement:
+    with probability `spread` uniform over the group and `1 - spread` in proportion to each item's
+    Fisher information a^2 p (1 - p) averaged over `abilities` (models x groups: the candidates the
+    search is making now). Items every such candidate answers alike (all right or all wrong) carry
+    no information about how they differ, so a draw moves to the items at their ability as the
+    search improves (or falls); the uniform share keeps every item observed now and then, so refits
+    keep learning all of them. Each anchor weighs 1/k of its group; the gp-IRT blend is fitted
+    again for this anchor set when the training `responses` are given. Returns the model."""
+    theta = np.atleast_2d(np.asarray(abilities, dtype=np.float64))
+    p = model.probabilities(theta)
+    info = (model.discrimination**2 * p * (1 - p)).mean(axis=0)
+    anchors: list[int] = []
+    weights: list[float] = []
+    for g, name in enumerate(model.group_names):
+        members = np.flatnonzero(model.groups == g)
+        k = int(min(counts.get(name, 0), len(members)))
+        if k == 0:
+            continue
+        w = info[members]
+        share = w / w.sum() if w.sum() > 0 else np.full(len(members), 1.0 / len(members))
+        prob = spread / len(members) + (1.0 - spread) * share
+        picked = rng.choice(members, size=k, replace=False, p=prob / prob.sum())
+        anchors += [int(j) for j in picked]
+        weights += [1.0 / k] * k
     order = np.argsort(anchors, kind="stable")
     model.anchors = np.asarray(anchors, dtype=np.int64)[order]
     model.anchor_weights = np.asarray(weights, dtype=np.float64)[order]

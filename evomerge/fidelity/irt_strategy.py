@@ -22,6 +22,17 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    `refit_every` told candidates (0: only then), on all rows (anchor-only rows count for the
    anchors and for the distribution of abilities); anchors are chosen again from each fit.
 
+With `rotate`, anchors are not kept from one fit to the next: the first candidate of every
+generation (after the warm-up) refits the model on every row so far, anchor-only rows included,
+and draws that generation's anchors afresh (`irt.draw_anchors`: a `spread` share uniform over each
+task, the rest in proportion to each document's Fisher information at the abilities of the
+candidates told since the last draw), seeded by the stage seed and the generation. A fixed set of
+a few anchors per task saturates as a search moves (every candidate of a generation right on
+them, or wrong on them, so all get one estimate and the optimizer has nothing to rank); a
+rotating draw follows the candidates to the documents where they still differ, every document
+is observed now and then, so refits keep learning all of them, and one model ranks a whole
+generation (no refit on its tells).
+
 A candidate's documents are decided when it is asked, from the fit of that moment, and kept in
 its note; its estimate comes from the fit of the moment it is told (in ask order). The rows, the
 fit and the counters are the strategy's state, saved with every checkpoint, so a resumed run
@@ -64,6 +75,8 @@ class IrtOptions(StrategyOptions):
     full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
     estimator: Literal["gp_irt", "p_irt"] = "gp_irt"
     anchor_focus: Literal["top", "mean"] = "top"  # anchors informative at the best model's ability, or on average
+    rotate: bool = False  # fresh anchors for every generation, drawn from a fit refreshed at its start
+    spread: float = Field(0.5, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
 
 
 class IrtStrategy(Strategy):
@@ -79,10 +92,15 @@ class IrtStrategy(Strategy):
         self.told_count = 0
         self.fits = 0
         self.model: irt.IrtModel | None = None
+        self.rows_at_fit = 0  # rows the model was fitted on
+        self.drawn_for: int | None = None  # rotate: the generation the current anchors were drawn for
+        self.rows_at_draw = 0  # rotate: rows there were at that draw
 
     # ------------------------------------------------------------------ documents
     def open(self, member: Member) -> None:
         if "full" not in member.note:
+            if self.options.rotate:
+                self._rotate(member.generation)
             k = self.opened - self.options.warmup
             every = self.options.full_every
             member.note["full"] = k < 0 or (every > 0 and k % every == every - 1)
@@ -113,6 +131,27 @@ class IrtStrategy(Strategy):
             task, pos = self._item(j)
             out[task].append([pos, w])
         return out
+
+    def _rotate(self, generation: int) -> None:
+        """The first candidate of a generation (once a model exists): refit on every row so far
+        and draw this generation's anchors at the abilities of the candidates told since the
+        last draw (`irt.draw_anchors`), seeded by the stage seed and the generation. Called when a
+        candidate opens, so it depends only on the state the last tell left: a resumed run draws
+        the same anchors."""
+        if self.model is None or generation == self.drawn_for:
+            return
+        if len(self.rows) > self.rows_at_fit:
+            self._fit()
+        recent = [row for row in self.rows[self.rows_at_draw :] if any(row.values())] or self.rows[-1:]
+        abilities = np.stack([self.model.ability(self._observed(row)) for row in recent])
+        rng = np.random.default_rng([self.info.seed & 0xFFFFFFFF, generation & 0xFFFFFFFF, 0x1D2A])
+        counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
+        irt.draw_anchors(self.model, counts, abilities, rng, spread=self.options.spread, responses=self._matrix(full_only=True))
+        self.drawn_for = generation
+        self.rows_at_draw = len(self.rows)
+
+    def _observed(self, row: Mapping[str, Mapping[int, float]]) -> dict[int, float]:
+        return {self.offsets[t] + int(p): float(v) for t, got in row.items() for p, v in got.items()}
 
     def _novelty_thresholds(self) -> dict[str, float] | None:
         """task -> the highest weighted anchor mean of a fully scored row, plus the margin."""
@@ -159,8 +198,7 @@ class IrtStrategy(Strategy):
     def estimate(self, member: Member) -> dict[str, float]:
         if self.model is None or member.is_full(self.info) or member.error is not None:
             return super().estimate(member)
-        observed = {self.offsets[t] + int(p): float(v) for t, got in member.scores.items() for p, v in got.items()}
-        est = self.model.estimate(observed)
+        est = self.model.estimate(self._observed(member.scores))
         return self.info.objectives({t: est[t][self.options.estimator] for t in self.tasks})
 
     # ------------------------------------------------------------------ learning
@@ -174,29 +212,38 @@ class IrtStrategy(Strategy):
         o = self.options
         if self.model is None:
             due = self.told_count >= o.warmup
+        elif o.rotate:
+            due = False  # refits come with each generation's draw, so one model ranks a generation
         else:
             full = member.error is None and member.is_full(self.info)
             due = full or (o.refit_every > 0 and (self.told_count - o.warmup) % o.refit_every == 0)
         if due:
             self._fit()
 
-    def _fit(self) -> None:
+    def _matrix(self, full_only: bool = False) -> np.ndarray:
+        """The rows as models x documents (NaN: not scored), rows without scores left out (with
+        `full_only`: only rows scored on every document)."""
         matrix = np.full((len(self.rows), self.info.total), np.nan)
         for i, row in enumerate(self.rows):
-            for t, got in row.items():
-                for p, v in got.items():
-                    matrix[i, self.offsets[t] + p] = v
-        keep = ~np.isnan(matrix).all(axis=1)
-        matrix = matrix[keep]
+            for j, v in self._observed(row).items():
+                matrix[i, j] = v
+        keep = ~np.isnan(matrix).any(axis=1) if full_only else ~np.isnan(matrix).all(axis=1)
+        return matrix[keep]
+
+    def _fit(self) -> None:
+        matrix = self._matrix()
         if len(matrix) < 2 or np.isnan(matrix).all(axis=0).any():
             return  # not every document has a score yet (e.g. failed warm-up candidates)
         groups = [t for t in self.tasks for _ in range(self.info.n_docs[t])]
         seed = [self.info.seed & 0xFFFFFFFF, self.fits]
         seed_int = int(np.random.default_rng(seed).integers(2**31))
         model = irt.fit(matrix, groups, seed=seed_int, config=irt.IrtConfig(anchor_focus=self.options.anchor_focus))
-        counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
-        self.model = irt.choose_anchors(model, counts, seed=seed_int, responses=matrix)
+        if not self.options.rotate:  # rotating anchors are drawn for each generation instead
+            counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
+            irt.choose_anchors(model, counts, seed=seed_int, responses=matrix)
+        self.model = model
         self.fits += 1
+        self.rows_at_fit = len(self.rows)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -206,6 +253,9 @@ class IrtStrategy(Strategy):
             "told": self.told_count,
             "fits": self.fits,
             "model": None if self.model is None else self.model.state_dict(),
+            "rows_at_fit": self.rows_at_fit,
+            "drawn_for": self.drawn_for,
+            "rows_at_draw": self.rows_at_draw,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -213,6 +263,9 @@ class IrtStrategy(Strategy):
         self.opened = int(state.get("opened", 0))
         self.told_count = int(state.get("told", 0))
         self.fits = int(state.get("fits", 0))
+        self.rows_at_fit = int(state.get("rows_at_fit", 0))
+        self.drawn_for = state.get("drawn_for")
+        self.rows_at_draw = int(state.get("rows_at_draw", 0))
         model = state.get("model")
         self.model = None if model is None else irt.IrtModel.from_state(model)
 
