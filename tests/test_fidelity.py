@@ -188,9 +188,10 @@ def digits_zoo() -> Path:
 STRATEGY_CASES = {
     "racing": {"strategy": "racing", "eta": 0.34},
     "sequential": {"strategy": "sequential", "chunk": 0.25, "delta": 0.2},
-    "irt": {"strategy": "irt", "anchors": 40, "warmup": 6, "refit_every": 8},
-    "irt_rotate": {"strategy": "irt", "anchors": 40, "warmup": 6, "rotate": True},
-    "racing_on_irt": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6, "refit_every": 8}},
+    "irt": {"strategy": "irt", "anchors": 40, "warmup": 6},
+    "irt_fixed": {"strategy": "irt", "anchors": 40, "warmup": 6, "refit_every": 8, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1},
+    "racing_on_irt": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6}},
+    "racing_on_irt_fixed": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6, "refit_every": 8, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1}},
 }
 
 

@@ -155,7 +155,7 @@ def test_irt_strategy_warms_up_then_scores_anchors_and_resumes_exactly() -> None
         stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
         directions={"mean_acc": True}, primary="mean_acc", seed=7, top_k=3,
     )  # fmt: skip
-    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None, "anchor_focus": "mean"}
+    spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None, "anchor_focus": "mean", "rotate": False, "estimator": "gp_irt"}
     strategy = build_strategy(spec, info)
     for row in y[:5]:  # five baselines, fully scored
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
@@ -195,7 +195,7 @@ def test_irt_strategy_scores_a_novel_candidate_in_full_and_refits() -> None:
         stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
         directions={"mean_acc": True}, primary="mean_acc", seed=0, top_k=3,
     )  # fmt: skip
-    strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 6}, info)
+    strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 6, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1}, info)
     for row in y[:4]:
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
     log: list = []
