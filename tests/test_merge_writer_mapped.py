@@ -151,7 +151,7 @@ def test_merge_into_exact_dtype_refuses_a_cast() -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="MADV_POPULATE_READ is Linux's")
 def test_prefault_maps_a_sources_pages_ahead_and_lets_them_close(tmp_path: Path) -> None:
     """`sources.prefault` maps the files' pages into the process on a thread (the RSS grows by
-    their size before any tensor is read); after it the maps close as usual."""
+    their size before any tensor is read or written); after it the maps close as usual."""
     import psutil
 
     from evomerge.merge.sources import Source, prefault
@@ -174,3 +174,16 @@ def test_prefault_maps_a_sources_pages_ahead_and_lets_them_close(tmp_path: Path)
     assert psutil.Process().memory_info().rss - before > 12 * 1024 * 1024
     assert torch.equal(source.get("w"), torch.ones(4 * 1024 * 1024))
     maps[0].close()
+
+    # an output file's map, to be written: its pages are allocated ahead and read as zeros
+    from evomerge.merge.stfile import MappedSafetensorsFile, header_room, read_header
+
+    out = MappedSafetensorsFile(tmp_path / "out.safetensors", header_room(["o"]), [("o", "float32", (4 * 1024 * 1024,))])
+    before = psutil.Process().memory_info().rss
+    thread = prefault([], [out.map])
+    assert thread is not None
+    thread.join(timeout=60)
+    assert psutil.Process().memory_info().rss - before > 12 * 1024 * 1024
+    out.finish()
+    entry = read_header(tmp_path / "out.safetensors")["o"]
+    assert load_file(str(tmp_path / "out.safetensors"))["o"].count_nonzero() == 0 and entry.shape == (4 * 1024 * 1024,)

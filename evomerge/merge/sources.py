@@ -20,7 +20,7 @@ import sys
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,7 @@ class Source:
         self.config: dict = _read_config(ref, path)
         self._entries: dict[str, TensorEntry] = {}
         self._files = _weight_files(ref, path, allow_pickle, self._entries, pickle_switch)
+        self._all_safetensors = all(f.suffix == ".safetensors" for f in set(self._files.values()))
         self._handles: dict[Path, object] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
@@ -103,7 +104,7 @@ class Source:
     @property
     def in_files(self) -> bool:
         """True when every tensor is read from safetensors files (none adopted, none pickled)."""
-        return not self._cache and self._pickled is None and all(f.suffix == ".safetensors" for f in self._files.values())
+        return not self._cache and self._pickled is None and self._all_safetensors
 
     def get(self, name: str) -> torch.Tensor:
         name = self._stored_name(name)
@@ -446,19 +447,22 @@ def _files_hash(files: list[Path]) -> str:
     return value
 
 
-_MADV_POPULATE_READ = 22  # Linux >= 5.14; Python's mmap module does not name it before 3.12
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; Python's mmap names them from 3.12
 
 
-def prefault(maps: list[mmap.mmap]) -> threading.Thread | None:
-    """Map the pages of ``maps`` into this process on a thread of its own, ahead of their use.
+def prefault(reads: Sequence[mmap.mmap], writes: Sequence[mmap.mmap] = ()) -> threading.Thread | None:
+    """Map the pages of ``reads`` (to be read) and ``writes`` (to be written: a shared map of a
+    file, its pages allocated in the page cache) into this process on a thread of its own,
+    ahead of their use.
 
     A merge that reads gigabytes through memory maps spends about a second per 8 GB in page
-    faults alone (sys time); `madvise(MADV_POPULATE_READ)` does that work in one call per file
-    with the GIL released, so the thread can run while the main thread imports torch. The
-    caller joins the thread before the maps may be closed. None where the call is unavailable
-    (not Linux, an older kernel: the merge then faults the pages in as it reads them).
+    faults alone (sys time), and writing through a map faults once per page too;
+    `madvise(MADV_POPULATE_READ / _WRITE)` does that work in one call per map with the GIL
+    released, so the thread can run while the main thread imports torch. The caller joins the
+    thread before the maps may be closed. None where the call is unavailable (not Linux, an
+    older kernel: the merge then faults the pages in as it goes).
     """
-    if not maps or not sys.platform.startswith("linux"):
+    if not (reads or writes) or not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -468,13 +472,14 @@ def prefault(maps: list[mmap.mmap]) -> threading.Thread | None:
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
     def populate() -> None:
-        for mapped in maps:
-            start = ctypes.c_char.from_buffer(mapped)  # the map's address (a private map is writable)
-            try:
-                if madvise(ctypes.addressof(start), len(mapped), _MADV_POPULATE_READ) != 0:
-                    return  # EINVAL on an older kernel: nothing more to gain
-            finally:
-                del start  # the map can be closed again
+        for maps, advice in ((writes, _MADV_POPULATE_WRITE), (reads, _MADV_POPULATE_READ)):
+            for mapped in maps:
+                start = ctypes.c_char.from_buffer(mapped)  # the map's address (a private map is writable too)
+                try:
+                    if madvise(ctypes.addressof(start), len(mapped), advice) != 0:
+                        return  # EINVAL on an older kernel: nothing more to gain
+                finally:
+                    del start  # the map can be closed again
 
     thread = threading.Thread(target=populate, name="evomerge-prefault", daemon=True)
     thread.start()

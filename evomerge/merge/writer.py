@@ -143,61 +143,92 @@ def _merge_into_files(
     shards and bytes as `_write_weights` gives), allocated and memory-mapped, each task writing
     its result into its file's pages (`engine.merge_into`). No merged tensor is held in memory
     of its own and nothing is copied into the files afterwards, which is most of what writing
-    costs. False, with nothing left in ``out``, when the output dtypes cannot be told before
-    merging (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the
-    file system cannot allocate ahead, or a method returns another dtype or shape than laid
-    out: the caller then streams."""
+    costs. While torch is imported, a thread maps the sources' pages and the output's ahead
+    (`sources.prefault`), work the merge would otherwise do in page faults.
+
+    False, with nothing left in ``out``, when the output dtypes cannot be told before merging
+    (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the file
+    system cannot allocate ahead, or a method returns another dtype or shape than laid out:
+    the caller then streams."""
     layout = _output_layout(plan, pool)
     if layout is None:
         return False
-    warming = _prefault_sources(plan, pool)  # on the other core while torch is imported
-    import torch  # the torch engine merges; imported here, as `_executor` does
-
-    from evomerge.merge.engine import TargetMismatch, merge_into
-
     room = header_room([task.name for task in plan.tasks])
     files: list[MappedSafetensorsFile] = []
     try:
         for i, group in enumerate(_shard_groups(layout, max_shard_bytes)):
             files.append(MappedSafetensorsFile(out / f"shard-{i:05d}.tmp", room, group))
-        targets = {}
-        for file in files:
-            for name, info in file.entries.items():
-                mapped, begin, size = file.region(name)
-                dtype = getattr(torch, CODE_DTYPES[info["dtype"]])
-                targets[name] = (
-                    torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize, offset=begin).view(info["shape"])
-                    if size else torch.empty(info["shape"], dtype=dtype)
-                )
-        for done, _ in enumerate(merge_into(plan, pool, targets, sparsifier, exact_dtype=True), start=1):
-            if progress:
-                progress(done, len(plan.tasks))
-        del targets  # the maps close once no tensor views them
-        for file in files:
-            file.finish()
-    except (Unallocatable, TargetMismatch):
-        for file in files:
-            file.abort()
-            file.path.unlink(missing_ok=True)
+    except Unallocatable:
+        _drop(files)
         return False
     except BaseException:
-        for file in files:
-            file.abort()
+        _drop(files)
+        raise
+    warming = _prefault(plan, pool, files)
+    try:
+        filled = _fill(plan, pool, sparsifier, files, progress)
+    except BaseException:
+        _drop(files)
         raise
     finally:
         if warming is not None:
             warming.join()
+    if not filled:
+        _drop(files)
+        return False
+    for file in files:
+        file.finish()
     _name_shards(out, [(file.path.name, list(file.entries)) for file in files], sum(file.nbytes for file in files))
     return True
 
 
-def _prefault_sources(plan: MergePlan, pool: SourcePool) -> threading.Thread | None:
-    """Map the sources' pages ahead on a thread (`sources.prefault`) when they are at most half
-    of the memory available: beyond that, pages read ahead could be evicted before their use."""
-    maps = [m for ref in dict.fromkeys(r.model for task in plan.tasks for r in _task_refs(task)) for m in pool.get(ref).mapped_files()]
-    if sum(len(m) for m in maps) > available_memory() // 2:
+def _fill(
+    plan: MergePlan,
+    pool: SourcePool,
+    sparsifier: Sparsifier | None,
+    files: list[MappedSafetensorsFile],
+    progress: Callable[[int, int], None] | None,
+) -> bool:
+    """Merge every task into its region of ``files``; False when a result's dtype or shape is
+    not its region's."""
+    import torch  # the torch engine merges; imported here, as `_executor` does
+
+    from evomerge.merge.engine import TargetMismatch, merge_into
+
+    targets = {}
+    for file in files:
+        for name, info in file.entries.items():
+            mapped, begin, size = file.region(name)
+            dtype = getattr(torch, CODE_DTYPES[info["dtype"]])
+            targets[name] = (
+                torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize, offset=begin).view(info["shape"])
+                if size else torch.empty(info["shape"], dtype=dtype)
+            )
+    try:
+        for done, _ in enumerate(merge_into(plan, pool, targets, sparsifier, exact_dtype=True), start=1):
+            if progress:
+                progress(done, len(plan.tasks))
+    except TargetMismatch:
+        return False
+    return True  # the maps close once ``targets`` is gone
+
+
+def _drop(files: list[MappedSafetensorsFile]) -> None:
+    for file in files:
+        file.abort()
+        file.path.unlink(missing_ok=True)
+
+
+def _prefault(plan: MergePlan, pool: SourcePool, files: list[MappedSafetensorsFile]) -> threading.Thread | None:
+    """Map the sources' pages (to read) and the output's (to write) on a thread, when together
+    they are at most half of the memory available: beyond that, pages mapped ahead could be
+    evicted before their use."""
+    refs = dict.fromkeys(ref.model for task in plan.tasks for ref in _task_refs(task))
+    reads = [m for ref in refs for m in pool.get(ref).mapped_files()]
+    writes = [file.map for file in files if file.map is not None]
+    if sum(len(m) for m in reads + writes) > available_memory() // 2:
         return None
-    return prefault(maps)
+    return prefault(reads, writes)
 
 
 def _task_refs(task: TensorTask) -> list[TensorRef]:

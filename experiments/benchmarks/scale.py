@@ -286,7 +286,9 @@ def to_disk(dirs: dict[str, Path], work: Path, args: argparse.Namespace, layers:
     Why a first round: on this VM, memory that has been free for a while is handed back to the
     host, and touching it again costs ~3 s per GB (`dd` of 2.2 GB to a new file: 7.7 s the first
     time, 0.9 s right after). Whichever tool ran first on such memory would pay seconds that
-    belong to neither tool; after a round, both write into memory that is warm."""
+    belong to neither tool; after a round, both write into memory that is warm. Before each run
+    the page cache's dirty pages are written out (`sync`), so that no run pays for the disk
+    writes of the output before it."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     mk = None if args.skip_mergekit else mergekit_yaml()
     results: dict[str, dict] = {}
@@ -302,6 +304,7 @@ def to_disk(dirs: dict[str, Path], work: Path, args: argparse.Namespace, layers:
             order = list(commands) if round_ % 2 == 0 else list(reversed(commands))
             for tool in order:
                 shutil.rmtree(outs[tool], ignore_errors=True)
+                os.sync()  # the other tool's output goes to disk now, not during this run
                 load = load_average()
                 run = measured(commands[tool], env=env)
                 run["load"] = load
