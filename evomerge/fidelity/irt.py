@@ -52,7 +52,7 @@ resumed run estimates exactly as the interrupted one did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -366,25 +366,13 @@ def choose_anchors(model: IrtModel, counts: Mapping[str, int], *, seed: int, res
     else:
         info = (model.discrimination[:, None] ** 2 * profiles * (1 - profiles)).mean(axis=1)
     rng = np.random.default_rng(seed)
-    anchors: list[int] = []
-    weights: list[float] = []
-    for g, name in enumerate(model.group_names):
-        members = np.flatnonzero(model.groups == g)
-        k = int(min(counts.get(name, 0), len(members)))
-        if k == 0:
-            continue
-        labels, centers = _kmeans(profiles[members], k, rng, model.config.kmeans_restarts)
-        for c in range(k):
-            in_c = np.flatnonzero(labels == c)
-            if not len(in_c):
-                continue
-            anchors.append(int(members[in_c[int(np.argmax(info[members[in_c]]))]]))
-            weights.append(len(in_c) / len(members))
-    order = np.argsort(anchors, kind="stable")
-    model.anchors = np.asarray(anchors, dtype=np.int64)[order]
-    model.anchor_weights = np.asarray(weights, dtype=np.float64)[order]
-    model.blend = None if responses is None else _blend(model, np.asarray(responses, dtype=np.float64))
-    return model
+
+    def pick(members: np.ndarray, k: int) -> list[tuple[int, float]]:
+        labels, _ = _kmeans(profiles[members], k, rng, model.config.kmeans_restarts)
+        clusters = [np.flatnonzero(labels == c) for c in range(k)]
+        return [(int(members[c[int(np.argmax(info[members[c]]))]]), len(c) / len(members)) for c in clusters if len(c)]
+
+    return _set_anchors(model, counts, pick, responses)
 
 
 def draw_anchors(
@@ -407,22 +395,33 @@ def draw_anchors(
     theta = np.atleast_2d(np.asarray(abilities, dtype=np.float64))
     p = model.probabilities(theta)
     info = (model.discrimination**2 * p * (1 - p)).mean(axis=0)
-    anchors: list[int] = []
-    weights: list[float] = []
-    for g, name in enumerate(model.group_names):
-        members = np.flatnonzero(model.groups == g)
-        k = int(min(counts.get(name, 0), len(members)))
-        if k == 0:
-            continue
+
+    def pick(members: np.ndarray, k: int) -> list[tuple[int, float]]:
         w = info[members]
         share = w / w.sum() if w.sum() > 0 else np.full(len(members), 1.0 / len(members))
         prob = spread / len(members) + (1.0 - spread) * share
-        picked = rng.choice(members, size=k, replace=False, p=prob / prob.sum())
-        anchors += [int(j) for j in picked]
-        weights += [1.0 / k] * k
-    order = np.argsort(anchors, kind="stable")
-    model.anchors = np.asarray(anchors, dtype=np.int64)[order]
-    model.anchor_weights = np.asarray(weights, dtype=np.float64)[order]
+        return [(int(j), 1.0 / k) for j in rng.choice(members, size=k, replace=False, p=prob / prob.sum())]
+
+    return _set_anchors(model, counts, pick, responses)
+
+
+def _set_anchors(
+    model: IrtModel,
+    counts: Mapping[str, int],
+    pick: Callable[[np.ndarray, int], list[tuple[int, float]]],
+    responses: np.ndarray | None,
+) -> IrtModel:
+    """`pick(members, k)` -> [(item, weight)] for each group in order (k = its count, capped at its
+    size; groups with none are skipped); the model's anchors sorted, and the gp-IRT blend."""
+    chosen: list[tuple[int, float]] = []
+    for g, name in enumerate(model.group_names):
+        members = np.flatnonzero(model.groups == g)
+        k = int(min(counts.get(name, 0), len(members)))
+        if k > 0:
+            chosen += pick(members, k)
+    order = np.argsort([j for j, _ in chosen], kind="stable")
+    model.anchors = np.asarray([j for j, _ in chosen], dtype=np.int64).reshape(-1)[order]
+    model.anchor_weights = np.asarray([w for _, w in chosen], dtype=np.float64).reshape(-1)[order]
     model.blend = None if responses is None else _blend(model, np.asarray(responses, dtype=np.float64))
     return model
 
