@@ -244,6 +244,8 @@ class MappedSafetensorsFile:
             pass
 
     def _allocate(self, size: int) -> None:
+        if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+            raise Unallocatable(errno.ENOSYS, "cannot allocate ahead", str(self.path))
         try:
             os.posix_fallocate(self.file.fileno(), 0, size)
         except OSError as exc:
