@@ -7,31 +7,26 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    Candidates asked before that fit exists (the rest of the first generation) are scored on
    `core()`, a seeded sample of `anchors` documents, and estimated from it at their tell.
 2. Fit: once the warm-up's last candidate is told, a 2PL model is fitted on every row the
-   strategy has (seeded by the stage seed and the fit's number) and `anchors` documents are
-   chosen from it, split across the primary objective's tasks by their weights.
-3. Every later candidate is scored on the anchors and told its gp-IRT estimate of each task's
-   mean over the full search set (marked as an estimate in the ledger), unless it is novel:
-   a candidate whose weighted anchor mean on some task exceeds the best of the fully scored
-   models by more than `novelty_margin` has abilities the model has not seen, where a 2PL
-   fitted below them extrapolates badly (the items no training model answers get difficulties
-   the prior alone sets); it is scored on every document instead (the runner scores only the
-   documents it lacks), told exactly, and becomes a training row. As a search improves, the
-   fully scored rows follow it. Every `full_every`-th candidate after the warm-up (0: none) is
-   also scored in full.
-4. Refits: whenever a fully scored candidate is told after the warm-up, and every
-   `refit_every` told candidates (0: only then), on all rows (anchor-only rows count for the
-   anchors and for the distribution of abilities); anchors are chosen again from each fit.
-
-With `rotate`, anchors are not kept from one fit to the next: the first candidate of every
-generation (after the warm-up) refits the model on every row so far, anchor-only rows included,
-and draws that generation's anchors afresh (`irt.draw_anchors`: a `spread` share uniform over each
-task, the rest in proportion to each document's Fisher information at the abilities of the
-candidates told since the last draw), seeded by the stage seed and the generation. A fixed set of
-a few anchors per task saturates as a search moves (every candidate of a generation right on
-them, or wrong on them, so all get one estimate and the optimizer has nothing to rank); a
-rotating draw follows the candidates to the documents where they still differ, every document
-is observed now and then, so refits keep learning all of them, and one model ranks a whole
-generation (no refit on its tells).
+   strategy has (seeded by the stage seed and the fit's number).
+3. Anchors (`rotate`, the default): the first candidate of every later generation refits the
+   model on every row so far, anchor-only rows included, and draws that generation's `anchors`
+   documents afresh, split across the primary objective's tasks by their weights
+   (`irt.draw_anchors`: a `spread` share uniform over each task, the rest in proportion to each
+   document's Fisher information at the abilities of the candidates told since the last draw),
+   seeded by the stage seed and the generation. A fixed set of a few anchors per task saturates
+   as a search moves: every candidate of a generation right on them, or wrong on them, so all
+   get one estimate and the optimizer has nothing to rank. A rotating draw follows the
+   candidates to the documents where they still differ; every document is observed now and
+   then, so refits keep learning all of them; one model ranks a whole generation (no refit on
+   its tells). With `rotate: false` the anchors are chosen once per fit (`irt.choose_anchors`),
+   and refits come with new fully scored rows and every `refit_every` told candidates.
+4. Every later candidate is scored on its anchors and told its estimate (`estimator`: p-IRT or
+   gp-IRT) of each task's mean over the full search set, marked as an estimate in the ledger.
+   With a `novelty_margin`, a candidate whose weighted anchor mean on some task exceeds the best
+   of the fully scored models by more than the margin has abilities the model has not seen,
+   where a 2PL fitted below them extrapolates badly; it is scored on every document instead
+   (the runner scores only the documents it lacks), told exactly, and becomes a training row.
+   Every `full_every`-th candidate after the warm-up (0: none) is also scored in full.
 
 A candidate's documents are decided when it is asked, from the fit of that moment, and kept in
 its note; its estimate comes from the fit of the moment it is told (in ask order). The rows, the
@@ -68,9 +63,8 @@ from evomerge.fidelity.base import (
 
 
 class IrtOptions(StrategyOptions):
-    """Defaults: those that met issue 18's bar in experiments/benchmarks/fitness_cost.py (tiny_ps,
-    CMA-ES, 300 evaluations, seeds 0-2); `rotate: false` with gp_irt and a novelty margin is the
-    earlier fixed-anchor scheme."""
+    """Defaults chosen with experiments/benchmarks/fitness_cost.py (see experiments/RESULTS.md);
+    `rotate: false`, `estimator: gp_irt` and a `novelty_margin` give anchors chosen once per fit."""
 
     anchors: int = Field(24, ge=1)  # anchor documents per candidate, over all tasks
     warmup: int = Field(5, ge=1)  # candidates scored in full before the first fit
