@@ -324,7 +324,7 @@ BAD = [
     ({"strategy": "racing", "over": "irt", "over_options": {"anchors": 0}}, "stages[0].fidelity.over_options.anchors: must be greater than or equal to 1"),
     ({"strategy": "racing", "over": "racing"}, "stages[0].fidelity: racing can run over a strategy that scores candidates one by one"),
     ({"strategy": "irt", "spread": 1.5}, "stages[0].fidelity.spread: must be less than or equal to 1"),
-    ({"strategy": "irt", "rotate": "sometimes"}, "stages[0].fidelity.rotate: "),
+    ({"strategy": "irt", "rotate": "sometimes"}, "stages[0].fidelity.rotate: must be a valid boolean"),
     (["racing"], "stages[0].fidelity: give a strategy name or a mapping with 'strategy:', got ['racing']"),
 ]
 
