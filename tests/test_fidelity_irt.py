@@ -276,3 +276,29 @@ def test_rotating_anchors_follow_candidates_past_the_ceiling_and_resume_exactly(
     last = [v for cid, _, est, v in log if est and cid >= 60]
     assert len(set(last)) == len(last)
     assert strategy.fits >= 10  # one fit per generation after the warm-up
+
+
+def test_anchor_mean_estimator_tells_the_mean_of_a_uniform_draw() -> None:
+    """`estimator: anchor_mean` with uniform rotating draws (`spread: 1`): a candidate after the
+    warm-up is told each task's plain mean over its anchors (no model in between)."""
+    from evomerge.fidelity import build_strategy
+    from evomerge.fidelity.base import Member, StageInfo
+
+    n_items = 20
+    y, _, _ = synthetic(30, n_items, seed=6)
+    info = StageInfo(
+        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
+        directions={"mean_acc": True}, primary="mean_acc", seed=2, top_k=3,
+    )  # fmt: skip
+    strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 4, "spread": 1.0, "estimator": "anchor_mean"}, info)
+    for row in y[:3]:
+        strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
+    drive(strategy, y[3:], info, 0, 10, [])  # generations of 5: the warm-up, then one more
+    member = Member(cid=10, generation=2)
+    strategy.open(member)
+    offsets = {"add": 0, "sort": n_items}
+    member.scores = {t: {int(p): float(y[13, offsets[t] + int(p)]) for p in pos} for t, pos in member.want.items()}
+    assert {t: len(pos) for t, pos in member.want.items()} == {"add": 4, "sort": 4}
+    told = strategy.estimate(member)
+    means = [np.mean(list(member.scores[t].values())) for t in ("add", "sort")]
+    assert told["mean_acc"] == pytest.approx(np.mean(means), abs=1e-12)

@@ -20,8 +20,9 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    then, so refits keep learning all of them; one model ranks a whole generation (no refit on
    its tells). With `rotate: false` the anchors are chosen once per fit (`irt.choose_anchors`),
    and refits come with new fully scored rows and every `refit_every` told candidates.
-4. Every later candidate is scored on its anchors and told its estimate (`estimator`: p-IRT or
-   gp-IRT) of each task's mean over the full search set, marked as an estimate in the ledger.
+4. Every later candidate is scored on its anchors and told its estimate (`estimator`: p-IRT,
+   gp-IRT, or the anchors' weighted mean) of each task's mean over the full search set, marked
+   as an estimate in the ledger.
    With a `novelty_margin`, a candidate whose weighted anchor mean on some task exceeds the best
    of the fully scored models by more than the margin has abilities the model has not seen,
    where a 2PL fitted below them extrapolates badly; it is scored on every document instead
@@ -71,7 +72,7 @@ class IrtOptions(StrategyOptions):
     novelty_margin: float | None = Field(None, ge=0)  # None: never score a novel candidate in full
     refit_every: int = Field(0, ge=0)  # without rotate: told candidates between refits (0: on new full rows only)
     full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
-    estimator: Literal["gp_irt", "p_irt"] = "p_irt"
+    estimator: Literal["gp_irt", "p_irt", "anchor_mean"] = "p_irt"  # anchor_mean: unbiased with spread 1 (uniform draws)
     anchor_focus: Literal["top", "mean"] = "top"  # without rotate: anchors informative at the best model's ability, or on average
     rotate: bool = True  # fresh anchors for every generation, drawn from a fit refreshed at its start
     spread: float = Field(0.5, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
