@@ -244,7 +244,7 @@ class FullScorer:
             result = core.evaluator.evaluate(model, tokenizer, "search")
         value = float(result.objectives["mean_acc"])
         self.cache[recipe_hash] = value
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # benchmarks sharing a --work folder
         tmp.write_text(json.dumps(self.cache))
         tmp.replace(self.path)
         return value
