@@ -125,6 +125,16 @@ def test_bad_inputs_are_refused() -> None:
 
 
 # ---------------------------------------------------------------------- the `irt` strategy
+def stage_info(n_items: int, seed: int):
+    """A stage of two tasks ("add", "sort") of `n_items` documents each, mean_acc their mean."""
+    from evomerge.fidelity.base import StageInfo
+
+    return StageInfo(
+        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
+        directions={"mean_acc": True}, primary="mean_acc", seed=seed, top_k=3,
+    )  # fmt: skip
+
+
 def drive(strategy, responses: np.ndarray, info, start: int, stop: int, log: list) -> None:
     """Candidates start..stop-1 through the strategy's life cycle as the runner drives it: open,
     score what it wants (from `responses`), decide, estimate, tell."""
@@ -147,14 +157,9 @@ def drive(strategy, responses: np.ndarray, info, start: int, stop: int, log: lis
 
 def test_irt_strategy_warms_up_then_scores_anchors_and_resumes_exactly() -> None:
     from evomerge.fidelity import build_strategy
-    from evomerge.fidelity.base import StageInfo
-
     n_items = 40
     y, _, truth = synthetic(70, n_items, seed=3)
-    info = StageInfo(
-        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
-        directions={"mean_acc": True}, primary="mean_acc", seed=7, top_k=3,
-    )  # fmt: skip
+    info = stage_info(n_items, seed=7)
     spec = {"strategy": "irt", "anchors": 10, "warmup": 20, "refit_every": 15, "novelty_margin": None, "anchor_focus": "mean", "rotate": False, "estimator": "gp_irt"}
     strategy = build_strategy(spec, info)
     for row in y[:5]:  # five baselines, fully scored
@@ -184,17 +189,12 @@ def test_irt_strategy_scores_a_novel_candidate_in_full_and_refits() -> None:
     """A candidate whose anchors beat every fully scored model's by more than the margin is scored
     on every document, told exactly, and refitted on; the others stay on anchors."""
     from evomerge.fidelity import build_strategy
-    from evomerge.fidelity.base import StageInfo
-
     n_items = 30
     y, _, _ = synthetic(40, n_items, seed=4)
     y[:, :n_items] = 0.0  # nobody answers "add"...
     y[:, :n_items:7] = 1.0  # ...except a few easy items
     y[30, :n_items] = 1.0  # until candidate 30 - 4 masters it
-    info = StageInfo(
-        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
-        directions={"mean_acc": True}, primary="mean_acc", seed=0, top_k=3,
-    )  # fmt: skip
+    info = stage_info(n_items, seed=0)
     strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 6, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1}, info)
     for row in y[:4]:
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
@@ -237,18 +237,13 @@ def test_rotating_anchors_follow_candidates_past_the_ceiling_and_resume_exactly(
     generation get different estimates. A run resumed mid-generation from the saved state draws,
     scores and estimates exactly as the uninterrupted one."""
     from evomerge.fidelity import build_strategy
-    from evomerge.fidelity.base import StageInfo
-
     n_items = 30
     rng = np.random.default_rng(5)
     y, _, _ = synthetic(70, n_items, seed=5)
     hard = np.arange(n_items, 2 * n_items) >= n_items + n_items // 2  # the last half of "sort"
     y[:10, n_items:] = (rng.random((10, n_items)) < np.where(hard, 0.05, 0.5)).astype(float)  # baselines + warm-up: weak
     y[10:, n_items:] = np.where(hard, (rng.random((60, n_items)) < 0.5).astype(float), 1.0)  # later: the easy half solved
-    info = StageInfo(
-        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
-        directions={"mean_acc": True}, primary="mean_acc", seed=11, top_k=3,
-    )  # fmt: skip
+    info = stage_info(n_items, seed=11)
     spec = {"strategy": "irt", "anchors": 10, "warmup": 6, "rotate": True, "spread": 0.0, "novelty_margin": None}
     strategy = build_strategy(spec, info)
     for row in y[:4]:
@@ -282,14 +277,11 @@ def test_anchor_mean_estimator_tells_the_mean_of_a_uniform_draw() -> None:
     """`estimator: anchor_mean` with uniform rotating draws (`spread: 1`): a candidate after the
     warm-up is told each task's plain mean over its anchors (no model in between)."""
     from evomerge.fidelity import build_strategy
-    from evomerge.fidelity.base import Member, StageInfo
+    from evomerge.fidelity.base import Member
 
     n_items = 20
     y, _, _ = synthetic(30, n_items, seed=6)
-    info = StageInfo(
-        stage="ps", n_docs={"add": n_items, "sort": n_items}, weights={"mean_acc": {"add": 1.0, "sort": 1.0}},
-        directions={"mean_acc": True}, primary="mean_acc", seed=2, top_k=3,
-    )  # fmt: skip
+    info = stage_info(n_items, seed=2)
     strategy = build_strategy({"strategy": "irt", "anchors": 8, "warmup": 4, "spread": 1.0, "estimator": "anchor_mean"}, info)
     for row in y[:3]:
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})
