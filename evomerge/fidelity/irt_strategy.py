@@ -22,7 +22,11 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    and refits come with new fully scored rows and every `refit_every` told candidates.
 4. Every later candidate is scored on its anchors and told its estimate (`estimator`: p-IRT,
    gp-IRT, or the anchors' weighted mean) of each task's mean over the full search set, marked
-   as an estimate in the ledger.
+   as an estimate in the ledger. With `shrink` (rotate), each task's estimate is moved that share
+   of the way toward the mean score of the candidates told before the generation's draw (the
+   previous generation): one factor for a whole generation keeps its ranking, and noisy
+   overestimates (a plain anchor mean of a few documents) are pulled down, so fewer of them
+   would enter the top k and need a full re-score at the end of the stage.
    With a `novelty_margin`, a candidate whose weighted anchor mean on some task exceeds the best
    of the fully scored models by more than the margin has abilities the model has not seen,
    where a 2PL fitted below them extrapolates badly; it is scored on every document instead
@@ -76,6 +80,7 @@ class IrtOptions(StrategyOptions):
     anchor_focus: Literal["top", "mean"] = "top"  # without rotate: anchors informative at the best model's ability, or on average
     rotate: bool = True  # fresh anchors for every generation, drawn from a fit refreshed at its start
     spread: float = Field(0.5, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
+    shrink: float = Field(0.0, ge=0, le=1)  # rotate: estimates pulled this share toward the previous generation's mean
 
 
 class IrtStrategy(Strategy):
@@ -94,6 +99,7 @@ class IrtStrategy(Strategy):
         self.rows_at_fit = 0  # rows the model was fitted on
         self.drawn_for: int | None = None  # rotate: the generation the current anchors were drawn for
         self.rows_at_draw = 0  # rotate: rows there were at that draw
+        self.prior: dict[str, float] = {}  # shrink: task -> mean score of the rows told before this generation's draw
 
     # ------------------------------------------------------------------ documents
     def open(self, member: Member) -> None:
@@ -146,6 +152,8 @@ class IrtStrategy(Strategy):
         rng = np.random.default_rng([self.info.seed & 0xFFFFFFFF, generation & 0xFFFFFFFF, 0x1D2A])
         counts = irt.allocate(self.options.anchors, self._task_weights(), dict(self.info.n_docs))
         irt.draw_anchors(self.model, counts, abilities, rng, spread=self.options.spread, responses=self._matrix(full_only=True))
+        if self.options.shrink > 0:
+            self.prior = _task_means(recent, self.tasks)
         self.drawn_for = generation
         self.rows_at_draw = len(self.rows)
 
@@ -198,7 +206,8 @@ class IrtStrategy(Strategy):
         if self.model is None or member.is_full(self.info) or member.error is not None:
             return super().estimate(member)
         est = self.model.estimate(self._observed(member.scores))
-        return self.info.objectives({t: est[t][self.options.estimator] for t in self.tasks})
+        values = {t: est[t][self.options.estimator] for t in self.tasks}
+        return self.info.objectives(_shrunk(values, self.prior, self.options.shrink))
 
     # ------------------------------------------------------------------ learning
     def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:
@@ -255,6 +264,7 @@ class IrtStrategy(Strategy):
             "rows_at_fit": self.rows_at_fit,
             "drawn_for": self.drawn_for,
             "rows_at_draw": self.rows_at_draw,
+            "prior": dict(self.prior),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -265,6 +275,7 @@ class IrtStrategy(Strategy):
         self.rows_at_fit = int(state.get("rows_at_fit", 0))
         self.drawn_for = state.get("drawn_for")
         self.rows_at_draw = int(state.get("rows_at_draw", 0))
+        self.prior = {str(t): float(v) for t, v in state.get("prior", {}).items()}
         model = state.get("model")
         self.model = None if model is None else irt.IrtModel.from_state(model)
 
@@ -275,6 +286,24 @@ def _anchor_mean(scores: Mapping[int, float], pairs: list) -> float:
     if total <= 0 or any(int(p) not in scores for p, _ in pairs):
         return math.nan
     return sum(w * scores[int(p)] for p, w in pairs) / total
+
+
+def _task_means(rows: list[dict[str, dict[int, float]]], tasks: list[str]) -> dict[str, float]:
+    """task -> the mean over rows of each row's mean score on the task (rows without it left out)."""
+    out = {}
+    for t in tasks:
+        means = [sum(row[t].values()) / len(row[t]) for row in rows if row.get(t)]
+        if means:
+            out[t] = sum(means) / len(means)
+    return out
+
+
+def _shrunk(values: dict[str, float], prior: Mapping[str, float], shrink: float) -> dict[str, float]:
+    """Each task's estimate moved `shrink` of the way to its prior (James-Stein style: one factor
+    for a whole generation keeps its ranking, and pulls the noisiest overestimates down)."""
+    if shrink <= 0:
+        return values
+    return {t: v + shrink * (prior[t] - v) if t in prior and math.isfinite(v) else v for t, v in values.items()}
 
 
 def _row(scores: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
