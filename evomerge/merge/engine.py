@@ -188,7 +188,7 @@ def _ahead(plan: MergePlan, pool: SourcePool, staging: DeviceSources | None) -> 
     if staging is None:
         yield
         return
-    order = [(pool.get(ref.model), ref.name) for task in plan.tasks for ref in ([task.base] if task.base else []) + list(task.inputs)]
+    order = [(pool.get(ref.model), ref.name) for task in plan.tasks for ref in task.refs]
     with staging.ahead(order):
         yield
 

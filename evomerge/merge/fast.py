@@ -50,11 +50,11 @@ def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
         return f"dtype '{plan.compute_dtype_name}'"
     if plan.out_dtype_name not in (None, *_STORED):
         return f"out_dtype '{plan.out_dtype_name}'"
-    for ref in dict.fromkeys(r.model for task in plan.tasks for r in _refs(task)):
+    for ref in dict.fromkeys(r.model for task in plan.tasks for r in task.refs):
         if not pool.get(ref).in_files:
             return f"model '{ref}' is not read from safetensors files"
     for task in plan.tasks:
-        dtypes = {_loaded_dtype(plan, pool, ref) for ref in _refs(task)}
+        dtypes = {_loaded_dtype(plan, pool, ref) for ref in task.refs}
         if not dtypes <= set(_STORED):
             return f"tensor '{task.name}' has dtypes {sorted(dtypes)}"
         if plan.method.requires_base and task.inputs and "float32" not in dtypes:
@@ -82,10 +82,6 @@ def numpy_kernel(plan: MergePlan) -> NumpyKernel | None:
         return None
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def _refs(task: TensorTask) -> list[TensorRef]:
-    return [*([task.base] if task.base else []), *task.inputs]
 
 
 def _loaded_dtype(plan: MergePlan, pool: SourcePool, ref: TensorRef) -> str:
@@ -250,7 +246,7 @@ def run_task(
     buffers = buffers or _Buffers()
     kernel = kernel or numpy_kernel(plan)
     assert kernel is not None, "unsupported_reason says which plans this executor runs"
-    refs = _refs(task)
+    refs = task.refs
     views = [reader.view(ref) for ref in refs]
     if plan.compute_dtype_name is not None:  # the torch engine casts what it loads, first
         compute = np.dtype(_STORED[plan.compute_dtype_name])

@@ -47,6 +47,11 @@ class TensorTask:
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
 
+    @property
+    def refs(self) -> list[TensorRef]:
+        """The source tensors the task reads: the base first (when it has one), then the inputs."""
+        return [*([self.base] if self.base else []), *self.inputs]
+
 
 @dataclass
 class MergePlan:

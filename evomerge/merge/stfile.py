@@ -212,7 +212,7 @@ class MappedSafetensorsFile:
             offset += size
         self.start = 8 + header_room
         self.nbytes = offset
-        self.file = open(path, "w+b")  # noqa: SIM115 - closed in finish()/abort()
+        self.file = open(path, "x+b")  # noqa: SIM115 - closed in finish()/abort(); never an existing file
         self.map: mmap.mmap | None = None
         try:
             self._io(self.file.write, header_bytes(self.entries, header_room))

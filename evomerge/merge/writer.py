@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.errors import ConfigError
 from evomerge.memory import available_memory
 from evomerge.merge.hfconfig import complete_checkpoint
-from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, plan_merge
+from evomerge.merge.plan import MergePlan, plan_merge
 from evomerge.merge.sources import SourcePool, prefault
 from evomerge.merge.stfile import (
     CODE_DTYPES,
@@ -223,16 +223,12 @@ def _prefault(plan: MergePlan, pool: SourcePool, files: list[MappedSafetensorsFi
     """Map the sources' pages (to read) and the output's (to write) on a thread, when together
     they are at most half of the memory available: beyond that, pages mapped ahead could be
     evicted before their use."""
-    refs = dict.fromkeys(ref.model for task in plan.tasks for ref in _task_refs(task))
+    refs = dict.fromkeys(ref.model for task in plan.tasks for ref in task.refs)
     reads = [m for ref in refs for m in pool.get(ref).mapped_files()]
     writes = [file.map for file in files if file.map is not None]
     if sum(len(m) for m in reads + writes) > available_memory() // 2:
         return None
     return prefault(reads, writes)
-
-
-def _task_refs(task: TensorTask) -> list[TensorRef]:
-    return [*([task.base] if task.base else []), *task.inputs]
 
 
 def _output_layout(plan: MergePlan, pool: SourcePool) -> list[tuple[str, str, tuple[int, ...]]] | None:
@@ -241,7 +237,7 @@ def _output_layout(plan: MergePlan, pool: SourcePool) -> list[tuple[str, str, tu
     cannot be told without merging."""
     layout = []
     for task in plan.tasks:
-        refs = _task_refs(task)
+        refs = task.refs
         sources = [pool.get(ref.model) for ref in refs]
         if not refs or not all(source.in_files for source in sources):
             return None
