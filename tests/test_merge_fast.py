@@ -13,15 +13,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from evomerge.errors import ConfigError
-from evomerge.merge import fast
+from evomerge.merge import fast, native
 from evomerge.merge.engine import materialize
 from evomerge.merge.plan import plan_merge
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.stfile import dtype_name
 from evomerge.merge.writer import write_model
 from evomerge.recipe import Recipe
 
@@ -45,7 +47,8 @@ def fam(llama_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     out = dict(llama_family)
     out["a16"] = _as_dtype(llama_family["a"], root / "a16", torch.float16)
     out["b16"] = _as_dtype(llama_family["b"], root / "b16", torch.float16)
-    out["bbf"] = _as_dtype(llama_family["b"], root / "bbf", torch.bfloat16)
+    for name in ("base", "a", "b", "c"):  # bfloat16 copies: the native twins' cases
+        out[f"{name}bf"] = _as_dtype(llama_family[name], root / f"{name}bf", torch.bfloat16)
     out["tied_base"] = write_llama(root / "tied_base", seed=10, tie=True)
     out["tied_ft"] = write_llama(root / "tied_ft", seed=11, base=out["tied_base"], tie=True)
     return out
@@ -92,16 +95,43 @@ def _recipes(f: dict[str, Path]) -> dict[str, dict]:
         "linear_fp16": {"merge_method": "linear", "models": [m("a16", weight=0.3), m("b16", weight=0.6)]},
         "linear_fp16_out_fp32": {"merge_method": "linear", "models": [m("a16", weight=0.3), m("b16", weight=0.6)], "out_dtype": "float32"},
         "linear_dtype_fp16": {"merge_method": "linear", "models": [m("a", weight=0.5), m("b", weight=0.5)], "dtype": "float16"},
+        "ta_bf16_gradients_filters": {
+            "merge_method": "task_arithmetic", "base_model": str(f["basebf"]),
+            "models": [m("abf", weight=0.5), m("bbf", weight=[0.0, 1.0]), m("cbf", weight=filters)],
+        },
+        "ta_bf16_normalize_lambda_zero_weight": {
+            "merge_method": "task_arithmetic", "base_model": str(f["basebf"]),
+            "models": [m("abf", weight=0.3), m("bbf", weight=0.0), m("cbf", weight=-0.45)],
+            "parameters": {"normalize": True, "lambda": 0.7}, "dtype": "bfloat16",
+        },
+        "ta_bf16_all_weights_zero": {
+            "merge_method": "task_arithmetic", "base_model": str(f["basebf"]), "models": [m("abf", weight=0.0)],
+            "out_dtype": "bfloat16",
+        },
+        "ta_fp32_as_bf16": {  # the sources cast to bfloat16 first, as torch does
+            "merge_method": "task_arithmetic", "base_model": str(f["base"]),
+            "models": [m("a16", weight=0.6), m("bbf", weight=0.2), m("c", weight=0.3)], "dtype": "bfloat16",
+        },
+        "linear_bf16": {"merge_method": "linear", "models": [m("abf", weight=filters), m("bbf", weight=0.6), m("cbf", weight=0.1)]},
+        "linear_bf16_no_normalize": {
+            "merge_method": "linear", "models": [m("abf", weight=1.3), m("bbf", weight=-0.4)], "parameters": {"normalize": False},
+        },
         "linear_base_not_listed": {
             "merge_method": "linear", "base_model": str(f["base"]), "models": [m("a", weight=0.5)], "parameters": {"weight": 0.25},
         },
     }
 
 
+def _as_torch(array: np.ndarray) -> torch.Tensor:
+    if dtype_name(array) == "bfloat16":  # bit patterns in a uint16 array
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
 def _assert_identical(got: dict, want: dict[str, torch.Tensor], label: str) -> None:
     assert list(got) == list(want), label
     for key, tensor in want.items():
-        value = torch.from_numpy(got[key].copy())
+        value = _as_torch(got[key])
         assert value.dtype == tensor.dtype, f"{label}: {key}: {value.dtype} vs {tensor.dtype}"
         assert value.shape == tensor.shape, f"{label}: {key}"
         assert torch.equal(value, tensor), f"{label}: {key}: max diff {(value.double() - tensor.double()).abs().max()}"
@@ -110,8 +140,14 @@ def _assert_identical(got: dict, want: dict[str, torch.Tensor], label: str) -> N
 CASES = list(_recipes(defaultdict(Path)))
 
 
+def _needs_native(case: str) -> None:
+    if "bf16" in case and native.library() is None:
+        pytest.skip(f"bfloat16 needs the native kernels: {native.unavailable_reason()}")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_numpy_executor_is_bitwise_the_torch_engine(fam: dict[str, Path], case: str) -> None:
+    _needs_native(case)
     recipe = Recipe.parse(_recipes(fam)[case])
     pool = SourcePool()
     plan = plan_merge(recipe, pool)
@@ -120,11 +156,13 @@ def test_numpy_executor_is_bitwise_the_torch_engine(fam: dict[str, Path], case: 
     _assert_identical(got, materialize(recipe, SourcePool()), case)
 
 
-@pytest.mark.parametrize("case", ["ta_gradients_filters", "linear_no_normalize_negative"])
+@pytest.mark.parametrize("case", ["ta_gradients_filters", "linear_no_normalize_negative", "ta_bf16_gradients_filters", "linear_bf16"])
 def test_written_files_are_byte_identical(fam: dict[str, Path], tmp_path: Path, case: str) -> None:
+    _needs_native(case)
     recipe = Recipe.parse(_recipes(fam)[case])
-    numpy_dir = write_model(recipe, SourcePool(), tmp_path / "numpy", engine="numpy", max_shard_bytes=30_000)
-    torch_dir = write_model(recipe, SourcePool(), tmp_path / "torch", engine="torch", max_shard_bytes=30_000)
+    shard = 12_000 if "bf16" in case else 30_000  # several shards either way
+    numpy_dir = write_model(recipe, SourcePool(), tmp_path / "numpy", engine="numpy", max_shard_bytes=shard)
+    torch_dir = write_model(recipe, SourcePool(), tmp_path / "torch", engine="torch", max_shard_bytes=shard)
     files = sorted(p.name for p in numpy_dir.iterdir())
     assert files == sorted(p.name for p in torch_dir.iterdir())
     assert "model.safetensors.index.json" in files
@@ -171,8 +209,13 @@ def test_everything_else_falls_back_to_torch(fam: dict[str, Path], tmp_path: Pat
     ties = {"merge_method": "ties", "base_model": str(fam["base"]), "models": [{"model": str(fam["a"]), "parameters": {"weight": 1, "density": 0.5}}]}
     assert "ties" in reason(ties)
     bf16 = {"merge_method": "linear", "models": [{"model": str(fam["a"]), "parameters": {"weight": 1}}], "dtype": "bfloat16"}
-    assert "bfloat16" in reason(bf16)
-    assert "bfloat16" in reason({"merge_method": "linear", "models": [{"model": str(fam["bbf"]), "parameters": {"weight": 1}}]})
+    if native.library() is not None:
+        assert reason(bf16) is None  # cast to bfloat16, merged by the native twin
+    assert "bfloat16 only to bfloat16" in reason({**bf16, "out_dtype": "float32"})
+    mixed = {"merge_method": "linear", "models": [{"model": str(fam["bbf"]), "parameters": {"weight": 1}}, {"model": str(fam["a"]), "parameters": {"weight": 1}}]}
+    assert "bfloat16" in reason(mixed)
+    to_fp32 = {"merge_method": "linear", "models": [{"model": str(fam["bbf"]), "parameters": {"weight": 1}}], "out_dtype": "float32"}
+    assert "bfloat16" in reason(to_fp32)
     only16 = {"merge_method": "task_arithmetic", "base_model": str(fam["a16"]), "models": [{"model": str(fam["b16"]), "parameters": {"weight": 1}}]}
     assert "float16" in reason(only16)  # merged in float16 by torch: not reproduced here
     zero = {"merge_method": "linear", "models": [{"model": str(fam["a"]), "parameters": {"weight": 0.5}}, {"model": str(fam["b"]), "parameters": {"weight": -0.5}}]}
@@ -187,11 +230,90 @@ def test_everything_else_falls_back_to_torch(fam: dict[str, Path], tmp_path: Pat
     assert not (tmp_path / "zero").exists() and not (tmp_path / "ties").exists()
 
 
-def test_cli_task_arithmetic_never_imports_torch(fam: dict[str, Path], tmp_path: Path) -> None:
+def test_bfloat16_without_the_native_kernels_goes_to_torch(fam: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _recipes(fam)["ta_bf16_gradients_filters"]
+    monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+    native._load.cache_clear()
+    try:
+        pool = SourcePool()
+        assert "EVOMERGE_NATIVE=0" in fast.unsupported_reason(plan_merge(Recipe.parse(spec), pool), pool)
+        out = write_model(Recipe.parse(spec), SourcePool(), tmp_path / "torch")
+    finally:
+        monkeypatch.delenv("EVOMERGE_NATIVE")
+        native._load.cache_clear()
+    want = materialize(Recipe.parse(spec), SourcePool())
+    written = load_file(str(out / "model.safetensors"))
+    assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], want[k]) for k in want)
+
+
+def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: no such target' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    try:
+        assert native.library() is None
+        assert "no such target" in native.unavailable_reason()
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-built left
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+
+
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 2047, 2049, 70_001])
+def test_native_kernels_are_bitwise_the_torch_kernels(n: int) -> None:
+    """Large and tiny magnitudes, float32 subnormals, infinities, NaN, overflow to inf, sizes
+    around the vector width and the kernels' block."""
+    from evomerge.merge.methods.task_arithmetic import task_arithmetic_kernel
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    rng = np.random.default_rng(n)
+    base = rng.normal(0, 0.02, n) * 10.0 ** rng.integers(-40, 3, n)
+    inputs = [base + rng.normal(0, 0.01, n) * 10.0 ** rng.integers(-6, 2, n) for _ in range(3)]
+    for x in inputs:
+        x[rng.integers(0, n, max(1, n // 100))] = rng.choice([np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0, -0.0], max(1, n // 100))
+    base_bits, input_bits = _bf16_bits(base), [_bf16_bits(x) for x in inputs]
+    as_torch = [torch.from_numpy(b.view(np.int16)).view(torch.bfloat16) for b in (base_bits, *input_bits)]
+    weights = [0.35, -0.7, 1.25]
+    for lam, normalize in ((1.0, False), (0.8, True)):
+        want = task_arithmetic_kernel(as_torch[0], as_torch[1:], weights, [None] * 3, rescale=False, consensus=False, normalize=normalize, lam=lam)
+        task = _Task(weights, {"normalize": normalize, "lambda": lam})
+        got = np.empty(n, np.uint16)
+        fast._task_arithmetic_bf16([base_bits, *input_bits], task, got)
+        assert np.array_equal(got, want.view(torch.int16).numpy().view(np.uint16))
+    from evomerge.merge.methods.linear import Linear  # noqa: F401 - the kernel's reference semantics below
+    for normalize in (True, False):
+        acc = torch.zeros(n, dtype=torch.float32)
+        for t, w in zip(as_torch[1:], torch.tensor(weights).tolist(), strict=True):
+            acc.add_(t.to(torch.float32), alpha=w)
+        if normalize:
+            acc.div_(float(torch.tensor(weights).sum()))
+        got = np.empty(n, np.uint16)
+        fast._linear_bf16(input_bits, _Task(weights, {"normalize": normalize}), got)
+        assert np.array_equal(got, acc.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+
+
+class _Task:
+    """What the kernels read of a TensorTask."""
+
+    def __init__(self, weights: list[float], params: dict) -> None:
+        self.model_params = [{"weight": w} for w in weights]
+        self.params = params
+
+
+@pytest.mark.parametrize("suffix", ["", "bf"])
+def test_cli_task_arithmetic_never_imports_torch(fam: dict[str, Path], tmp_path: Path, suffix: str) -> None:
     recipe = tmp_path / "ta.yaml"
     recipe.write_text(
-        f"merge_method: task_arithmetic\nbase_model: {fam['base']}\nmodels:\n"
-        f"  - model: {fam['a']}\n    parameters: {{weight: 0.5}}\n  - model: {fam['b']}\n    parameters: {{weight: 0.3}}\n"
+        f"merge_method: task_arithmetic\nbase_model: {fam['base' + suffix]}\nmodels:\n"
+        f"  - model: {fam['a' + suffix]}\n    parameters: {{weight: 0.5}}\n  - model: {fam['b' + suffix]}\n    parameters: {{weight: 0.3}}\n"
     )
     code = (
         "import sys\nfrom evomerge.cli import main\n"

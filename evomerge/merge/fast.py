@@ -13,9 +13,11 @@ round-to-nearest-even.
 
 It covers only what it reproduces exactly: float32 work (float16/float32 sources; linear also
 accumulates float16 inputs in float32), float16/float32 output, safetensors sources read from
-files, and parameter values the torch methods accept. `unsupported_reason` says why a plan
-is not covered; callers then use the torch engine, which also raises the errors (weights
-summing to 0, densities out of range, ...).
+files, and parameter values the torch methods accept. Tensors whose sources are all bfloat16
+(merged in bfloat16, as the torch engine merges them) go to the kernel's compiled twin
+(`NumpyKernel.bf16`, `evomerge.merge.native`), when a C compiler built it. `unsupported_reason`
+says why a plan is not covered; callers then use the torch engine, which also raises the
+errors (weights summing to 0, densities out of range, ...).
 """
 
 from __future__ import annotations
@@ -24,21 +26,25 @@ import importlib
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evomerge.merge import native
 from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, task_size
 from evomerge.merge.sources import SourcePool
+from evomerge.merge.stfile import BFLOAT16, dtype_name
 
 CHUNK = 1 << 16  # elements per chunk: the float64 temporaries stay in a core's L2
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _STORED = {"float32": np.float32, "float16": np.float16}
+_BF16 = "bfloat16"
+_VIEWED = {**_STORED, _BF16: BFLOAT16}
 
 
 def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
@@ -46,15 +52,19 @@ def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
     kernel = numpy_kernel(plan)
     if kernel is None:
         return f"method '{plan.method.name}' needs torch"
-    if plan.compute_dtype_name not in (None, *_STORED):
+    if plan.compute_dtype_name not in (None, *_VIEWED):
         return f"dtype '{plan.compute_dtype_name}'"
-    if plan.out_dtype_name not in (None, *_STORED):
+    if plan.out_dtype_name not in (None, *_VIEWED):
         return f"out_dtype '{plan.out_dtype_name}'"
     for ref in dict.fromkeys(r.model for task in plan.tasks for r in task.refs):
         if not pool.get(ref).in_files:
             return f"model '{ref}' is not read from safetensors files"
     for task in plan.tasks:
         dtypes = {_loaded_dtype(plan, pool, ref) for ref in task.refs}
+        if _BF16 in dtypes or plan.out_dtype_name == _BF16:
+            if problem := _bf16_problem(plan, pool, task, kernel, dtypes):
+                return f"tensor '{task.name}': {problem}"
+            continue
         if not dtypes <= set(_STORED):
             return f"tensor '{task.name}' has dtypes {sorted(dtypes)}"
         if plan.method.requires_base and task.inputs and "float32" not in dtypes:
@@ -64,15 +74,29 @@ def unsupported_reason(plan: MergePlan, pool: SourcePool) -> str | None:
     return None
 
 
+def _bf16_problem(plan: MergePlan, pool: SourcePool, task: TensorTask, kernel: NumpyKernel, dtypes: set[str]) -> str | None:
+    """Why a tensor with bfloat16 in it is not merged by the kernel's compiled twin, or None."""
+    if kernel.bf16 is None:
+        return f"method '{plan.method.name}' has no bfloat16 twin"
+    stored = sorted({pool.get(ref.model).entry(ref.name).dtype for ref in task.refs})
+    if dtypes != {_BF16} or not set(stored) <= set(_VIEWED) or plan.out_dtype_name not in (None, _BF16):
+        return f"dtypes {stored} with dtype '{plan.compute_dtype_name}', out_dtype '{plan.out_dtype_name}' (bfloat16 only to bfloat16, from bfloat16 sources or with dtype: bfloat16)"
+    if (reason := native.unavailable_reason()) is not None:
+        return f"bfloat16 needs the native kernels: {reason}"
+    return kernel.problem(task)
+
+
 @dataclass(frozen=True)
 class NumpyKernel:
     """A numpy twin of a torch kernel: ``run(views, task, out)`` (the base's view first for a
     method with a base) writes what the torch kernel returns; ``problem(task)`` says why the torch
     kernel would refuse the task's resolved parameters (the plan checked each against its
-    declared range already), or None."""
+    declared range already), or None. ``bf16``: the same for bfloat16 views (uint16 bit
+    patterns) and a bfloat16 result, with the compiled kernels (`evomerge.merge.native`)."""
 
     run: Callable[[list[np.ndarray], TensorTask, np.ndarray], None]
     problem: Callable[[TensorTask], str | None]
+    bf16: Callable[[list[np.ndarray], TensorTask, np.ndarray], None] | None = None
 
 
 def numpy_kernel(plan: MergePlan) -> NumpyKernel | None:
@@ -119,7 +143,7 @@ class _Reader:
             if mapped is None:
                 with open(entry.file, "rb") as handle:
                     mapped = self.maps[entry.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        dtype = np.dtype(_STORED[entry.dtype]).newbyteorder("<")
+        dtype = _VIEWED[entry.dtype] if entry.dtype == _BF16 else np.dtype(_VIEWED[entry.dtype]).newbyteorder("<")
         count = (entry.end - entry.begin) // dtype.itemsize
         return np.frombuffer(mapped, dtype=dtype, count=count, offset=entry.begin)
 
@@ -210,8 +234,49 @@ def _linear(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None
         np.copyto(out[s:e], a32, casting="same_kind" if out.dtype.itemsize >= 4 else "unsafe")
 
 
-LINEAR = NumpyKernel(_linear, _linear_problem)
-TASK_ARITHMETIC = NumpyKernel(_task_arithmetic, lambda task: None)
+def _task_arithmetic_bf16(views: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
+    """methods.task_arithmetic_kernel without masks over bfloat16, as its `_linear_sum_half`:
+    ``keep * base + sum_j alpha w_j x_j`` in float32, the weights and their sum rounded to
+    bfloat16 as the kernel holds them in a tensor of the working dtype."""
+    base, inputs = views[0], views[1:]
+    weights = _round_bf16([float(p["weight"]) for p in task.model_params])
+    live = [(x, w) for x, w in zip(inputs, weights, strict=True) if w != 0]
+    divisor = _round_bf16([_sum32(np.array(weights, dtype=np.float32))])[0] if bool(task.params["normalize"]) else 1.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    if not live:
+        np.copyto(out, base)
+        return
+    alpha = float(task.params["lambda"]) / divisor
+    keep = 1.0 - alpha * sum(w for _, w in live)
+    native.task_arithmetic_bf16(base, [x for x, _ in live], [alpha * w for _, w in live], keep, out)
+
+
+def _linear_bf16(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
+    """methods.Linear over bfloat16: accumulated in float32 from zero, rounded once."""
+    weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
+    divisor = _sum32(weights) if bool(task.params["normalize"]) else None
+    native.linear_bf16(inputs, [float(w) for w in weights], divisor, out)
+
+
+def _round_bf16(values: list[float]) -> list[float]:
+    """Python floats as torch.tensor(values, dtype=torch.bfloat16) holds them: rounded to float32,
+    then to bfloat16, each to nearest even."""
+    bits = _to_bf16(np.array(values, dtype=np.float32)).astype(np.uint32) << 16
+    return [float(v) for v in bits.view(np.float32)]
+
+
+def _to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32/float16 values as bfloat16 bit patterns, as torch's ``.to(torch.bfloat16)`` casts
+    them: through float32, rounded to nearest even, NaN as 0xFFFF."""
+    bits = values.astype(np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0xFFFF
+    return rounded.view(BFLOAT16)
+
+
+LINEAR = NumpyKernel(_linear, _linear_problem, _linear_bf16)
+TASK_ARITHMETIC = NumpyKernel(_task_arithmetic, lambda task: None, _task_arithmetic_bf16)
 
 
 # ---- execution -----------------------------------------------------------------------------
@@ -238,31 +303,43 @@ class _Buffers:
 
 
 def run_task(
-    task: TensorTask, plan: MergePlan, reader: _Reader, buffers: _Buffers | None = None, kernel: NumpyKernel | None = None
+    task: TensorTask,
+    plan: MergePlan,
+    reader: _Reader,
+    buffers: _Buffers | None = None,
+    kernel: NumpyKernel | None = None,
+    out: Any = None,
 ) -> np.ndarray:
     """One output tensor, shaped, in the plan's output dtype (from ``buffers`` when given:
     its ``.base`` goes back there once the caller is done with it). ``kernel``: the plan's
-    `numpy_kernel`, looked up when not given."""
+    `numpy_kernel`, looked up when not given. ``out``: a writable buffer of exactly the
+    result's bytes (a memory-mapped file's region) that receives it instead."""
     buffers = buffers or _Buffers()
     kernel = kernel or numpy_kernel(plan)
     assert kernel is not None, "unsupported_reason says which plans this executor runs"
     refs = task.refs
     views = [reader.view(ref) for ref in refs]
-    if plan.compute_dtype_name is not None:  # the torch engine casts what it loads, first
+    # the torch engine casts what it loads to `dtype`, first; bfloat16 work is all bfloat16
+    bf16 = plan.compute_dtype_name == _BF16 or dtype_name(views[0]) == _BF16
+    if bf16:
+        views = [v if dtype_name(v) == _BF16 else _to_bf16(v) for v in views]
+    elif plan.compute_dtype_name is not None:
         compute = np.dtype(_STORED[plan.compute_dtype_name])
         views = [v if v.dtype == compute else v.astype(compute) for v in views]
     # The methods return their work dtype: the promoted input dtype (the base alone when
     # task_arithmetic has no other input); the engine then casts to out_dtype.
     promoted = views[:1] if plan.method.requires_base and not task.inputs else views
-    work = np.result_type(*(v.dtype for v in promoted))
-    out = buffers.get(views[0].size, work)
-    kernel.run(views, task, out)
-    if plan.out_dtype_name is not None and work != np.dtype(_STORED[plan.out_dtype_name]):
-        cast = buffers.get(out.size, np.dtype(_STORED[plan.out_dtype_name]))
-        np.copyto(cast, out, casting="same_kind")
-        buffers.put(out)
-        out = cast
-    return out.reshape(reader.pool.get(refs[0].model).entry(refs[0].name).shape)
+    work = BFLOAT16 if bf16 else np.result_type(*(v.dtype for v in promoted))
+    final = work if plan.out_dtype_name is None or bf16 else np.dtype(_STORED[plan.out_dtype_name])
+    target = None if out is None else np.frombuffer(out, dtype=final)
+    result = target if target is not None and final == work else buffers.get(views[0].size, work)
+    (kernel.bf16 if bf16 else kernel.run)(views, task, result)
+    if final != work:
+        cast = target if target is not None else buffers.get(result.size, final)
+        np.copyto(cast, result, casting="same_kind")
+        buffers.put(result)
+        result = cast
+    return result.reshape(reader.pool.get(refs[0].model).entry(refs[0].name).shape)
 
 
 def default_workers() -> int:
@@ -293,6 +370,29 @@ def iter_merged(
             yield task.name, result
             if buffers is not None:  # the consumer is done with it: its memory serves a later task
                 buffers.put(result.base if result.base is not None else result)
+    finally:
+        results.close()
+        reader.close()
+
+
+def merge_into(plan: MergePlan, pool: SourcePool, targets: Mapping[str, Any], *, workers: int | None = None) -> Iterator[str]:
+    """Write every output tensor of ``plan`` into ``targets[name]``, a writable buffer of exactly
+    its bytes in the dtype `iter_merged` yields (such as a region of a memory-mapped file);
+    yield the names in plan order as they are written. Threads as in `iter_merged`."""
+    missing = [task.name for task in plan.tasks if task.name not in targets]
+    if missing:
+        raise KeyError(f"no target for tensor '{missing[0]}'")
+    reader = _Reader(pool)
+    buffers = _Buffers()
+    n_workers = max(1, workers if workers is not None else default_workers())
+    sizes = [task_size(task, pool) for task in plan.tasks]
+    kernel = numpy_kernel(plan)
+    results = ordered_parallel(
+        plan.tasks, lambda task: run_task(task, plan, reader, buffers, kernel, out=targets[task.name]), sizes, n_workers, prefix="evomerge-fast"
+    )
+    try:
+        for task, _ in results:
+            yield task.name
     finally:
         results.close()
         reader.close()

@@ -118,8 +118,17 @@ def _check_coverage(entries: dict[str, TensorEntry], start: int, data_bytes: int
         raise NotSafetensors(f"{what}: the header describes {position} bytes of tensor data, the file holds {data_bytes}")
 
 
+# numpy has no bfloat16: the numpy executor holds bfloat16 tensors as their bit patterns, in
+# uint16 arrays of this dtype, which `dtype_name` names "bfloat16"
+BFLOAT16 = np.dtype("<u2", metadata={"dtype": "bfloat16"})
+
+
 def dtype_name(array: Any) -> str:
-    """'float32' for a torch tensor or a numpy array of float32, and so on."""
+    """'float32' for a torch tensor or a numpy array of float32, and so on ('bfloat16' for a
+    numpy array of `BFLOAT16`)."""
+    metadata = getattr(array.dtype, "metadata", None)
+    if metadata and "dtype" in metadata:
+        return metadata["dtype"]
     return str(array.dtype).removeprefix("torch.")
 
 

@@ -8,12 +8,15 @@ Layout: `config.json` (layer count set for slices), `model.safetensors` or shard
 the files are staged then moved into place: `evomerge.modeldir`.
 
 The tensors come from the torch engine, or, for plans it reproduces exactly (linear and
-task_arithmetic on float16/float32 safetensors sources), from the numpy executor in
-`evomerge.merge.fast`: then `evomerge merge` never imports torch, which alone costs seconds.
+task_arithmetic on safetensors sources; bfloat16 with the compiled kernels of
+`evomerge.merge.native`), from the numpy executor in `evomerge.merge.fast`: then `evomerge
+merge` never imports torch, which alone costs seconds. Either writes straight into the
+memory-mapped output files where their layout can be told ahead (`_merge_into_files`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -84,17 +87,16 @@ def write_model(
     out_dir = Path(out_dir).resolve()
     check_target(out_dir, force)
     plan = plan_merge(recipe, pool)
-    tensors = _numpy_executor(plan, pool, engine)
+    numpy_covers = _numpy_covers(plan, pool, engine)
     hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
     for ref in recipe.model_refs():
         if pool.get(ref).path.resolve() == out_dir:
             raise ConfigError(f"is the directory of the source model '{ref}'; writing there would replace it: choose another directory", file=str(out_dir))
     recipe = recipe.with_evomerge(source_hashes=hashes)
     with model_dir_writer(out_dir, force=force) as tmp:
-        if tensors is None and not _merge_into_files(plan, pool, sparsifier, tmp, max_shard_bytes, progress):
-            tensors = _executor(plan, pool, sparsifier, "torch")
-        if tensors is not None:
-            _write_weights(plan, tensors, tmp, max_shard_bytes, progress)
+        fill = _fill_numpy if numpy_covers else functools.partial(_fill_torch, sparsifier=sparsifier)
+        if not _merge_into_files(plan, pool, fill, tmp, max_shard_bytes, progress):
+            _write_weights(plan, _executor(plan, pool, sparsifier, "numpy" if numpy_covers else "torch"), tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
@@ -105,46 +107,48 @@ def write_model(
 def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, engine: str) -> Iterator[tuple[str, Any]]:
     """The merged tensors of ``plan``, in plan order, from the engine asked for (lazily: nothing
     is merged before the caller iterates)."""
-    tensors = _numpy_executor(plan, pool, engine)
-    if tensors is not None:
-        return tensors
+    if _numpy_covers(plan, pool, engine):
+        from evomerge.merge import fast
+
+        return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
     from evomerge.merge.engine import iter_merged
 
     return iter_merged(plan, pool, sparsifier)
 
 
-def _numpy_executor(plan: MergePlan, pool: SourcePool, engine: str) -> Iterator[tuple[str, Any]] | None:
-    """The numpy executor's tensors when ``engine`` allows it and it covers the plan; None when
-    the torch engine is to merge."""
+def _numpy_covers(plan: MergePlan, pool: SourcePool, engine: str) -> bool:
+    """Whether the numpy executor is to merge: ``engine`` allows it and it covers the plan."""
     if engine not in ("auto", "torch", "numpy"):
         raise ValueError(f"engine must be 'auto', 'torch' or 'numpy', got {engine!r}")
     if engine == "torch":
-        return None
+        return False
     # imported when used: the numpy executor spares `import torch` (seconds)
     from evomerge.merge import fast
 
     reason = fast.unsupported_reason(plan, pool)
-    if reason is None:
-        return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
-    if engine == "numpy":
+    if reason is not None and engine == "numpy":
         raise ValueError(f"the numpy executor does not cover this merge: {reason}")
-    return None
+    return reason is None
+
+
+Fill = Callable[[MergePlan, SourcePool, "list[MappedSafetensorsFile]", "Callable[[int, int], None] | None"], bool]
 
 
 def _merge_into_files(
     plan: MergePlan,
     pool: SourcePool,
-    sparsifier: Sparsifier | None,
+    fill: Fill,
     out: Path,
     max_shard_bytes: int,
     progress: Callable[[int, int], None] | None,
 ) -> bool:
-    """Merge with the torch engine straight into the output files: laid out first (the same
-    shards and bytes as `_write_weights` gives), allocated and memory-mapped, each task writing
-    its result into its file's pages (`engine.merge_into`). No merged tensor is held in memory
+    """Merge straight into the output files: laid out first (the same shards and bytes as
+    `_write_weights` gives), allocated and memory-mapped, each task writing its result into its
+    file's pages (``fill``: `_fill_torch` or `_fill_numpy`). No merged tensor is held in memory
     of its own and nothing is copied into the files afterwards, which is most of what writing
-    costs. While torch is imported, a thread maps the sources' pages and the output's ahead
-    (`sources.prefault`), work the merge would otherwise do in page faults.
+    costs. Meanwhile (while torch is imported, for the torch engine), a thread maps the sources'
+    pages and the output's ahead (`sources.prefault`), work the merge would otherwise do in
+    page faults.
 
     False, with nothing left in ``out``, when the output dtypes cannot be told before merging
     (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the file
@@ -166,7 +170,7 @@ def _merge_into_files(
         raise
     warming = _prefault(plan, pool, files)
     try:
-        filled = _fill(plan, pool, sparsifier, files, progress)
+        filled = fill(plan, pool, files, progress)
     except BaseException:
         _drop(files)
         raise
@@ -182,15 +186,34 @@ def _merge_into_files(
     return True
 
 
-def _fill(
+def _fill_numpy(
+    plan: MergePlan, pool: SourcePool, files: list[MappedSafetensorsFile], progress: Callable[[int, int], None] | None
+) -> bool:
+    """`_fill_torch` with the numpy executor (`fast.merge_into`), whose dtypes are the torch
+    engine's by construction."""
+    from evomerge.merge import fast
+
+    targets: dict[str, Any] = {}
+    for file in files:
+        for name in file.entries:
+            mapped, begin, size = file.region(name)
+            targets[name] = memoryview(mapped)[begin : begin + size] if size else bytearray()
+    for done, _ in enumerate(fast.merge_into(plan, pool, targets), start=1):
+        if progress:
+            progress(done, len(plan.tasks))
+    return True  # the maps close once ``targets`` is gone
+
+
+def _fill_torch(
     plan: MergePlan,
     pool: SourcePool,
-    sparsifier: Sparsifier | None,
     files: list[MappedSafetensorsFile],
     progress: Callable[[int, int], None] | None,
+    *,
+    sparsifier: Sparsifier | None,
 ) -> bool:
-    """Merge every task into its region of ``files``; False when a result's dtype or shape is
-    not its region's."""
+    """Merge every task into its region of ``files`` with the torch engine; False when a
+    result's dtype or shape is not its region's."""
     import torch  # the torch engine merges; imported here, as `_executor` does
 
     from evomerge.merge.engine import TargetMismatch, merge_into

@@ -1,0 +1,156 @@
+"""Compiled twins of the torch engine's bfloat16 kernels, for `evomerge.merge.fast` (numpy has no
+bfloat16, and emulating it costs several times what the merge itself does).
+
+The C source (`native_kernels.c`) ships with the package. It is compiled once per machine, with
+the system's C compiler (``$CC``, else ``cc``), into evomerge's cache
+(``$EVOMERGE_CACHE/native/<key>/``, the key covering the source, the compiler, the flags and the
+CPU), and loaded with ctypes, whose calls release the GIL: the executor's threads run them in
+parallel. Without a compiler, when compiling fails, or with ``EVOMERGE_NATIVE=0``, `library`
+is None and `unavailable_reason` says why; such merges then go to the torch engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from evomerge.fsutil import cache_dir
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+# -ffp-contract=off: only the explicit fmaf calls fuse, as in the torch kernels
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+
+_U16P = ctypes.POINTER(ctypes.c_uint16)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None when they cannot be had."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why `library` is None, or None when it is not."""
+    return _load()[1]
+
+
+def task_arithmetic_bf16(base: np.ndarray, inputs: Sequence[np.ndarray], scales: Sequence[float], keep: float, out: np.ndarray) -> None:
+    """``out = bf16(keep * base + sum_j scales[j] * inputs[j])`` in float32, left to right, each
+    term one fused multiply-add; arrays are bfloat16 bit patterns (uint16) of one size;
+    ``scales`` and ``keep`` are rounded to float32."""
+    lib = _required()
+    _check(out, base, *inputs)
+    pointers = (_U16P * max(1, len(inputs)))(*[_u16(x) for x in inputs])
+    factors = np.asarray(scales, dtype=np.float32)
+    lib.evomerge_task_arithmetic_bf16(
+        out.size, _u16(base), len(inputs), pointers, factors.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), keep, _u16(out)
+    )
+
+
+def linear_bf16(inputs: Sequence[np.ndarray], weights: Sequence[float], divisor: float | None, out: np.ndarray) -> None:
+    """``out = bf16(sum_j weights[j] * inputs[j] [/ divisor])`` in float32 from +0, each term one
+    fused multiply-add; arrays as in `task_arithmetic_bf16`."""
+    lib = _required()
+    _check(out, *inputs)
+    pointers = (_U16P * len(inputs))(*[_u16(x) for x in inputs])
+    factors = np.asarray(weights, dtype=np.float32)
+    lib.evomerge_linear_bf16(
+        out.size, len(inputs), pointers, factors.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+        divisor is not None, 1.0 if divisor is None else divisor, _u16(out),
+    )  # fmt: skip
+
+
+def _required() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not available: {unavailable_reason()}")
+    return lib
+
+
+def _check(out: np.ndarray, *arrays: np.ndarray) -> None:
+    for a in (out, *arrays):
+        if a.dtype != np.uint16 or not a.flags.c_contiguous or a.size != out.size:
+            raise ValueError("native kernels take C-contiguous uint16 arrays of one size")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+
+
+def _u16(a: np.ndarray) -> ctypes._Pointer:
+    return a.ctypes.data_as(_U16P)
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("EVOMERGE_NATIVE", "1") == "0":
+        return None, "EVOMERGE_NATIVE=0"
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        return None, "no C compiler (cc, or $CC) on PATH"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + repr((compiler, FLAGS, platform.machine(), _cpu_flags())).encode()).hexdigest()[:16]
+    built = cache_dir() / "native" / key / "evomerge_kernels.so"
+    if not built.exists():
+        problem = _compile(compiler, built)
+        if problem:
+            return None, problem
+    try:
+        lib = ctypes.CDLL(str(built))
+    except OSError as exc:
+        return None, f"cannot load {built}: {exc}"
+    lib.evomerge_task_arithmetic_bf16.argtypes = [
+        ctypes.c_int64, _U16P, ctypes.c_int, ctypes.POINTER(_U16P), ctypes.POINTER(ctypes.c_float), ctypes.c_float, _U16P,
+    ]
+    lib.evomerge_linear_bf16.argtypes = [
+        ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_U16P), ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_float, _U16P,
+    ]
+    for fn in (lib.evomerge_task_arithmetic_bf16, lib.evomerge_linear_bf16):
+        fn.restype = None
+    return lib, None
+
+
+def _compile(compiler: str, built: Path) -> str | None:
+    """Build the library at ``built`` (a temporary file renamed into place, so a concurrent build
+    or an interrupted one never leaves a partial library); the reason when it fails."""
+    try:
+        built.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".evomerge_kernels.", suffix=".so", dir=built.parent)
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot write the native kernels to {built.parent}: {exc}"
+    try:
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            return f"{compiler} failed: {lines[-1] if lines else f'exit {done.returncode}'}"
+        os.replace(tmp, built)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{compiler} failed: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cpu_flags() -> str:
+    """What -march=native compiles for: the CPU's feature flags (a library built for one CPU may
+    not run on another sharing the cache)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
