@@ -149,6 +149,24 @@ def test_sequential_bound_is_never_looser_than_the_worst_case() -> None:
     assert 0 < bounds["serfling"] <= bounds["worst_case"]
 
 
+def test_sample_stderr_is_the_spread_of_uniform_draws_and_never_claims_a_sample_exact() -> None:
+    """The standard error a bounded re-scoring uses: over uniform draws without replacement it is
+    the spread of their means; a draw all right still has one; every document has none."""
+    from evomerge.fidelity.base import sample_stderr
+
+    rng = np.random.default_rng(0)
+    stage = info(n=200, tasks=("a", "b"))
+    truth = {"a": (rng.random(200) < 0.7).astype(float), "b": (rng.random(200) < 0.4).astype(float)}
+    means, errors = [], []
+    for _ in range(2000):
+        draw = {t: {int(p): float(v[p]) for p in rng.choice(200, 20, replace=False)} for t, v in truth.items()}
+        means.append(np.mean([np.mean(list(d.values())) for d in draw.values()]))
+        errors.append(sample_stderr(stage, draw))
+    assert np.mean(errors) == pytest.approx(np.std(means), rel=0.1)
+    assert sample_stderr(stage, {t: dict.fromkeys(range(20), 1.0) for t in truth}) > 0.02
+    assert sample_stderr(stage, {t: dict(enumerate(v.tolist())) for t, v in truth.items()}) == 0.0
+
+
 # ---- runs --------------------------------------------------------------------------------------
 
 
@@ -190,6 +208,7 @@ STRATEGY_CASES = {
     "sequential": {"strategy": "sequential", "chunk": 0.25, "delta": 0.2},
     "irt": {"strategy": "irt", "anchors": 40, "warmup": 6},
     "irt_fixed": {"strategy": "irt", "anchors": 40, "warmup": 6, "refit_every": 8, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1},
+    "irt_bounded": {"strategy": "irt", "anchors": 40, "warmup": 6, "estimator": "anchor_mean", "spread": 1.0, "rescore_z": 2.0},
     "racing_on_irt": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6}},
     "racing_on_irt_fixed": {"strategy": "racing", "eta": 0.34, "over": "irt", "over_options": {"anchors": 40, "warmup": 6, "refit_every": 8, "rotate": False, "estimator": "gp_irt", "novelty_margin": 0.1}},
 }
@@ -311,6 +330,35 @@ def test_the_best_and_the_top_k_are_scored_in_full_and_status_shows_documents(di
     assert without_genome(lost) == without_genome(run_dir) and best(lost) == best(run_dir)
 
 
+def test_a_bounded_rescoring_scores_only_what_beats_the_kth_on_its_lower_bound(digits_zoo: Path, tmp_path: Path) -> None:
+    """irt with `rescore_z`: the search is the one without it (the same told rows); at the end an
+    estimate is scored in full only while its lower bound (estimate - z standard errors of its
+    anchors' mean) beats the k-th full-fitness row, so fewer are than on the estimates alone,
+    and the best and the holdout top k are full-fidelity rows."""
+    from evomerge.fidelity.base import sample_stderr
+
+    spec = {"strategy": "irt", "anchors": 40, "warmup": 6, "estimator": "anchor_mean", "spread": 1.0}
+    search = {}
+    for z in (0.0, 2.0):
+        run_dir = tmp_path / f"z{z}"
+        assert cli("run", write(tmp_path / f"z{z}.yaml", experiment({**spec, "rescore_z": z})), "--out", run_dir)[0] == 0
+        search[z] = rows(run_dir, split="search")
+    plain, bounded = search[0.0], search[2.0]
+    assert [r.comparable() for r in plain if "rescore_of" not in r.meta] == [r.comparable() for r in bounded if "rescore_of" not in r.meta]
+    rescored = {z: {r.recipe_hash for r in rs if "rescore_of" in r.meta} for z, rs in search.items()}
+    assert rescored[2.0] and rescored[2.0] < rescored[0.0]
+    full = {r.recipe_hash: r.fitness for r in bounded if not r.estimate and r.ok}
+    kth = sorted(full.values(), reverse=True)[1]  # holdout_top_k 2
+    task = next(iter(bounded[0].per_sample))
+    stage = StageInfo(stage="m2n2", n_docs={task: 1437}, weights={"acc": {task: 1.0}}, directions={"acc": True}, primary="acc", seed=5, top_k=2)
+    left = [r for r in bounded if r.estimate and r.recipe_hash not in full]
+    assert left and all(r.fitness - 2.0 * sample_stderr(stage, {task: dict(enumerate(r.per_sample[task]))}) <= kth for r in left)
+    assert any(r.fitness > kth for r in left)  # on its estimate alone it would have been re-scored
+    run_dir = tmp_path / "z2.0"
+    holdout = rows(run_dir, split="holdout")
+    assert best(run_dir)["recipe_hash"] in full and holdout and all(r.recipe_hash in full for r in holdout)
+
+
 BAD = [
     ({"strategy": "nope"}, "stages[0].fidelity.strategy: unknown fidelity strategy 'nope'; valid: full, racing"),
     ({"strategy": "racing", "eta": 1.5}, "stages[0].fidelity.eta: must be less than 1"),
@@ -325,6 +373,7 @@ BAD = [
     ({"strategy": "racing", "over": "racing"}, "stages[0].fidelity: racing can run over a strategy that scores candidates one by one"),
     ({"strategy": "irt", "spread": 1.5}, "stages[0].fidelity.spread: must be less than or equal to 1"),
     ({"strategy": "irt", "rotate": "sometimes"}, "stages[0].fidelity.rotate: must be a valid boolean"),
+    ({"strategy": "irt", "estimator": "p_irt", "rescore_z": 1.0}, "stages[0].fidelity: rescore_z bounds the sampling error of estimator anchor_mean, not of p_irt"),
     (["racing"], "stages[0].fidelity: give a strategy name or a mapping with 'strategy:', got ['racing']"),
 ]
 

@@ -24,6 +24,9 @@ Life of a candidate (a `Member`):
    failure): strategies that learn from the run (a top-k threshold, an IRT refit) do it here.
    `observe(scores)` gets fully scored models the run already has (the baselines' search rows)
    at the start of the stage.
+6. At the end of the stage the estimates that would enter the top k are scored in full
+   (`evomerge.fidelity.stage.rescore_estimates`); a strategy that `bounds_estimates` ranks them
+   on `lower_bound` instead of the estimate.
 
 A strategy's state (`state_dict`, JSON-safe) is saved with every checkpoint and loaded on resume.
 """
@@ -163,6 +166,17 @@ class Strategy:
     def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:
         """Per-sample scores (task -> position -> score) of a model scored on every document."""
 
+    @property
+    def bounds_estimates(self) -> bool:
+        """Whether `lower_bound` can be below the estimate itself."""
+        return False
+
+    def lower_bound(self, scores: Mapping[str, Mapping[int, float]], fitness: float) -> float:
+        """A lower confidence bound of the full-set fitness (higher is better) of a candidate told
+        `fitness` from these per-sample scores (task -> position -> score); the final re-scoring
+        scores in full only the estimates that would enter the top k on it. Default: the estimate."""
+        return fitness
+
     def core(self) -> Positions:
         """Documents every candidate is scored on, fixed for the whole stage: what an optimizer
         that compares per-sample scores (M2N2) is told (default: all)."""
@@ -187,3 +201,28 @@ def permutation(info: StageInfo, task: str, salt: str = "order") -> np.ndarray:
 def prefix(order: Mapping[str, np.ndarray], counts: Mapping[str, Any]) -> Positions:
     """The first `counts[task]` documents of each task's order, sorted."""
     return {t: np.sort(np.asarray(order[t][: int(counts[t])], dtype=np.int64)) for t in order}
+
+
+def sample_stderr(info: StageInfo, scores: Mapping[str, Mapping[int, float]]) -> float:
+    """Standard error of the primary objective estimated by the plain mean of each task's scored
+    documents, when they are a uniform sample of the task without replacement. A task's variance
+    is the sample variance, or for scores in [0, 1] its bound p (1 - p) at the Laplace-smoothed mean
+    p = (sum + 1) / (n + 2), so that a sample all right (or all wrong) does not claim to be exact.
+    A weighted task without scores gives 0 (nothing known: the estimate is its own bound)."""
+    weights = info.weights.get(info.primary, {})
+    total = sum(weights.values())
+    var = 0.0
+    for task, w in weights.items():
+        values = np.asarray(list(scores.get(task, {}).values()), dtype=np.float64)
+        n, size = len(values), info.n_docs.get(task, 0)
+        if w <= 0 or n >= size:
+            continue
+        if n == 0:
+            return 0.0
+        if values.min() >= 0 and values.max() <= 1:
+            p = (values.sum() + 1) / (n + 2)
+            spread = p * (1 - p)
+        else:
+            spread = float(values.var(ddof=1)) if n > 1 else 0.0
+        var += (w / total) ** 2 * spread / n * (1 - n / size)
+    return math.sqrt(var)

@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from evomerge.fidelity import irt
 from evomerge.fidelity.base import (
@@ -64,6 +64,7 @@ from evomerge.fidelity.base import (
     StrategyOptions,
     permutation,
     prefix,
+    sample_stderr,
 )
 
 
@@ -81,6 +82,13 @@ class IrtOptions(StrategyOptions):
     rotate: bool = True  # fresh anchors for every generation, drawn from a fit refreshed at its start
     spread: float = Field(0.5, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
     shrink: float = Field(0.0, ge=0, le=1)  # rotate: estimates pulled this share toward the previous generation's mean
+    rescore_z: float = Field(0.0, ge=0)  # final re-scoring on estimate - z x its sampling error (anchor_mean; 0: the estimate)
+
+    @model_validator(mode="after")
+    def _bound(self) -> IrtOptions:
+        if self.rescore_z > 0 and self.estimator != "anchor_mean":
+            raise ValueError(f"rescore_z bounds the sampling error of estimator anchor_mean, not of {self.estimator}")
+        return self
 
 
 class IrtStrategy(Strategy):
@@ -208,6 +216,15 @@ class IrtStrategy(Strategy):
         est = self.model.estimate(self._observed(member.scores))
         values = {t: est[t][self.options.estimator] for t in self.tasks}
         return self.info.objectives(_shrunk(values, self.prior, self.options.shrink))
+
+    @property
+    def bounds_estimates(self) -> bool:
+        return self.options.rescore_z > 0
+
+    def lower_bound(self, scores: Mapping[str, Mapping[int, float]], fitness: float) -> float:
+        """The told anchor mean less `rescore_z` standard errors of a uniform sample (a draw with
+        `spread` < 1 is not one: the bound is then approximate)."""
+        return fitness - self.options.rescore_z * sample_stderr(self.info, scores)
 
     # ------------------------------------------------------------------ learning
     def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:

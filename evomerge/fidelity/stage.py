@@ -2,8 +2,10 @@
 
 Nothing is selected on an estimate alone: before a stage's holdout top-k is scored (and so
 before its best is reported or exported), `rescore_estimates` scores in full every recipe whose
-estimated fitness would place it in the top k of the full-fidelity rows, until the top k are all
-full-fidelity rows (`Ledger.top` reads only those). A re-score evaluates only the documents the
+estimated fitness would place it in the top k of the full-fidelity rows, until no estimate would
+(`Ledger.top` reads only full-fidelity rows). A strategy that `bounds_estimates` puts a recipe
+there on the lower confidence bound of its estimate instead: the best of many noisy estimates is
+inflated by the selection itself, and a bound asks for the evidence that it beats the k-th. A re-score evaluates only the documents the
 recipe lacks; its row (`meta.rescore_of`: the estimate's row) is a search row with `estimate`
 False that the optimizer is not told. The holdout is scored only after, and no strategy ever
 sees a holdout score.
@@ -76,6 +78,18 @@ def make_runner(
     return runner
 
 
+def _entering(runner: FidelityRunner, ledger: Ledger, bar: float | None, n: int) -> list[LedgerRow]:
+    """The best `n` estimated rows above `bar` (None: any): on their estimates, or for a strategy
+    that `bounds_estimates` on their lower bounds (best bound first)."""
+    stage, strategy = runner.info.stage, runner.strategy
+    if not strategy.bounds_estimates:
+        return ledger.estimated(stage, bar, n)
+    rows = ledger.estimated(stage, bar, ledger.count(stage=stage, split="search"))  # a bound is below its estimate
+    bounds = [strategy.lower_bound(runner.row_scores(row), float(row.fitness)) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: -bounds[i])  # stable: ties keep the estimates' order
+    return [rows[i] for i in order if bar is None or bounds[i] > bar][:n]
+
+
 def rescore_estimates(
     runner: FidelityRunner, scheduler: Scheduler, ledger: Ledger, *, k: int,
     payload: Callable[[LedgerRow], Any], subset_for: Callable[[int], tuple[Any, str]], fitness: Callable[[EvalResult], float | None],
@@ -88,7 +102,7 @@ def rescore_estimates(
     while True:
         full = ledger.top(stage, k)
         bar = full[-1].fitness if len(full) >= k else None
-        rows = ledger.estimated(stage, bar, k if bar is not None else k - len(full))
+        rows = _entering(runner, ledger, bar, k if bar is not None else k - len(full))
         todo = [(row, p) for row in rows if (p := payload(row)) is not None]
         if not todo:
             return done
