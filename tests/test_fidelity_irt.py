@@ -244,7 +244,7 @@ def test_rotating_anchors_follow_candidates_past_the_ceiling_and_resume_exactly(
     y[:10, n_items:] = (rng.random((10, n_items)) < np.where(hard, 0.05, 0.5)).astype(float)  # baselines + warm-up: weak
     y[10:, n_items:] = np.where(hard, (rng.random((60, n_items)) < 0.5).astype(float), 1.0)  # later: the easy half solved
     info = stage_info(n_items, seed=11)
-    spec = {"strategy": "irt", "anchors": 10, "warmup": 6, "rotate": True, "spread": 0.0, "novelty_margin": None}
+    spec = {"strategy": "irt", "anchors": 10, "warmup": 6, "rotate": True, "spread": 0.0, "novelty_margin": None, "estimator": "p_irt"}
     strategy = build_strategy(spec, info)
     for row in y[:4]:
         strategy.observe({"add": dict(enumerate(row[:n_items])), "sort": dict(enumerate(row[n_items:]))})

@@ -11,8 +11,9 @@ Phases (the model itself is `evomerge.fidelity.irt`):
 3. Anchors (`rotate`, the default): the first candidate of every later generation refits the
    model on every row so far, anchor-only rows included, and draws that generation's `anchors`
    documents afresh, split across the primary objective's tasks by their weights
-   (`irt.draw_anchors`: a `spread` share uniform over each task, the rest in proportion to each
-   document's Fisher information at the abilities of the candidates told since the last draw),
+   (`irt.draw_anchors`: a `spread` share uniform over each task, by default all of it, the rest
+   in proportion to each document's Fisher information at the abilities of the candidates told
+   since the last draw),
    seeded by the stage seed and the generation. A fixed set of a few anchors per task saturates
    as a search moves: every candidate of a generation right on them, or wrong on them, so all
    get one estimate and the optimizer has nothing to rank. A rotating draw follows the
@@ -20,9 +21,12 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    then, so refits keep learning all of them; one model ranks a whole generation (no refit on
    its tells). With `rotate: false` the anchors are chosen once per fit (`irt.choose_anchors`),
    and refits come with new fully scored rows and every `refit_every` told candidates.
-4. Every later candidate is scored on its anchors and told its estimate (`estimator`: p-IRT,
-   gp-IRT, or the anchors' weighted mean) of each task's mean over the full search set, marked
-   as an estimate in the ledger. With `shrink` (rotate), each task's estimate is moved that share
+4. Every later candidate is scored on its anchors and told its estimate (`estimator`: the
+   anchors' weighted mean, by default, which a uniform draw makes unbiased; or p-IRT, gp-IRT from
+   the fitted model) of each task's mean over the full search set, marked as an estimate in the
+   ledger. With the defaults the told fitness is a plain sample mean and the fits only decide a
+   draw with `spread` < 1: a p-IRT estimate pulls a candidate with a skill the fitted population
+   lacks back toward that population, and the search can lose the skill. With `shrink` (rotate), each task's estimate is moved that share
    of the way toward the mean score of the candidates told before the generation's draw (the
    previous generation): one factor for a whole generation keeps its ranking, and noisy
    overestimates (a plain anchor mean of a few documents) are pulled down, so fewer of them
@@ -32,6 +36,11 @@ Phases (the model itself is `evomerge.fidelity.irt`):
    where a 2PL fitted below them extrapolates badly; it is scored on every document instead
    (the runner scores only the documents it lacks), told exactly, and becomes a training row.
    Every `full_every`-th candidate after the warm-up (0: none) is also scored in full.
+5. At the end of the stage the estimates that would enter the top k are scored in full
+   (`fidelity.stage.rescore_estimates`), with `rescore_z` on a lower bound of each: its anchor
+   mean less z standard errors of a uniform sample (`fidelity.base.sample_stderr`). The best of
+   some hundred unbiased but noisy estimates is inflated by the selection itself; the bound
+   re-scores the ones with the evidence to beat the k-th full row, not every lucky draw.
 
 A candidate's documents are decided when it is asked, from the fit of that moment, and kept in
 its note; its estimate comes from the fit of the moment it is told (in ask order). The rows, the
@@ -69,7 +78,8 @@ from evomerge.fidelity.base import (
 
 
 class IrtOptions(StrategyOptions):
-    """Defaults chosen with experiments/benchmarks/fitness_cost.py (see experiments/RESULTS.md);
+    """Defaults chosen with experiments/benchmarks/fitness_cost.py over more seeds than its three
+    (see experiments/RESULTS.md); `estimator: p_irt, spread: 0.5` were the earlier defaults, and
     `rotate: false`, `estimator: gp_irt` and a `novelty_margin` give anchors chosen once per fit."""
 
     anchors: int = Field(24, ge=1)  # anchor documents per candidate, over all tasks
@@ -77,18 +87,25 @@ class IrtOptions(StrategyOptions):
     novelty_margin: float | None = Field(None, ge=0)  # None: never score a novel candidate in full
     refit_every: int = Field(0, ge=0)  # without rotate: told candidates between refits (0: on new full rows only)
     full_every: int = Field(0, ge=0)  # after the warm-up, every n-th candidate in full (0: none)
-    estimator: Literal["gp_irt", "p_irt", "anchor_mean"] = "p_irt"  # anchor_mean: unbiased with spread 1 (uniform draws)
+    estimator: Literal["gp_irt", "p_irt", "anchor_mean"] = "anchor_mean"  # anchor_mean: unbiased with spread 1 (uniform draws)
     anchor_focus: Literal["top", "mean"] = "top"  # without rotate: anchors informative at the best model's ability, or on average
     rotate: bool = True  # fresh anchors for every generation, drawn from a fit refreshed at its start
-    spread: float = Field(0.5, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
+    spread: float = Field(1.0, ge=0, le=1)  # rotate: uniform share of a draw (the rest by information)
     shrink: float = Field(0.0, ge=0, le=1)  # rotate: estimates pulled this share toward the previous generation's mean
-    rescore_z: float = Field(0.0, ge=0)  # final re-scoring on estimate - z x its sampling error (anchor_mean; 0: the estimate)
+    rescore_z: float | None = Field(None, ge=0)  # final re-scoring on estimate - z x its sampling error (None: 1 with anchor_mean, else 0)
 
     @model_validator(mode="after")
     def _bound(self) -> IrtOptions:
-        if self.rescore_z > 0 and self.estimator != "anchor_mean":
+        if self.rescore_z and self.estimator != "anchor_mean":
             raise ValueError(f"rescore_z bounds the sampling error of estimator anchor_mean, not of {self.estimator}")
         return self
+
+    @property
+    def z(self) -> float:
+        """The `rescore_z` in force."""
+        if self.rescore_z is not None:
+            return self.rescore_z
+        return 1.0 if self.estimator == "anchor_mean" else 0.0
 
 
 class IrtStrategy(Strategy):
@@ -219,12 +236,12 @@ class IrtStrategy(Strategy):
 
     @property
     def bounds_estimates(self) -> bool:
-        return self.options.rescore_z > 0
+        return self.options.z > 0
 
     def lower_bound(self, scores: Mapping[str, Mapping[int, float]], fitness: float) -> float:
         """The told anchor mean less `rescore_z` standard errors of a uniform sample (a draw with
         `spread` < 1 is not one: the bound is then approximate)."""
-        return fitness - self.options.rescore_z * sample_stderr(self.info, scores)
+        return fitness - self.options.z * sample_stderr(self.info, scores)
 
     # ------------------------------------------------------------------ learning
     def observe(self, scores: Mapping[str, Mapping[int, float]]) -> None:
