@@ -59,16 +59,23 @@ def _recipes(f: dict[str, Path]) -> dict[str, dict]:
         return {"model": str(f[name]), "parameters": params}
 
     filters = [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.25}]
+
+    def ta_cases(case: str, model: str) -> dict[str, dict]:  # over fp32 sources, and bf16 ones
+        return {
+            f"ta{case}_gradients_filters": {
+                "merge_method": "task_arithmetic", "base_model": str(f["base" + model]),
+                "models": [m("a" + model, weight=0.5), m("b" + model, weight=[0.0, 1.0]), m("c" + model, weight=filters)],
+            },
+            f"ta{case}_normalize_lambda_zero_weight": {
+                "merge_method": "task_arithmetic", "base_model": str(f["base" + model]),
+                "models": [m("a" + model, weight=0.3), m("b" + model, weight=0.0), m("c" + model, weight=-0.45)],
+                "parameters": {"normalize": True, "lambda": 0.7},
+            },
+        }
+
     return {
-        "ta_gradients_filters": {
-            "merge_method": "task_arithmetic", "base_model": str(f["base"]),
-            "models": [m("a", weight=0.5), m("b", weight=[0.0, 1.0]), m("c", weight=filters)],
-        },
-        "ta_normalize_lambda_zero_weight": {
-            "merge_method": "task_arithmetic", "base_model": str(f["base"]),
-            "models": [m("a", weight=0.3), m("b", weight=0.0), m("c", weight=-0.45)],
-            "parameters": {"normalize": True, "lambda": 0.7},
-        },
+        **ta_cases("", ""),
+        **ta_cases("_bf16", "bf"),
         "ta_mixed_fp16_out_fp16": {
             "merge_method": "task_arithmetic", "base_model": str(f["base"]),
             "models": [m("a16", weight=0.6), m("b", weight=0.2)], "out_dtype": "float16",
@@ -95,15 +102,6 @@ def _recipes(f: dict[str, Path]) -> dict[str, dict]:
         "linear_fp16": {"merge_method": "linear", "models": [m("a16", weight=0.3), m("b16", weight=0.6)]},
         "linear_fp16_out_fp32": {"merge_method": "linear", "models": [m("a16", weight=0.3), m("b16", weight=0.6)], "out_dtype": "float32"},
         "linear_dtype_fp16": {"merge_method": "linear", "models": [m("a", weight=0.5), m("b", weight=0.5)], "dtype": "float16"},
-        "ta_bf16_gradients_filters": {
-            "merge_method": "task_arithmetic", "base_model": str(f["basebf"]),
-            "models": [m("abf", weight=0.5), m("bbf", weight=[0.0, 1.0]), m("cbf", weight=filters)],
-        },
-        "ta_bf16_normalize_lambda_zero_weight": {
-            "merge_method": "task_arithmetic", "base_model": str(f["basebf"]),
-            "models": [m("abf", weight=0.3), m("bbf", weight=0.0), m("cbf", weight=-0.45)],
-            "parameters": {"normalize": True, "lambda": 0.7}, "dtype": "bfloat16",
-        },
         "ta_bf16_all_weights_zero": {
             "merge_method": "task_arithmetic", "base_model": str(f["basebf"]), "models": [m("abf", weight=0.0)],
             "out_dtype": "bfloat16",
@@ -111,6 +109,17 @@ def _recipes(f: dict[str, Path]) -> dict[str, dict]:
         "ta_fp32_as_bf16": {  # the sources cast to bfloat16 first, as torch does
             "merge_method": "task_arithmetic", "base_model": str(f["base"]),
             "models": [m("a16", weight=0.6), m("bbf", weight=0.2), m("c", weight=0.3)], "dtype": "bfloat16",
+        },
+        "linear_five_models": {  # torch's own sum of five weights is not left to right
+            "merge_method": "linear", "models": [m(x, weight=w) for x, w in zip(("a", "b", "c", "base", "a16"), (-0.44, 1.0, 0.14, 0.37, 1.15), strict=True)],
+        },
+        "ta_five_models_normalize": {
+            "merge_method": "task_arithmetic", "base_model": str(f["base"]), "parameters": {"normalize": True},
+            "models": [m(x, weight=w) for x, w in zip(("a", "b", "c", "a16", "b16"), (-0.44, 1.0, 0.14, 0.37, 1.15), strict=True)],
+        },
+        "linear_bf16_five_models": {
+            "merge_method": "linear", "dtype": "bfloat16",
+            "models": [m(x, weight=w) for x, w in zip(("abf", "bbf", "cbf", "basebf", "a"), (-0.44, 1.0, 0.14, 0.37, 1.15), strict=True)],
         },
         "linear_bf16": {"merge_method": "linear", "models": [m("abf", weight=filters), m("bbf", weight=0.6), m("cbf", weight=0.1)]},
         "linear_bf16_no_normalize": {
@@ -288,15 +297,18 @@ def test_native_kernels_are_bitwise_the_torch_kernels(n: int) -> None:
         got = np.empty(n, np.uint16)
         fast._task_arithmetic_bf16([base_bits, *input_bits], task, got)
         assert np.array_equal(got, want.view(torch.int16).numpy().view(np.uint16))
-    from evomerge.merge.methods.linear import Linear  # noqa: F401 - the kernel's reference semantics below
+    # methods.Linear's arithmetic, over six inputs (the kernel takes them four at a time)
+    from evomerge.merge.weights import sum_float32
+
+    six, six_weights = [*input_bits, base_bits, *input_bits[:2]], [*weights, 0.5, -0.25, 2.0]
     for normalize in (True, False):
         acc = torch.zeros(n, dtype=torch.float32)
-        for t, w in zip(as_torch[1:], torch.tensor(weights).tolist(), strict=True):
-            acc.add_(t.to(torch.float32), alpha=w)
+        for bits, w in zip(six, torch.tensor(six_weights).tolist(), strict=True):
+            acc.add_(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(torch.float32), alpha=w)
         if normalize:
-            acc.div_(float(torch.tensor(weights).sum()))
+            acc.div_(sum_float32(six_weights))
         got = np.empty(n, np.uint16)
-        fast._linear_bf16(input_bits, _Task(weights, {"normalize": normalize}), got)
+        fast._linear_bf16(six, _Task(six_weights, {"normalize": normalize}), got)
         assert np.array_equal(got, acc.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
 
 

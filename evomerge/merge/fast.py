@@ -38,6 +38,7 @@ from evomerge.merge.pipeline import ordered_parallel
 from evomerge.merge.plan import MergePlan, TensorRef, TensorTask, task_size
 from evomerge.merge.sources import SourcePool
 from evomerge.merge.stfile import BFLOAT16, dtype_name
+from evomerge.merge.weights import sum_float32
 
 CHUNK = 1 << 16  # elements per chunk: the float64 temporaries stay in a core's L2
 _F32 = np.dtype(np.float32)
@@ -114,15 +115,7 @@ def _loaded_dtype(plan: MergePlan, pool: SourcePool, ref: TensorRef) -> str:
 
 def _linear_problem(task: TensorTask) -> str | None:
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
-    return "weights sum to 0" if bool(task.params["normalize"]) and _sum32(weights) == 0 else None
-
-
-def _sum32(values: np.ndarray) -> float:
-    """Sum in float32, left to right, as torch sums a short float32 tensor."""
-    total = np.float32(0)
-    for v in values:
-        total = np.float32(total + v)
-    return float(total)
+    return "weights sum to 0" if bool(task.params["normalize"]) and sum_float32(weights) == 0 else None
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ def _task_arithmetic(views: list[np.ndarray], task: TensorTask, out: np.ndarray)
     base, inputs = views[0], views[1:]
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
     live = [(x, float(w)) for x, w in zip(inputs, weights, strict=True) if w != 0]
-    divisor = _sum32(weights) if bool(task.params["normalize"]) else 1.0
+    divisor = sum_float32(weights) if bool(task.params["normalize"]) else 1.0
     if abs(divisor) < 1e-8:
         divisor = 1.0
     alpha = float(np.float32(float(task.params["lambda"]) / divisor))  # torch holds alpha in float32
@@ -214,7 +207,7 @@ def _task_arithmetic(views: list[np.ndarray], task: TensorTask, out: np.ndarray)
 def _linear(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
     """methods.Linear in float32: sum_i w_i x_i, divided by sum_i w_i when normalizing."""
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
-    divisor = np.float32(_sum32(weights)) if bool(task.params["normalize"]) else None
+    divisor = np.float32(sum_float32(weights)) if bool(task.params["normalize"]) else None
     n = inputs[0].size
     sc = _Scratch(n)
     for s in range(0, n, CHUNK):
@@ -241,7 +234,7 @@ def _task_arithmetic_bf16(views: list[np.ndarray], task: TensorTask, out: np.nda
     base, inputs = views[0], views[1:]
     weights = _round_bf16([float(p["weight"]) for p in task.model_params])
     live = [(x, w) for x, w in zip(inputs, weights, strict=True) if w != 0]
-    divisor = _round_bf16([_sum32(np.array(weights, dtype=np.float32))])[0] if bool(task.params["normalize"]) else 1.0
+    divisor = _round_bf16([sum_float32(np.array(weights, dtype=np.float32))])[0] if bool(task.params["normalize"]) else 1.0
     if abs(divisor) < 1e-8:
         divisor = 1.0
     if not live:
@@ -255,7 +248,7 @@ def _task_arithmetic_bf16(views: list[np.ndarray], task: TensorTask, out: np.nda
 def _linear_bf16(inputs: list[np.ndarray], task: TensorTask, out: np.ndarray) -> None:
     """methods.Linear over bfloat16: accumulated in float32 from zero, rounded once."""
     weights = np.array([float(p["weight"]) for p in task.model_params], dtype=np.float32)
-    divisor = _sum32(weights) if bool(task.params["normalize"]) else None
+    divisor = sum_float32(weights) if bool(task.params["normalize"]) else None
     native.linear_bf16(inputs, [float(w) for w in weights], divisor, out)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evomerge.fsutil import cache_dir
+from evomerge.fsutil import UMASK, cache_dir
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: only the explicit fmaf calls fuse, as in the torch kernels
@@ -134,6 +134,7 @@ def _compile(compiler: str, built: Path) -> str | None:
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             return f"{compiler} failed: {lines[-1] if lines else f'exit {done.returncode}'}"
+        os.chmod(tmp, 0o755 & ~UMASK)  # mkstemp made it 0600; a shared cache serves other users too
         os.replace(tmp, built)
         return None
     except (OSError, subprocess.SubprocessError) as exc:

@@ -95,7 +95,7 @@ def write_model(
     recipe = recipe.with_evomerge(source_hashes=hashes)
     with model_dir_writer(out_dir, force=force) as tmp:
         fill = _fill_numpy if numpy_covers else functools.partial(_fill_torch, sparsifier=sparsifier)
-        if not _merge_into_files(plan, pool, fill, tmp, max_shard_bytes, progress):
+        if not _merge_into_files(plan, pool, fill, tmp, max_shard_bytes, progress, warm_ahead=not numpy_covers):
             _write_weights(plan, _executor(plan, pool, sparsifier, "numpy" if numpy_covers else "torch"), tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
@@ -141,14 +141,17 @@ def _merge_into_files(
     out: Path,
     max_shard_bytes: int,
     progress: Callable[[int, int], None] | None,
+    *,
+    warm_ahead: bool = False,
 ) -> bool:
     """Merge straight into the output files: laid out first (the same shards and bytes as
     `_write_weights` gives), allocated and memory-mapped, each task writing its result into its
     file's pages (``fill``: `_fill_torch` or `_fill_numpy`). No merged tensor is held in memory
     of its own and nothing is copied into the files afterwards, which is most of what writing
-    costs. Meanwhile (while torch is imported, for the torch engine), a thread maps the sources'
-    pages and the output's ahead (`sources.prefault`), work the merge would otherwise do in
-    page faults.
+    costs. ``warm_ahead`` (for the torch engine, which first imports torch for seconds): a
+    thread maps the sources' pages and the output's meanwhile (`sources.prefault`), work the
+    merge would otherwise do in page faults. Beside a merge already under way (the numpy
+    executor) it only competes with it for the same pages.
 
     False, with nothing left in ``out``, when the output dtypes cannot be told before merging
     (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the file
@@ -168,7 +171,7 @@ def _merge_into_files(
     except BaseException:
         _drop(files)
         raise
-    warming = _prefault(plan, pool, files)
+    warming = _prefault(plan, pool, files) if warm_ahead else None
     try:
         filled = fill(plan, pool, files, progress)
     except BaseException:

@@ -11,6 +11,7 @@ from evomerge.merge.methods.base import (
     usable_out,
     work_dtype,
 )
+from evomerge.merge.weights import sum_float32
 
 
 class Linear(BoundMethod):
@@ -37,7 +38,7 @@ class Linear(BoundMethod):
         work = work_dtype(inputs)
         acc_dtype = torch.float64 if work == torch.float64 else torch.float32
         w = torch.tensor(weights, dtype=acc_dtype)
-        total = float(w.sum())
+        total = float(w.sum()) if acc_dtype == torch.float64 else sum_float32(w.tolist())
         if normalize and total == 0:
             raise ValueError(
                 f"linear merge of '{ctx.tensor_name}': weights {weights} sum to 0 with normalize: true; "

@@ -29,6 +29,7 @@ from evomerge.merge.specs import (
     _GAMMA,
     MethodSpec,
 )
+from evomerge.merge.weights import sum_float32
 
 
 class _Delta:
@@ -170,6 +171,14 @@ def _rescale_factors(bf: Tensor, flats: list[Tensor], masks: list[Mask | None], 
     return factors
 
 
+def _weight_sum(w_t: Tensor) -> float:
+    """The weights' sum in their tensor's dtype: summed in float32 (`weights.sum_float32`, as the
+    numpy executor sums them), then rounded to it; float64 weights in float64."""
+    if w_t.dtype == torch.float64:
+        return float(w_t.sum())
+    return float(torch.tensor(sum_float32(w_t.tolist()), dtype=w_t.dtype))
+
+
 def task_arithmetic_kernel(
     base: Tensor,
     tensors: Sequence[Tensor],
@@ -230,7 +239,7 @@ def task_arithmetic_kernel(
     )
     live = [(tf, w, m, factors[j] if factors else None) for j, (tf, w, m) in enumerate(live)]
     if not consensus:
-        divisor = float(w_t.sum()) if normalize else 1.0
+        divisor = _weight_sum(w_t) if normalize else 1.0
         if abs(divisor) < 1e-8:
             divisor = 1.0
         _linear_sum(bf, live, out, lam / divisor, chunk, dtype, workspace)
