@@ -359,6 +359,27 @@ def test_a_bounded_rescoring_scores_only_what_beats_the_kth_on_its_lower_bound(d
     assert best(run_dir)["recipe_hash"] in full and holdout and all(r.recipe_hash in full for r in holdout)
 
 
+def test_a_crash_in_the_bounded_rescoring_resumes_to_the_same_ledger_and_best(digits_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed while scoring the bounded re-scores in full (after every candidate was told, before
+    any re-score row), `resume` re-scores the same recipes: the same ledger and best."""
+    exp = write(tmp_path / "exp.yaml", experiment(STRATEGY_CASES["irt_bounded"]))
+    SlowDigits.calls = 0
+    assert cli("run", exp, "--out", tmp_path / "whole")[0] == 0
+    calls, whole = SlowDigits.calls, rows(tmp_path / "whole")
+    rescores, holdouts = sum("rescore_of" in r.meta for r in whole), sum(r.split == "holdout" for r in whole)
+    assert rescores >= 1
+    SlowDigits.calls = 0
+    monkeypatch.setenv("EVOMERGE_TEST_CRASH_AT", str(calls - holdouts - rescores + 1))  # the first re-score
+    code, out = cli("run", exp, "--out", tmp_path / "crashed")
+    assert code != 0 and "resume" in out, out
+    partial = rows(tmp_path / "crashed")
+    assert [r.comparable() for r in partial] == [r.comparable() for r in whole if "rescore_of" not in r.meta and r.split == "search"]
+    monkeypatch.delenv("EVOMERGE_TEST_CRASH_AT")
+    assert cli("resume", tmp_path / "crashed")[0] == 0
+    assert comparable(tmp_path / "crashed") == comparable(tmp_path / "whole")
+    assert best(tmp_path / "crashed") == best(tmp_path / "whole")
+
+
 BAD = [
     ({"strategy": "nope"}, "stages[0].fidelity.strategy: unknown fidelity strategy 'nope'; valid: full, racing"),
     ({"strategy": "racing", "eta": 1.5}, "stages[0].fidelity.eta: must be less than 1"),
