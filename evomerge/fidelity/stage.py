@@ -5,9 +5,9 @@ before its best is reported or exported), `rescore_estimates` scores in full eve
 estimated fitness would place it in the top k of the full-fidelity rows, until no estimate would
 (`Ledger.top` reads only full-fidelity rows). A strategy that `bounds_estimates` puts a recipe
 there on the lower confidence bound of its estimate instead: the best of many noisy estimates is
-inflated by the selection itself, and a bound asks for the evidence that it beats the k-th. A re-score evaluates only the documents the
-recipe lacks; its row (`meta.rescore_of`: the estimate's row) is a search row with `estimate`
-False that the optimizer is not told. The holdout is scored only after, and no strategy ever
+inflated by the selection itself, and a bound asks for the evidence that it beats the k-th. A
+re-score evaluates only the documents the recipe lacks; its row (`meta.rescore_of`: the
+estimate's row) is a search row with `estimate` False that the optimizer is not told. The holdout is scored only after, and no strategy ever
 sees a holdout score.
 """
 
