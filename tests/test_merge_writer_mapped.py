@@ -12,7 +12,6 @@ nothing of the attempt behind.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import re
 import sys
@@ -32,7 +31,6 @@ from evomerge.recipe import Recipe
 from .test_mergekit_parity import fixtures
 
 SHARD_BYTES = 12_000  # the fixtures' models (~48 KB in float32) take a few shards at this size
-TORCH = functools.partial(writer._fill_torch, sparsifier=None)
 
 
 def _recipe(name: str, dtype: str | None, out_dtype: str | None = None) -> Recipe:
@@ -52,12 +50,12 @@ def _both_paths(recipe: Recipe, tmp_path: Path) -> tuple[Path, Path]:
     mapped, streamed = tmp_path / "mapped", tmp_path / "streamed"
     mapped.mkdir()
     streamed.mkdir()
-    assert writer._merge_into_files(plan, pool, TORCH, mapped, SHARD_BYTES, None), "the layout is known: it must map"
-    writer._write_weights(plan, writer._executor(plan, pool, None, "torch"), streamed, SHARD_BYTES, None)
+    assert writer._merge_into_files(plan, pool, mapped, SHARD_BYTES, None, numpy=False), "the layout is known: it must map"
+    writer._write_weights(plan, writer._executor(plan, pool, None, numpy=False), streamed, SHARD_BYTES, None)
     if fast.unsupported_reason(plan, pool) is None:  # the numpy executor maps the same files
         numpy_mapped = tmp_path / "numpy_mapped"
         numpy_mapped.mkdir()
-        assert writer._merge_into_files(plan, pool, writer._fill_numpy, numpy_mapped, SHARD_BYTES, None)
+        assert writer._merge_into_files(plan, pool, numpy_mapped, SHARD_BYTES, None, numpy=True)
         _assert_same_files(numpy_mapped, streamed)
     return mapped, streamed
 
@@ -108,7 +106,7 @@ def test_mixed_dtypes_without_a_dtype_are_streamed(tmp_path: Path) -> None:
     probe = tmp_path / "probe"
     probe.mkdir()
     assert writer._output_layout(plan, pool) is None
-    assert not writer._merge_into_files(plan, pool, TORCH, probe, SHARD_BYTES, None)
+    assert not writer._merge_into_files(plan, pool, probe, SHARD_BYTES, None, numpy=False)
     assert list(probe.iterdir()) == []
     out = write_model(recipe, SourcePool(), tmp_path / "out", engine="torch")
     from evomerge.merge.engine import materialize
@@ -133,7 +131,7 @@ def test_a_file_system_that_cannot_allocate_ahead_gets_the_streamed_files(tmp_pa
     pool = SourcePool()
     probe = tmp_path / "probe"
     probe.mkdir()
-    assert not writer._merge_into_files(plan_merge(recipe, pool), pool, TORCH, probe, SHARD_BYTES, None)
+    assert not writer._merge_into_files(plan_merge(recipe, pool), pool, probe, SHARD_BYTES, None, numpy=False)
     assert list(probe.iterdir()) == []
     streamed = write_model(recipe, SourcePool(), tmp_path / "streamed", max_shard_bytes=SHARD_BYTES)
     _assert_same_files(expected, streamed)

@@ -55,6 +55,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _kept_key(tensor: torch.Tensor) -> tuple:
+    """What a kept tensor is found by: its storage and view (tied names share one)."""
+    return (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+
+
 class _InFlight:
     """A copy made ahead of its use: the tensor on the device and, on CUDA, the event that
     marks its copy done on the side stream."""
@@ -121,7 +126,7 @@ class DeviceSources:
             return tensor
         if not source.resident:  # read afresh per use: nothing to keep
             return self._stream(tensor)
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        key = _kept_key(tensor)
         size = _nbytes(tensor)
         with self._lock:
             kept = self._held.get(id(source))
@@ -152,7 +157,7 @@ class DeviceSources:
     def _kept(self, source: Source, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` of ``source`` is kept on the device already; call locked."""
         kept = self._held.get(id(source))
-        return kept is not None and (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) in kept
+        return kept is not None and _kept_key(tensor) in kept
 
     def _stream(self, tensor: torch.Tensor) -> torch.Tensor:
         with self._lock:

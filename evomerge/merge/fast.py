@@ -234,7 +234,7 @@ def _task_arithmetic_bf16(views: list[np.ndarray], task: TensorTask, out: np.nda
     base, inputs = views[0], views[1:]
     weights = _round_bf16([float(p["weight"]) for p in task.model_params])
     live = [(x, w) for x, w in zip(inputs, weights, strict=True) if w != 0]
-    divisor = _round_bf16([sum_float32(np.array(weights, dtype=np.float32))])[0] if bool(task.params["normalize"]) else 1.0
+    divisor = _round_bf16([sum_float32(weights)])[0] if bool(task.params["normalize"]) else 1.0
     if abs(divisor) < 1e-8:
         divisor = 1.0
     if not live:
@@ -352,20 +352,11 @@ def iter_merged(
     ``recycle``: a yielded array is overwritten once the next one is asked for (its memory is
     reused): for consumers that are done with each tensor at once, such as the writer.
     """
-    reader = _Reader(pool)
     buffers = _Buffers() if recycle else None
-    n_workers = max(1, workers if workers is not None else default_workers())
-    sizes = [task_size(task, pool) for task in plan.tasks]
-    kernel = numpy_kernel(plan)
-    results = ordered_parallel(plan.tasks, lambda task: run_task(task, plan, reader, buffers, kernel), sizes, n_workers, prefix="evomerge-fast")
-    try:
-        for task, result in results:
-            yield task.name, result
-            if buffers is not None:  # the consumer is done with it: its memory serves a later task
-                buffers.put(result.base if result.base is not None else result)
-    finally:
-        results.close()
-        reader.close()
+    for task, result in _run_tasks(plan, pool, workers, buffers):
+        yield task.name, result
+        if buffers is not None:  # the consumer is done with it: its memory serves a later task
+            buffers.put(result.base if result.base is not None else result)
 
 
 def merge_into(plan: MergePlan, pool: SourcePool, targets: Mapping[str, Any], *, workers: int | None = None) -> Iterator[str]:
@@ -375,17 +366,25 @@ def merge_into(plan: MergePlan, pool: SourcePool, targets: Mapping[str, Any], *,
     missing = [task.name for task in plan.tasks if task.name not in targets]
     if missing:
         raise KeyError(f"no target for tensor '{missing[0]}'")
+    for task, _ in _run_tasks(plan, pool, workers, _Buffers(), targets):
+        yield task.name
+
+
+def _run_tasks(
+    plan: MergePlan, pool: SourcePool, workers: int | None, buffers: _Buffers | None, targets: Mapping[str, Any] | None = None
+) -> Iterator[tuple[TensorTask, np.ndarray]]:
+    """``(task, run_task(...))`` in plan order, merged by ``workers`` threads (`ordered_parallel`)."""
     reader = _Reader(pool)
-    buffers = _Buffers()
     n_workers = max(1, workers if workers is not None else default_workers())
     sizes = [task_size(task, pool) for task in plan.tasks]
     kernel = numpy_kernel(plan)
-    results = ordered_parallel(
-        plan.tasks, lambda task: run_task(task, plan, reader, buffers, kernel, out=targets[task.name]), sizes, n_workers, prefix="evomerge-fast"
-    )
+
+    def run(task: TensorTask) -> np.ndarray:
+        return run_task(task, plan, reader, buffers, kernel, out=None if targets is None else targets[task.name])
+
+    results = ordered_parallel(plan.tasks, run, sizes, n_workers, prefix="evomerge-fast")
     try:
-        for task, _ in results:
-            yield task.name
+        yield from results
     finally:
         results.close()
         reader.close()

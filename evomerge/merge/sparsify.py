@@ -774,17 +774,6 @@ class CachedSparsifier(_NoiseAndRanks):
         dtype = _delta_dtype(delta)
         key = (key, str(dtype))  # a delta formed in another dtype ranks differently
         kind = _table_kind(dtype, numel)
-        if kind == "counts":  # a histogram: smaller than sorted magnitudes, and as exact
-            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
-                                   lambda: magnitude_counts(delta()), "rank_computations")
-        elif kind == "f32_counts":  # 16-bit keys, exact inside the threshold's bin
-            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
-                                   lambda: f32_magnitude_counts(delta()), "rank_computations")
-        else:
-            table = self._budgeted(self._ranks, key, _table_bytes(kind, numel),
-                                   lambda: sorted_magnitudes(delta(), owned=fresh(delta)), "rank_computations")
-        if table is None:
-            return one_shot_magnitude(delta, numel, lo, hi)
         absd: list[Tensor] = []
 
         def absd_fn() -> Tensor:  # computed at most once per mask
@@ -792,17 +781,18 @@ class CachedSparsifier(_NoiseAndRanks):
                 absd.append(_abs_f32(delta(), fresh(delta)))
             return absd[0]
 
-        if kind == "counts":
-            def top(k: int) -> _Top:
-                return counts_top(table, k, absd_fn, dtype)
-        elif kind == "f32_counts":
-            def top(k: int) -> _Top:
-                return f32_counts_top(table, k, lambda v: f32_bin_members(delta, numel, v), absd_fn)
-        else:
-            def top(k: int) -> _Top:
-                return lookup_top(table, k, absd_fn)
-        top_hi = top(hi) if hi < numel else _Top(-1.0, numel)
-        top_lo = top(lo) if lo > 0 else None
+        # per kind: how the table is built, and how a threshold is read from it
+        build, read = {
+            "counts": (lambda: magnitude_counts(delta()), lambda t, k: counts_top(t, k, absd_fn, dtype)),
+            "f32_counts": (lambda: f32_magnitude_counts(delta()),
+                           lambda t, k: f32_counts_top(t, k, lambda v: f32_bin_members(delta, numel, v), absd_fn)),
+            "sorted": (lambda: sorted_magnitudes(delta(), owned=fresh(delta)), lambda t, k: lookup_top(t, k, absd_fn)),
+        }[kind]
+        table = self._budgeted(self._ranks, key, _table_bytes(kind, numel), build, "rank_computations")
+        if table is None:
+            return one_shot_magnitude(delta, numel, lo, hi)
+        top_hi = read(table, hi) if hi < numel else _Top(-1.0, numel)
+        top_lo = read(table, lo) if lo > 0 else None
         if all(t is None or t.need is None for t in (top_hi, top_lo)):
             absd.clear()  # no tie left to place: the mask does not hold |delta| while it is applied
         return ThresholdBandMask(top_hi, top_lo)

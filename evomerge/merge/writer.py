@@ -16,7 +16,6 @@ memory-mapped output files where their layout can be told ahead (`_merge_into_fi
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -94,9 +93,8 @@ def write_model(
             raise ConfigError(f"is the directory of the source model '{ref}'; writing there would replace it: choose another directory", file=str(out_dir))
     recipe = recipe.with_evomerge(source_hashes=hashes)
     with model_dir_writer(out_dir, force=force) as tmp:
-        fill = _fill_numpy if numpy_covers else functools.partial(_fill_torch, sparsifier=sparsifier)
-        if not _merge_into_files(plan, pool, fill, tmp, max_shard_bytes, progress, warm_ahead=not numpy_covers):
-            _write_weights(plan, _executor(plan, pool, sparsifier, "numpy" if numpy_covers else "torch"), tmp, max_shard_bytes, progress)
+        if not _merge_into_files(plan, pool, tmp, max_shard_bytes, progress, numpy=numpy_covers, sparsifier=sparsifier):
+            _write_weights(plan, _executor(plan, pool, sparsifier, numpy=numpy_covers), tmp, max_shard_bytes, progress)
         _write_config(plan, pool, tmp)
         _copy_tokenizer(recipe, plan, pool, tmp)
         (tmp / "mergekit_config.yml").write_text(recipe.to_yaml())
@@ -104,10 +102,11 @@ def write_model(
     return out_dir
 
 
-def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, engine: str) -> Iterator[tuple[str, Any]]:
-    """The merged tensors of ``plan``, in plan order, from the engine asked for (lazily: nothing
-    is merged before the caller iterates)."""
-    if _numpy_covers(plan, pool, engine):
+def _executor(plan: MergePlan, pool: SourcePool, sparsifier: Sparsifier | None, *, numpy: bool) -> Iterator[tuple[str, Any]]:
+    """The merged tensors of ``plan``, in plan order, from the numpy executor (``numpy``: it
+    covers the plan, `_numpy_covers`) or the torch engine (lazily: nothing is merged before
+    the caller iterates)."""
+    if numpy:
         from evomerge.merge import fast
 
         return fast.iter_merged(plan, pool, recycle=True)  # the writer is done with each tensor at once
@@ -131,27 +130,24 @@ def _numpy_covers(plan: MergePlan, pool: SourcePool, engine: str) -> bool:
     return reason is None
 
 
-Fill = Callable[[MergePlan, SourcePool, "list[MappedSafetensorsFile]", "Callable[[int, int], None] | None"], bool]
-
-
 def _merge_into_files(
     plan: MergePlan,
     pool: SourcePool,
-    fill: Fill,
     out: Path,
     max_shard_bytes: int,
     progress: Callable[[int, int], None] | None,
     *,
-    warm_ahead: bool = False,
+    numpy: bool,
+    sparsifier: Sparsifier | None = None,
 ) -> bool:
     """Merge straight into the output files: laid out first (the same shards and bytes as
     `_write_weights` gives), allocated and memory-mapped, each task writing its result into its
-    file's pages (``fill``: `_fill_torch` or `_fill_numpy`). No merged tensor is held in memory
-    of its own and nothing is copied into the files afterwards, which is most of what writing
-    costs. ``warm_ahead`` (for the torch engine, which first imports torch for seconds): a
-    thread maps the sources' pages and the output's meanwhile (`sources.prefault`), work the
-    merge would otherwise do in page faults. Beside a merge already under way (the numpy
-    executor) it only competes with it for the same pages.
+    file's pages (the numpy executor when ``numpy``, else the torch engine). No merged tensor
+    is held in memory of its own and nothing is copied into the files afterwards, which is most
+    of what writing costs. The torch engine imports torch first (seconds): meanwhile a thread
+    maps the sources' pages and the output's (`sources.prefault`), work the merge would
+    otherwise do in page faults. Beside the numpy executor, already merging, that thread would
+    only compete with it for the same pages.
 
     False, with nothing left in ``out``, when the output dtypes cannot be told before merging
     (sources not all safetensors files, mixed dtypes without `dtype`/`out_dtype`), the file
@@ -171,9 +167,9 @@ def _merge_into_files(
     except BaseException:
         _drop(files)
         raise
-    warming = _prefault(plan, pool, files) if warm_ahead else None
+    warming = None if numpy else _prefault(plan, pool, files)
     try:
-        filled = fill(plan, pool, files, progress)
+        filled = _fill_numpy(plan, pool, files, progress) if numpy else _fill_torch(plan, pool, files, progress, sparsifier)
     except BaseException:
         _drop(files)
         raise
@@ -212,7 +208,6 @@ def _fill_torch(
     pool: SourcePool,
     files: list[MappedSafetensorsFile],
     progress: Callable[[int, int], None] | None,
-    *,
     sparsifier: Sparsifier | None,
 ) -> bool:
     """Merge every task into its region of ``files`` with the torch engine; False when a

@@ -256,7 +256,7 @@ recipe = Recipe.from_yaml(sys.argv[1])
 t2 = time.perf_counter()
 pool = SourcePool()
 plan = writer.plan_merge(recipe, pool)
-tensors = writer._executor(plan, pool, None, "auto")
+tensors = writer._executor(plan, pool, None, numpy=writer._numpy_covers(plan, pool, "auto"))
 t3 = time.perf_counter()
 hashes = {ref: pool.get(ref).content_hash() for ref in recipe.model_refs()}
 t4 = time.perf_counter()
