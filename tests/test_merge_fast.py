@@ -162,7 +162,9 @@ def test_numpy_executor_is_bitwise_the_torch_engine(fam: dict[str, Path], case: 
     plan = plan_merge(recipe, pool)
     assert fast.unsupported_reason(plan, pool) is None
     got = dict(fast.iter_merged(plan, pool, workers=2))
-    _assert_identical(got, materialize(recipe, SourcePool()), case)
+    with native.torch_kernels_only():  # the torch engine's own code, not its compiled twins
+        want = materialize(recipe, SourcePool())
+    _assert_identical(got, want, case)
 
 
 @pytest.mark.parametrize("case", ["ta_gradients_filters", "linear_no_normalize_negative", "ta_bf16_gradients_filters", "linear_bf16"])
@@ -171,7 +173,8 @@ def test_written_files_are_byte_identical(fam: dict[str, Path], tmp_path: Path, 
     recipe = Recipe.parse(_recipes(fam)[case])
     shard = 12_000 if "bf16" in case else 30_000  # several shards either way
     numpy_dir = write_model(recipe, SourcePool(), tmp_path / "numpy", engine="numpy", max_shard_bytes=shard)
-    torch_dir = write_model(recipe, SourcePool(), tmp_path / "torch", engine="torch", max_shard_bytes=shard)
+    with native.torch_kernels_only():
+        torch_dir = write_model(recipe, SourcePool(), tmp_path / "torch", engine="torch", max_shard_bytes=shard)
     files = sorted(p.name for p in numpy_dir.iterdir())
     assert files == sorted(p.name for p in torch_dir.iterdir())
     assert "model.safetensors.index.json" in files
@@ -292,7 +295,8 @@ def test_native_kernels_are_bitwise_the_torch_kernels(n: int) -> None:
     as_torch = [torch.from_numpy(b.view(np.int16)).view(torch.bfloat16) for b in (base_bits, *input_bits)]
     weights = [0.35, -0.7, 1.25]
     for lam, normalize in ((1.0, False), (0.8, True)):
-        want = task_arithmetic_kernel(as_torch[0], as_torch[1:], weights, [None] * 3, rescale=False, consensus=False, normalize=normalize, lam=lam)
+        with native.torch_kernels_only():
+            want = task_arithmetic_kernel(as_torch[0], as_torch[1:], weights, [None] * 3, rescale=False, consensus=False, normalize=normalize, lam=lam)
         task = _Task(weights, {"normalize": normalize, "lambda": lam})
         got = np.empty(n, np.uint16)
         fast._task_arithmetic_bf16([base_bits, *input_bits], task, got)
@@ -310,6 +314,56 @@ def test_native_kernels_are_bitwise_the_torch_kernels(n: int) -> None:
         got = np.empty(n, np.uint16)
         fast._linear_bf16(six, _Task(six_weights, {"normalize": normalize}), got)
         assert np.array_equal(got, acc.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+
+
+def _bf16(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(_bf16_bits(values).view(np.int16)).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("n", [1, 15, 2047, 2049, 70_001, 1_000_003])
+@pytest.mark.parametrize("few_magnitudes", [False, True])
+def test_native_ties_is_bitwise_the_torch_kernel(n: int, few_magnitudes: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU bfloat16 TIES twin (`native.ties_bf16`) against the torch kernel's own code: both
+    sparsifiers, densities from one element to all, with and without normalize. With few
+    magnitudes most deltas tie with the threshold, and the kept ties run out blocks later."""
+    from evomerge.merge.methods.task_arithmetic import _Delta, task_arithmetic_kernel
+    from evomerge.merge.sparsify import CachedSparsifier, OneShotSparsifier
+
+    if native.library() is None:
+        pytest.skip(f"no native kernels here: {native.unavailable_reason()}")
+    rng = np.random.default_rng(n)
+    if few_magnitudes:
+        base = rng.choice([0.25, -0.5, 1.0], n)
+        inputs = [base + rng.choice([-0.0625, -0.03125, 0.0, 0.03125, 0.0625], n) for _ in range(3)]
+    else:
+        base = rng.normal(0, 0.02, n) * 10.0 ** rng.integers(-6, 2, n)
+        inputs = [base + rng.normal(0, 0.01, n) * 10.0 ** rng.integers(-6, 2, n) for _ in range(3)]
+        for x in inputs:
+            x[rng.integers(0, n, max(1, n // 100))] = rng.choice([np.nan, np.inf, -np.inf, 3e38, 0.0, -0.0], max(1, n // 100))
+    b, xs = _bf16(base), [_bf16(x) for x in inputs]
+    calls, twin = [], native.ties_bf16
+    monkeypatch.setattr(native, "ties_bf16", lambda *a, **k: calls.append(1) or twin(*a, **k))
+
+    def merged(sparsifier: object, densities: list[float], weights: list[float], normalize: bool, lam: float) -> np.ndarray:
+        masks = [
+            None if d >= 1 else sparsifier.magnitude((i, n), _Delta(x, b, torch.bfloat16), n, 0, max(1, int(d * n)))
+            for i, (x, d) in enumerate(zip(xs, densities, strict=True))
+        ]
+        out = task_arithmetic_kernel(b, xs, weights, masks, rescale=False, consensus=True, normalize=normalize, lam=lam)
+        return out.view(torch.int16).numpy()
+
+    cases = 0
+    for sparsifier in (OneShotSparsifier, CachedSparsifier):
+        for densities in ([0.3, 0.5, 0.9], [1.0, 0.2, 1 / n], [0.5, 0.5, 0.5]):
+            for weights, normalize, lam in (([0.5, 1.0, 0.8], True, 1.0), ([1.0, 0.3, 2.0], False, 0.7), ([1.0, 1.0, 1.0], True, 1.3)):
+                with native.torch_kernels_only():
+                    want = merged(sparsifier(), densities, weights, normalize, lam)
+                before = len(calls)
+                got = merged(sparsifier(), densities, weights, normalize, lam)
+                assert len(calls) == before + 1  # the twin ran
+                assert np.array_equal(got, want), (sparsifier.__name__, densities, weights, normalize)
+                cases += 1
+    assert cases == 18
 
 
 class _Task:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.merge.native import KEEP_ALL, Shrink
 from evomerge.merge.specs import della_problem
 
 DeltaFn = Callable[[], Tensor]
@@ -178,6 +179,11 @@ class Mask:
             keep = self._buf("keep", stop - start, delta.dtype, delta.device).copy_(keep)
         return delta.mul_(keep)
 
+    def shrink(self, dtype: torch.dtype) -> Shrink | None:
+        """This mask as one magnitude threshold with its ties, as compiled kernels apply it to a
+        ``dtype`` delta (`native.Shrink`); None when it is not one (noise, bands, row ranks)."""
+        return None
+
     def full(self, delta: Tensor) -> Tensor:
         """The whole mask at once (tests, small tensors): float32 0/1 of delta's shape."""
         flat = delta.reshape(-1)
@@ -201,6 +207,9 @@ def share_scratch(masks: Iterable[Mask | None], scratch: dict | None = None) -> 
 
 class KeepAll(Mask):
     all_kept = True
+
+    def shrink(self, dtype: torch.dtype) -> Shrink | None:
+        return KEEP_ALL
 
 
 class KeepNone(Mask):
@@ -431,6 +440,18 @@ class ThresholdBandMask(Mask):
         sign_off = (1 << (8 * delta.element_size() - 1)) - 1
         keys = torch.bitwise_and(delta.view(bits), sign_off, out=self._buf("tie_key", n, bits, delta.device))
         return torch.eq(keys, key, out=self._buf("tie_eq", n, torch.bool, delta.device))
+
+    def shrink(self, dtype: torch.dtype) -> Shrink | None:
+        """`_shrink` over a whole tensor, in one ascending pass: hardshrink by ``lam_for`` in
+        ``dtype``, then the first ``need`` elements equal to the threshold put back."""
+        if self.lo is not None or dtype not in _KEY_FORMATS:
+            return None
+        top = self.hi
+        lam = float(torch.tensor(top.lam_for(dtype), dtype=dtype))
+        if lam < 0 or top.need is None:
+            return Shrink(lam, 0, 0)
+        key = int(torch.tensor([top.thr], dtype=dtype).view(torch.int16)[0]) & 0x7FFF
+        return Shrink(lam, key, top.need)
 
     def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
         # The thresholds are float32 magnitudes: exact for fp32/fp16/bf16 chunks only.

@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from evomerge.merge import native
 from evomerge.merge.methods.base import (
     CHUNK,
     BoundMethod,
@@ -246,7 +248,8 @@ def task_arithmetic_kernel(
         return result
     tiny = torch.finfo(dtype).tiny
     if all(w > 0 and (not normalize or w >= 4 * tiny) for _, w, _, _ in live):
-        _ties_fast(bf, live, out, normalize, lam, chunk, dtype, workspace)
+        if not _ties_compiled(bf, live, out, normalize, lam):
+            _ties_fast(bf, live, out, normalize, lam, chunk, dtype, workspace)
     else:
         _ties_exact(bf, live, out, normalize, lam, chunk, dtype)
     return result
@@ -313,6 +316,8 @@ def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: i
     plain = all(m is None and f is None for _, _, m, f in live)
     (dh,) = [None] if plain else scratch_buffers(workspace, 1, c, dtype, bf.device)
     keep_base = 1.0 - alpha * sum(w for _, w, _, _ in live)
+    if plain and _task_arithmetic_compiled(bf, [tf for tf, *_ in live], [alpha * w for _, w, _, _ in live], keep_base, out):
+        return
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         bb, aa = bf[s:e], a[: e - s]
@@ -330,6 +335,37 @@ def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: i
                 _masked_delta(dd, tf, bb, s, e, m, None)
                 aa.add_(dd, alpha=w if f is None else w * f)
         out[s:e].copy_(aa.mul_(alpha).add_(bb))
+
+
+def _bits(t: Tensor) -> np.ndarray | None:
+    """A contiguous CPU bfloat16 tensor's bit patterns (uint16, no copy), else None."""
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    return t.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+def _task_arithmetic_compiled(bf: Tensor, inputs: list[Tensor], scales: list[float], keep: float, out: Tensor) -> bool:
+    """`_linear_sum_half`'s plain sum by its compiled twin (`native.task_arithmetic_bf16`, bit for
+    bit) for CPU bfloat16 tensors; False where it does not apply."""
+    arrays = [_bits(t) for t in (bf, *inputs, out)]
+    if native.for_torch_kernels() is None or any(a is None for a in arrays):
+        return False
+    native.task_arithmetic_bf16(arrays[0], arrays[1:-1], scales, keep, arrays[-1])
+    return True
+
+
+def _ties_compiled(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float) -> bool:
+    """`_ties_fast` by its compiled twin (`native.ties_bf16`, bit for bit) for CPU bfloat16 tensors
+    whose masks are magnitude thresholds (TIES) and that are not rescaled; False where it does
+    not apply."""
+    if not live or native.for_torch_kernels() is None or any(f is not None for *_, f in live):
+        return False
+    shrinks = [native.KEEP_ALL if m is None else m.shrink(torch.bfloat16) for _, _, m, _ in live]
+    arrays = [_bits(t) for t in (bf, *(tf for tf, *_ in live), out)]
+    if any(s is None for s in shrinks) or any(a is None for a in arrays):
+        return False
+    native.ties_bf16(arrays[0], arrays[1:-1], [w for _, w, _, _ in live], shrinks, normalize=normalize, lam=lam, out=arrays[-1])
+    return True
 
 
 def _ties_fast(bf: Tensor, live: list, out: Tensor, normalize: bool, lam: float, chunk: int,
