@@ -115,7 +115,7 @@ def ties_bf16(base: np.ndarray, inputs: Sequence[np.ndarray], weights: Sequence[
     left = np.asarray([s.ties_kept for s in shrinks], dtype=np.int64)
     lib.evomerge_ties_bf16(
         out.size, _u16(base), k, pointers, _f32(factors), _f32(lams), _u16(keys),
-        left.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), normalize, lam, lam / 2, float(np.finfo(np.float32).tiny), _u16(out),
+        left.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), normalize, lam, lam / 2, _u16(out),
     )  # fmt: skip
 
 
@@ -181,7 +181,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     ]
     lib.evomerge_ties_bf16.argtypes = [
         ctypes.c_int64, _U16P, ctypes.c_int, ctypes.POINTER(_U16P), ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float),
-        _U16P, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_float, _U16P,
+        _U16P, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_float, ctypes.c_float, _U16P,
     ]
     for fn in (lib.evomerge_task_arithmetic_bf16, lib.evomerge_linear_bf16, lib.evomerge_ties_bf16):
         fn.restype = None

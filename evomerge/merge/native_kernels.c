@@ -1,8 +1,9 @@
-/* Native twins of the torch engine's bfloat16 kernels for `evomerge.merge.fast` (numpy has no
- * bfloat16). They follow the torch kernels operation for operation: float32 arithmetic, each
+/* Native twins of the torch engine's bfloat16 kernels, for `evomerge.merge.fast` (numpy has no
+ * bfloat16) and for the torch engine itself on the CPU. They follow the torch kernels operation for operation: float32 arithmetic, each
  * `add(x, alpha=w)` one fused multiply-add, the result rounded to bfloat16 to nearest even, a NaN
  * written as 0xFFFF as torch's vectorized conversion writes it. Built with -ffp-contract=off, so
  * the compiler fuses nothing else. Work goes in blocks that stay in a core's L1/L2. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -22,6 +23,9 @@ static inline uint16_t f32_to_bf16(float f) {
     uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     return f != f ? (uint16_t)0xFFFF : rounded;
 }
+
+/* d = bf16(x - b), torch's bfloat16 subtraction (in float32, rounded), back in float32 */
+static inline float bf16_delta(uint16_t x, uint16_t b) { return bf16_to_f32(f32_to_bf16(bf16_to_f32(x) - bf16_to_f32(b))); }
 
 /* acc[i] = fma(x_{k-1}[s+i], w_{k-1}, ... fma(x_0[s+i], w_0, acc[i])), inputs in order. Up to four
  * inputs share one pass over acc: written as one loop per input, GCC jams pairs of them into a
@@ -84,7 +88,7 @@ void evomerge_linear_bf16(int64_t n, int k, const uint16_t *const *xs, const flo
 }
 
 /* One source's kept delta in a block, as `ThresholdBandMask` keeps it in the torch kernel:
- * d = bf16(x - base) (torch's bfloat16 subtraction), hardshrink by `lam` (a bfloat16 value: drop
+ * d = `bf16_delta`, hardshrink by `lam` (a bfloat16 value: drop
  * -lam <= d <= lam, written +0), then the first `*left` dropped elements whose magnitude bits
  * equal `key` (ties with the threshold, in index order) put back. A block keeps all its ties
  * while they are fewer than those left; only the block where they run out is walked in order. */
@@ -94,13 +98,13 @@ static void kept_delta(int64_t m, const uint16_t *restrict x, const uint16_t *re
     const float thr = bf16_to_f32(key);
     if (r == 0) {
         for (int64_t i = 0; i < m; i++) {
-            float d = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) - bf16_to_f32(b[i])));
+            float d = bf16_delta(x[i], b[i]);
             dd[i] = (d >= -lam && d <= lam) ? 0.0f : d;
         }
         return;
     }
     for (int64_t i = 0; i < m; i++) {
-        float d = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) - bf16_to_f32(b[i])));
+        float d = bf16_delta(x[i], b[i]);
         float shrunk = (d >= -lam && d <= lam) ? 0.0f : d;
         dd[i] = fabsf(d) == thr ? d : shrunk;
     }
@@ -126,11 +130,11 @@ static inline float sign_of(float x) { return (float)(0.0f < x) - (float)(x < 0.
 
 /* TIES over bfloat16 inputs with magnitude masks: torch's `_ties_fast` for 16-bit inputs,
  * operation for operation (sums in float32; `addcmul(a, t, u, value=v)` is fma(v * t, u, a),
- * `add(a, t, alpha=v)` is fma(t, v, a), `addcdiv(a, t, u, value=v)` is a + v * t / u). `left` is
- * updated: ties still to put back per source, for a caller that goes on in a later call. */
+ * `add(a, t, alpha=v)` is fma(t, v, a), `addcdiv(a, t, u, value=v)` is a + v * t / u; `clamp_min(tiny)`
+ * is FLT_MIN). `left[j]`: how many ties with input j's threshold to put back, used up as it goes. */
 void evomerge_ties_bf16(int64_t n, const uint16_t *base, int k, const uint16_t *const *xs, const float *w,
                         const float *lams, const uint16_t *keys, int64_t *left, int normalize, float lam,
-                        float half_lam, float tiny, uint16_t *out) {
+                        float half_lam, uint16_t *out) {
     float S[BLOCK], da[BLOCK], ws[BLOCK], wa[BLOCK], dd[BLOCK];
     for (int64_t s = 0; s < n; s += BLOCK) {
         int64_t m = n - s < BLOCK ? n - s : BLOCK;
@@ -172,7 +176,7 @@ void evomerge_ties_bf16(int64_t n, const uint16_t *base, int k, const uint16_t *
             float r;
             if (normalize) {
                 float den = fmaf(ws[i], g, wa[i]);
-                den = den < tiny ? tiny : den;
+                den = den < FLT_MIN ? FLT_MIN : den;
                 r = bb + (lam * num) / den;
             } else {
                 r = fmaf(num, half_lam, bb);

@@ -435,11 +435,10 @@ class ThresholdBandMask(Mask):
         """Where ``|delta| == thr`` in a float32/float16/bfloat16 chunk, compared as bit patterns
         without the sign (faster than a float comparison), in scratch buffers (see `share_scratch`)."""
         n = delta.numel()
-        bits = torch.int16 if delta.element_size() == 2 else torch.int32
-        key = int(torch.tensor([thr], dtype=delta.dtype).view(bits)[0])
+        bits = _bit_dtype(delta.dtype)
         sign_off = (1 << (8 * delta.element_size() - 1)) - 1
         keys = torch.bitwise_and(delta.view(bits), sign_off, out=self._buf("tie_key", n, bits, delta.device))
-        return torch.eq(keys, key, out=self._buf("tie_eq", n, torch.bool, delta.device))
+        return torch.eq(keys, _bit_pattern(thr, delta.dtype), out=self._buf("tie_eq", n, torch.bool, delta.device))
 
     def shrink(self, dtype: torch.dtype) -> Shrink | None:
         """`_shrink` over a whole tensor, in one ascending pass: hardshrink by ``lam_for`` in
@@ -450,8 +449,7 @@ class ThresholdBandMask(Mask):
         lam = float(torch.tensor(top.lam_for(dtype), dtype=dtype))
         if lam < 0 or top.need is None:
             return Shrink(lam, 0, 0)
-        key = int(torch.tensor([top.thr], dtype=dtype).view(torch.int16)[0]) & 0x7FFF
-        return Shrink(lam, key, top.need)
+        return Shrink(lam, _bit_pattern(top.thr, dtype), top.need)
 
     def apply_(self, start: int, stop: int, delta: Tensor) -> Tensor:
         # The thresholds are float32 magnitudes: exact for fp32/fp16/bf16 chunks only.
@@ -461,6 +459,15 @@ class ThresholdBandMask(Mask):
             return self._shrink(self.hi, start, stop, delta, delta)
         top = self._shrink(self.lo, start, stop, delta, self._buf("top", stop - start, delta.dtype, delta.device))
         return self._shrink(self.hi, start, stop, delta, delta).sub_(top)
+
+def _bit_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.int16 if dtype.itemsize == 2 else torch.int32
+
+
+def _bit_pattern(value: float, dtype: torch.dtype) -> int:
+    """``value`` (a magnitude: non-negative) rounded to ``dtype``, as the integer of its bits."""
+    return int(torch.tensor([value], dtype=dtype).view(_bit_dtype(dtype))[0])
+
 
 class NoiseMask(Mask):
     """DARE: keep when ``u < p`` (written as clamp(sign(p - u), 0, 1))."""

@@ -310,14 +310,14 @@ def _linear_sum_half(bf: Tensor, live: list, out: Tensor, alpha: float, chunk: i
                      workspace: Workspace | None) -> None:
     """`_linear_sum` for 16-bit inputs, accumulated in float32. Without masks or rescaling
     (task_arithmetic) it reads each input once: ``(1 - alpha sum w) base + sum alpha w_j x_j``."""
-    n = bf.numel()
-    c = min(chunk, n)
-    (a,) = scratch_buffers(workspace, 1, c, torch.float32, bf.device)
     plain = all(m is None and f is None for _, _, m, f in live)
-    (dh,) = [None] if plain else scratch_buffers(workspace, 1, c, dtype, bf.device)
     keep_base = 1.0 - alpha * sum(w for _, w, _, _ in live)
     if plain and _task_arithmetic_compiled(bf, [tf for tf, *_ in live], [alpha * w for _, w, _, _ in live], keep_base, out):
         return
+    n = bf.numel()
+    c = min(chunk, n)
+    (a,) = scratch_buffers(workspace, 1, c, torch.float32, bf.device)
+    (dh,) = [None] if plain else scratch_buffers(workspace, 1, c, dtype, bf.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         bb, aa = bf[s:e], a[: e - s]
@@ -347,8 +347,10 @@ def _bits(t: Tensor) -> np.ndarray | None:
 def _task_arithmetic_compiled(bf: Tensor, inputs: list[Tensor], scales: list[float], keep: float, out: Tensor) -> bool:
     """`_linear_sum_half`'s plain sum by its compiled twin (`native.task_arithmetic_bf16`, bit for
     bit) for CPU bfloat16 tensors; False where it does not apply."""
+    if native.for_torch_kernels() is None:
+        return False
     arrays = [_bits(t) for t in (bf, *inputs, out)]
-    if native.for_torch_kernels() is None or any(a is None for a in arrays):
+    if any(a is None for a in arrays):
         return False
     native.task_arithmetic_bf16(arrays[0], arrays[1:-1], scales, keep, arrays[-1])
     return True
